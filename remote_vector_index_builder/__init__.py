@@ -1,0 +1,3 @@
+"""Remote vector index build service for OpenSearch k-NN."""
+
+__version__ = "0.1.0"

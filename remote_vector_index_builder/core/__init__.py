@@ -1,0 +1,1 @@
+"""The build library: no HTTP here. Entry point: :func:`workflow.run`."""

@@ -1,0 +1,121 @@
+"""Blob bytes -> numpy views, without copying.
+
+The k-NN client writes headerless little-endian blobs (wire contract, section 4):
+float32 rows for ``float`` and ``half_float``, int8 rows for ``byte``, packed
+bits for ``binary``, and int32 doc ids. Parsing only checks sizes and builds
+views over the downloaded buffers, so a multi-GB segment exists once in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from remote_vector_index_builder.core.errors import DatasetError
+from remote_vector_index_builder.core.params import BuildRequest, DataType
+
+_ROW_DTYPES: dict[DataType, np.dtype] = {
+    DataType.FLOAT: np.dtype("<f4"),
+    DataType.HALF_FLOAT: np.dtype("<f4"),
+    DataType.BYTE: np.dtype("i1"),
+    DataType.BINARY: np.dtype("u1"),
+}
+_DOC_ID_DTYPE = np.dtype("<i4")
+# fp16's largest finite value: larger magnitudes would become inf in fp16 storage.
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class Dataset:
+    """Row *i* of ``vectors`` belongs to ``doc_ids[i]``; both are views of the blobs."""
+
+    vectors: np.ndarray
+    doc_ids: np.ndarray
+    data_type: DataType
+
+    @property
+    def count(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def batches(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start_row, view)`` slices of at most ``rows`` rows."""
+        for start in range(0, self.count, rows):
+            yield start, self.vectors[start : start + rows]
+
+
+def _check_size(what: str, blob: np.ndarray, expected: int, formula: str, key: str) -> None:
+    if blob.nbytes != expected:
+        raise DatasetError(
+            f"{what} object {key!r} holds {blob.nbytes} bytes, expected {expected} "
+            f"({formula}); check dimension, doc_count and data_type in the request"
+        )
+
+
+def parse(request: BuildRequest, vector_blob: np.ndarray, doc_id_blob: np.ndarray) -> Dataset:
+    """View the two downloaded ``uint8`` buffers as typed arrays (no copies)."""
+    row_dtype = _ROW_DTYPES[request.data_type]
+    per_row = (
+        f"{request.dimension} bits / 8"
+        if request.data_type is DataType.BINARY
+        else f"{request.dimension} x {row_dtype.itemsize}"
+    )
+    _check_size(
+        "vector",
+        vector_blob,
+        request.vector_blob_bytes,
+        f"doc_count {request.doc_count} x dimension {per_row} bytes",
+        request.vector_path,
+    )
+    _check_size(
+        "doc id",
+        doc_id_blob,
+        request.doc_id_blob_bytes,
+        f"doc_count {request.doc_count} x 4 bytes",
+        request.doc_id_path,
+    )
+    columns = request.row_bytes // row_dtype.itemsize
+    vectors = vector_blob.view(row_dtype).reshape(request.doc_count, columns)
+    doc_ids = doc_id_blob.view(_DOC_ID_DTYPE)
+    return Dataset(vectors=vectors, doc_ids=doc_ids, data_type=request.data_type)
+
+
+def check_values(dataset: Dataset, rows: int = 16384) -> None:
+    """Reject values the index cannot hold, in batches so no full-size temporary exists."""
+    if dataset.data_type not in (DataType.FLOAT, DataType.HALF_FLOAT):
+        return
+    limit = FP16_MAX if dataset.data_type is DataType.HALF_FLOAT else None
+    for start, batch in dataset.batches(rows):
+        finite = np.isfinite(batch)
+        if not finite.all():
+            row = start + int(np.argwhere(~finite)[0][0])
+            raise DatasetError(
+                f"vector at row {row} (doc id {int(dataset.doc_ids[row])}) holds NaN or "
+                "infinity; only finite values can be indexed"
+            )
+        if limit is not None:
+            too_big = np.abs(batch) > limit
+            if too_big.any():
+                row = start + int(np.argwhere(too_big)[0][0])
+                raise DatasetError(
+                    f"vector at row {row} (doc id {int(dataset.doc_ids[row])}) has a value "
+                    f"beyond the fp16 range (+-{limit:.0f}) of data_type half_float"
+                )
+
+
+def to_fp16(vectors: np.ndarray, rows: int = 65536) -> np.ndarray:
+    """fp32 -> fp16 into one pre-allocated array, batch by batch.
+
+    ``astype`` on the whole array would need an fp32 temporary per operation on
+    some numpy paths; converting in batches bounds the extra memory to one batch.
+    """
+    out = np.empty(vectors.shape, dtype=np.float16)
+    for start in range(0, vectors.shape[0], rows):
+        np.copyto(out[start : start + rows], vectors[start : start + rows], casting="same_kind")
+    return out
+
+
+def ids_as_int64(doc_ids: np.ndarray) -> np.ndarray:
+    """Faiss id maps hold int64; doc ids arrive as int32 (4 bytes a row, small)."""
+    return doc_ids.astype(np.int64)

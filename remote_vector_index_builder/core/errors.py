@@ -1,0 +1,100 @@
+"""Every error this project raises on purpose.
+
+::
+
+    RvibError                     base; ``str(e)`` is the message a caller can act on
+    ├── InvalidRequestError       the build request cannot be built as asked
+    ├── DatasetError              a blob's bytes do not match the request (size, values)
+    ├── ObjectStoreError          S3 said no; message names operation, bucket and key
+    │   ├── ObjectNotFoundError
+    │   ├── BucketNotFoundError
+    │   ├── AccessDeniedError
+    │   ├── TransientStoreError   throttling, 5xx, timeouts, resets (after retries)
+    │   └── IntegrityError        size or checksum mismatch after transfer
+    ├── BuildError                Faiss (CPU or GPU) failed to build or serialize
+    │   └── GpuUnavailableError   a GPU build was asked for where none can run
+    ├── CancelledError            an operator cancelled the job
+    └── ServiceError              raised by the HTTP service only
+        ├── JobConflictError      same job id, different parameters (409)
+        ├── JobNotFoundError      unknown or long expired job (404)
+        ├── StoreFullError        job store full of active jobs (429)
+        ├── InsufficientMemoryError  the job can never fit in the limits (507)
+        └── ServiceUnavailableError  shutting down (503)
+
+Foreign exceptions (botocore, faiss) are translated once, where they are
+raised, with ``raise X(...) from exc``.
+"""
+
+from __future__ import annotations
+
+
+class RvibError(Exception):
+    """Base of every error raised on purpose by this project."""
+
+
+class InvalidRequestError(RvibError):
+    pass
+
+
+class DatasetError(RvibError):
+    pass
+
+
+class ObjectStoreError(RvibError):
+    pass
+
+
+class ObjectNotFoundError(ObjectStoreError):
+    pass
+
+
+class BucketNotFoundError(ObjectStoreError):
+    pass
+
+
+class AccessDeniedError(ObjectStoreError):
+    pass
+
+
+class TransientStoreError(ObjectStoreError):
+    pass
+
+
+class IntegrityError(ObjectStoreError):
+    pass
+
+
+class BuildError(RvibError):
+    pass
+
+
+class GpuUnavailableError(BuildError):
+    pass
+
+
+class CancelledError(RvibError):
+    pass
+
+
+class ServiceError(RvibError):
+    pass
+
+
+class JobConflictError(ServiceError):
+    pass
+
+
+class JobNotFoundError(ServiceError):
+    pass
+
+
+class StoreFullError(ServiceError):
+    pass
+
+
+class InsufficientMemoryError(ServiceError):
+    pass
+
+
+class ServiceUnavailableError(ServiceError):
+    pass

@@ -1,0 +1,190 @@
+"""The ``POST /_build`` body, with the wire names and defaults of the k-NN client.
+
+Validation rejects what cannot be built and says which field and why. Numbers
+sent as strings ("768") are accepted (pydantic's lax mode), as are unknown keys
+inside ``algorithm_parameters`` (future client versions add some).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from remote_vector_index_builder.core.errors import InvalidRequestError
+
+VECTOR_SUFFIX = ".knnvec"
+DOC_ID_SUFFIX = ".knndid"
+INDEX_SUFFIX = ".faiss"
+# S3's own limit on key length, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+
+
+class DataType(StrEnum):
+    FLOAT = "float"
+    HALF_FLOAT = "half_float"
+    BYTE = "byte"
+    BINARY = "binary"
+
+    @property
+    def bytes_per_row_factor(self) -> float:
+        """Bytes per dimension in the vector blob (binary: dimension counts bits)."""
+        return {"float": 4.0, "half_float": 4.0, "byte": 1.0, "binary": 0.125}[self.value]
+
+
+class SpaceType(StrEnum):
+    L2 = "l2"
+    INNER_PRODUCT = "innerproduct"
+    HAMMING = "hamming"
+
+
+class AlgorithmParameters(BaseModel):
+    # Future client versions send more keys: keep them, build with the known ones.
+    model_config = ConfigDict(extra="allow")
+
+    m: int = Field(default=16, gt=0, le=512)
+    ef_construction: int = Field(default=100, gt=0)
+    ef_search: int = Field(default=100, gt=0)
+
+
+class IndexParameters(BaseModel):
+    space_type: SpaceType = SpaceType.L2
+    algorithm: Literal["hnsw"] = "hnsw"
+    algorithm_parameters: AlgorithmParameters = Field(default_factory=AlgorithmParameters)
+
+    @field_validator("space_type", mode="before")
+    @classmethod
+    def _space_type_known(cls, value: Any) -> Any:
+        # The reference service fell back to L2 on unknown names; say so instead.
+        if isinstance(value, str) and value not in {s.value for s in SpaceType}:
+            raise ValueError(
+                f"unknown space_type {value!r}: use one of l2, innerproduct, hamming "
+                "(cosine is sent as innerproduct over normalized vectors)"
+            )
+        return value
+
+
+def _check_key(field: str, key: str, suffix: str) -> str:
+    if not key.endswith(suffix) or len(key) <= len(suffix):
+        raise ValueError(f"{field} must be an object key ending in {suffix!r}, got {key!r}")
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise ValueError(f"{field} is longer than S3's {MAX_KEY_BYTES}-byte key limit")
+    if "\x00" in key:
+        raise ValueError(f"{field} must not contain NUL characters")
+    return key
+
+
+class BuildRequest(BaseModel):
+    """One segment to index. Field names are the wire names of the k-NN client."""
+
+    repository_type: Literal["s3"]
+    container_name: str = Field(min_length=1, max_length=255)
+    vector_path: str
+    doc_id_path: str
+    tenant_id: str = ""
+    dimension: int = Field(gt=0, le=65536)
+    doc_count: int = Field(gt=4, le=2**31 - 1)
+    data_type: DataType = DataType.FLOAT
+    engine: Literal["faiss"] = "faiss"
+    index_parameters: IndexParameters = Field(default_factory=IndexParameters)
+    skip_stored_vectors: bool = False
+
+    @field_validator("vector_path")
+    @classmethod
+    def _vector_path(cls, value: str) -> str:
+        return _check_key("vector_path", value, VECTOR_SUFFIX)
+
+    @field_validator("doc_id_path")
+    @classmethod
+    def _doc_id_path(cls, value: str) -> str:
+        return _check_key("doc_id_path", value, DOC_ID_SUFFIX)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> BuildRequest:
+        space = self.index_parameters.space_type
+        if self.data_type is DataType.BINARY:
+            if self.dimension % 8:
+                raise ValueError(
+                    f"dimension counts bits for data_type binary and must be a multiple of 8, "
+                    f"got {self.dimension}"
+                )
+            if space is not SpaceType.HAMMING:
+                raise ValueError(f"data_type binary needs space_type hamming, got {space.value}")
+            if self.skip_stored_vectors:
+                raise ValueError(
+                    "skip_stored_vectors is not supported for data_type binary "
+                    "(the client sends it only for float fields)"
+                )
+        elif space is SpaceType.HAMMING:
+            raise ValueError(
+                f"space_type hamming needs data_type binary, got {self.data_type.value}"
+            )
+        return self
+
+    # Derived facts the stages share.
+    @property
+    def space_type(self) -> SpaceType:
+        return self.index_parameters.space_type
+
+    @property
+    def m(self) -> int:
+        return self.index_parameters.algorithm_parameters.m
+
+    @property
+    def ef_construction(self) -> int:
+        return self.index_parameters.algorithm_parameters.ef_construction
+
+    @property
+    def ef_search(self) -> int:
+        return self.index_parameters.algorithm_parameters.ef_search
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row in the vector blob."""
+        if self.data_type is DataType.BINARY:
+            return self.dimension // 8
+        return int(self.dimension * self.data_type.bytes_per_row_factor)
+
+    @property
+    def vector_blob_bytes(self) -> int:
+        return self.doc_count * self.row_bytes
+
+    @property
+    def doc_id_blob_bytes(self) -> int:
+        return self.doc_count * 4
+
+    @property
+    def index_key(self) -> str:
+        """``vector_path`` with its last ``.knnvec`` replaced by ``.faiss``."""
+        return self.vector_path[: -len(VECTOR_SUFFIX)] + INDEX_SUFFIX
+
+    @property
+    def index_file_name(self) -> str:
+        return posixpath.basename(self.index_key)
+
+    @property
+    def job_id(self) -> str:
+        """Stable id: the same tenant and vector path always map to the same job."""
+        digest = hashlib.sha256(f"{self.tenant_id}\x00{self.vector_path}".encode()).hexdigest()
+        return digest[:32]
+
+    @property
+    def fingerprint(self) -> str:
+        """What must match for a repeated request to be the same job."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+def parse_request(body: dict[str, Any]) -> BuildRequest:
+    """Validate a request body outside FastAPI (CLI, library), with typed errors."""
+    try:
+        return BuildRequest.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise InvalidRequestError(f"invalid build request: {problems}") from exc
