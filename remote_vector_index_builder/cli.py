@@ -1,0 +1,150 @@
+"""Command line: ``serve`` runs the HTTP service, ``build`` runs one build without it.
+
+``python -m remote_vector_index_builder build --bucket B --vector-path P.knnvec ...``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.core.builder import Device
+from remote_vector_index_builder.core.errors import RvibError
+from remote_vector_index_builder.core.index_io import SerializationMode
+from remote_vector_index_builder.core.workflow import BuildResult
+
+log = logging.getLogger(__name__)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="remote_vector_index_builder",
+        description="Build Faiss indexes for OpenSearch k-NN from vectors in S3.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service (POST /_build, GET /_status)")
+    serve.add_argument("--host", help="address to bind (default from RVIB_HOST or 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (default from RVIB_PORT or 1025)")
+
+    build = sub.add_parser("build", help="one build: download, build, upload, report")
+    build.add_argument("--bucket", required=True, help="bucket holding the blobs")
+    build.add_argument("--vector-path", required=True, help="key of the .knnvec blob")
+    build.add_argument("--doc-id-path", required=True, help="key of the .knndid blob")
+    build.add_argument("--dimension", required=True, type=int)
+    build.add_argument("--doc-count", required=True, type=int)
+    build.add_argument(
+        "--data-type", default="float", choices=["float", "half_float", "byte", "binary"]
+    )
+    build.add_argument("--space-type", default=None, choices=["l2", "innerproduct", "hamming"],
+                       help="default: l2, or hamming for binary data")
+    build.add_argument("--m", type=int, default=16)
+    build.add_argument("--ef-construction", type=int, default=100)
+    build.add_argument("--ef-search", type=int, default=100)
+    build.add_argument("--skip-stored-vectors", action="store_true")
+    build.add_argument("--tenant-id", default="")
+    build.add_argument("--device", choices=[d.value for d in Device], default=None,
+                       help="default from RVIB_DEVICE or auto")
+    build.add_argument("--serialization-mode", choices=[m.value for m in SerializationMode],
+                       default=None, help="default from INDEX_SERIALIZATION_MODE or memory")
+    build.add_argument("--endpoint-url", help="S3 endpoint override (default S3_ENDPOINT_URL)")
+    return parser
+
+
+def request_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``/_build`` body the CLI arguments stand for (same defaults as HTTP)."""
+    space = args.space_type or ("hamming" if args.data_type == "binary" else "l2")
+    return {
+        "repository_type": "s3",
+        "container_name": args.bucket,
+        "vector_path": args.vector_path,
+        "doc_id_path": args.doc_id_path,
+        "tenant_id": args.tenant_id,
+        "dimension": args.dimension,
+        "doc_count": args.doc_count,
+        "data_type": args.data_type,
+        "engine": "faiss",
+        "index_parameters": {
+            "space_type": space,
+            "algorithm": "hnsw",
+            "algorithm_parameters": {
+                "m": args.m,
+                "ef_construction": args.ef_construction,
+                "ef_search": args.ef_search,
+            },
+        },
+        "skip_stored_vectors": args.skip_stored_vectors,
+    }
+
+
+def format_report(result: BuildResult) -> str:
+    lines = [
+        f"{'stage':<18} {'seconds':>9} {'MB':>10} {'MB/s':>9} {'peak RSS MB':>12}",
+    ]
+    for s in result.stages:
+        lines.append(
+            f"{s.stage:<18} {s.seconds:>9.3f} {s.nbytes / 1e6:>10.1f} {s.mb_per_s:>9.1f} "
+            f"{s.peak_rss_bytes / 1e6:>12.1f}"
+        )
+    lines.append(f"{'total':<18} {result.seconds:>9.3f}")
+    return "\n".join(lines)
+
+
+def _run_build(args: argparse.Namespace, settings: Settings) -> int:
+    import faiss
+
+    from remote_vector_index_builder.core import workflow
+    from remote_vector_index_builder.core.builder import choose_builder
+    from remote_vector_index_builder.core.object_store import S3ObjectStore, make_s3_client
+    from remote_vector_index_builder.core.params import parse_request
+
+    request = parse_request(request_body(args))
+    faiss.omp_set_num_threads(settings.effective_omp_threads())
+    config = settings.s3_config()
+    store = S3ObjectStore(make_s3_client(config), config)
+    builder = choose_builder(settings.builder_options())
+    result = workflow.run(
+        request, store, builder, mode=settings.index_serialization_mode, tmp_dir=settings.tmp_dir
+    )
+    print(result.file_name)
+    print(f"s3://{request.container_name}/{result.index_key} ({result.index_bytes} bytes, "
+          f"built on {result.builder})")
+    print(format_report(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.command == "serve":
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
+    else:
+        for key, value in (
+            ("device", args.device),
+            ("index_serialization_mode", args.serialization_mode),
+            ("s3_endpoint_url", args.endpoint_url),
+        ):
+            if value:
+                overrides[key] = value
+    settings = Settings(**overrides)
+    from remote_vector_index_builder.app.logs import configure_logging
+
+    configure_logging(settings)
+    if args.command == "serve":
+        from remote_vector_index_builder.app.main import serve
+
+        serve(settings)
+        return 0
+    try:
+        return _run_build(args, settings)
+    except RvibError as exc:
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

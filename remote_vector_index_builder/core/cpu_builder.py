@@ -1,0 +1,81 @@
+"""Faiss HNSW on the CPU: the index a data node would build itself, per data type.
+
+==============  =====================  ===============================
+data_type       inner HNSW section     storage
+==============  =====================  ===============================
+float           ``IHNf``               ``IxF2`` (l2) / ``IxFI`` (ip)
+half_float      ``IHNs``               ``IxSQ`` fp16
+byte            ``IHNs``               ``IxSQ`` 8-bit direct signed
+binary          ``IBHf``               ``IBxF``
+skip storage    ``IHc2``               ``null`` (see ``index_io``)
+==============  =====================  ===============================
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from remote_vector_index_builder.core.builder import FaissIndex, Progress, faiss_metric
+from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64
+from remote_vector_index_builder.core.errors import BuildError
+from remote_vector_index_builder.core.params import BuildRequest, DataType
+
+
+def _inner_index(request: BuildRequest) -> FaissIndex:
+    d, m = request.dimension, request.m
+    if request.data_type is DataType.BINARY:
+        inner = faiss.IndexBinaryHNSW(d, m)
+    elif request.skip_stored_vectors:
+        # A CAGRA-typed HNSW is the only section the data node accepts without
+        # storage; built as a full multi-level HNSW on the CPU.
+        inner = faiss.IndexHNSWCagra(d, m, faiss_metric(request.space_type))
+        inner.base_level_only = False
+    elif request.data_type is DataType.FLOAT:
+        inner = faiss.IndexHNSWFlat(d, m, faiss_metric(request.space_type))
+    else:
+        qtype = (
+            faiss.ScalarQuantizer.QT_fp16
+            if request.data_type is DataType.HALF_FLOAT
+            else faiss.ScalarQuantizer.QT_8bit_direct_signed
+        )
+        inner = faiss.IndexHNSWSQ(d, qtype, m, faiss_metric(request.space_type))
+    inner.hnsw.efConstruction = request.ef_construction
+    inner.hnsw.efSearch = request.ef_search
+    return inner
+
+
+def id_mapped(inner: FaissIndex, binary: bool) -> FaissIndex:
+    """Wrap ``inner`` in an ID map; Faiss's Python layer keeps ``inner`` alive."""
+    return faiss.IndexBinaryIDMap(inner) if binary else faiss.IndexIDMap(inner)
+
+
+class CpuBuilder:
+    name = "cpu"
+
+    def __init__(self, add_batch_rows: int = 32768) -> None:
+        self.add_batch_rows = add_batch_rows
+
+    def build(
+        self, request: BuildRequest, dataset: Dataset, progress: Progress | None = None
+    ) -> FaissIndex:
+        binary = request.data_type is DataType.BINARY
+        index = id_mapped(_inner_index(request), binary)
+        ids = ids_as_int64(dataset.doc_ids)
+        try:
+            for start, batch in dataset.batches(self.add_batch_rows):
+                # Faiss's scalar quantizer encodes from float32; converting one
+                # batch of int8 at a time bounds the 4x temporary.
+                rows = batch if binary or batch.dtype == np.float32 else batch.astype(np.float32)
+                index.add_with_ids(rows, ids[start : start + len(rows)])
+                if progress is not None:
+                    progress(len(rows))
+        except RuntimeError as exc:
+            raise BuildError(f"Faiss failed to build the HNSW index on the CPU: {exc}") from exc
+        except MemoryError as exc:
+            raise BuildError(
+                f"out of host memory while building {request.doc_count} x {request.dimension} "
+                f"{request.data_type.value} vectors; lower CPU_MEMORY_LIMIT or MAX_WORKERS "
+                "so fewer builds share the host"
+            ) from exc
+        return index

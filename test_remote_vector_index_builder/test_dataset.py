@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from remote_vector_index_builder.core import dataset
+from remote_vector_index_builder.core.errors import DatasetError
+from remote_vector_index_builder.core.params import BuildRequest
+from test_remote_vector_index_builder.data import clustered, doc_id_blob, to_binary, vector_blob
+
+
+def request(**kw: object) -> BuildRequest:
+    body: dict[str, object] = {
+        "repository_type": "s3",
+        "container_name": "b",
+        "vector_path": "v.knnvec",
+        "doc_id_path": "v.knndid",
+        "dimension": 16,
+        "doc_count": 50,
+    }
+    body.update(kw)
+    return BuildRequest.model_validate(body)
+
+
+def as_buffer(data: bytes) -> np.ndarray:
+    return np.frombuffer(bytearray(data), dtype=np.uint8)
+
+
+def test_float_parse_is_a_view_of_the_buffer() -> None:
+    vectors = clustered(50, 16)
+    ids = np.arange(50, dtype=np.int32) * 7
+    vbuf, ibuf = as_buffer(vector_blob(vectors)), as_buffer(doc_id_blob(ids))
+    parsed = dataset.parse(request(), vbuf, ibuf)
+    assert np.shares_memory(parsed.vectors, vbuf)
+    assert np.shares_memory(parsed.doc_ids, ibuf)
+    np.testing.assert_array_equal(parsed.vectors, vectors)
+    np.testing.assert_array_equal(parsed.doc_ids, ids)
+
+
+def test_byte_and_binary_layouts() -> None:
+    vectors = clustered(50, 16)
+    int8 = np.clip(vectors * 20, -128, 127).astype(np.int8)
+    parsed = dataset.parse(
+        request(data_type="byte"), as_buffer(int8.tobytes()), as_buffer(doc_id_blob(np.arange(50)))
+    )
+    assert parsed.vectors.dtype == np.int8 and parsed.vectors.shape == (50, 16)
+    bits = to_binary(vectors)
+    parsed = dataset.parse(
+        request(data_type="binary", index_parameters={"space_type": "hamming"}),
+        as_buffer(bits.tobytes()),
+        as_buffer(doc_id_blob(np.arange(50))),
+    )
+    assert parsed.vectors.dtype == np.uint8 and parsed.vectors.shape == (50, 2)
+    np.testing.assert_array_equal(parsed.vectors, bits)
+
+
+def test_wrong_sizes_say_what_was_expected() -> None:
+    vectors = clustered(49, 16)
+    with pytest.raises(DatasetError) as info:
+        dataset.parse(
+            request(), as_buffer(vector_blob(vectors)), as_buffer(doc_id_blob(np.arange(50)))
+        )
+    message = str(info.value)
+    assert "holds 3136 bytes, expected 3200" in message
+    assert "doc_count 50 x dimension 16 x 4 bytes" in message
+    with pytest.raises(DatasetError, match="doc id object 'v.knndid' holds 198 bytes"):
+        dataset.parse(
+            request(),
+            as_buffer(vector_blob(clustered(50, 16))),
+            as_buffer(doc_id_blob(np.arange(50))[:-2]),
+        )
+
+
+def test_non_finite_and_fp16_overflow_are_rejected() -> None:
+    vectors = clustered(50, 16)
+    vectors[7, 3] = np.nan
+    parsed = dataset.parse(
+        request(), as_buffer(vector_blob(vectors)), as_buffer(doc_id_blob(np.arange(50)))
+    )
+    with pytest.raises(DatasetError, match="row 7 .* NaN or infinity"):
+        dataset.check_values(parsed, rows=4)
+    vectors = clustered(50, 16)
+    vectors[30, 0] = 70000.0
+    parsed = dataset.parse(
+        request(data_type="half_float"),
+        as_buffer(vector_blob(vectors)),
+        as_buffer(doc_id_blob(np.arange(50))),
+    )
+    with pytest.raises(DatasetError, match="row 30 .* fp16 range"):
+        dataset.check_values(parsed, rows=8)
+    dataset.check_values(dataset.parse(
+        request(), as_buffer(vector_blob(vectors)), as_buffer(doc_id_blob(np.arange(50)))
+    ))
+
+
+def test_to_fp16_matches_numpy_cast() -> None:
+    vectors = clustered(100, 8)
+    np.testing.assert_array_equal(dataset.to_fp16(vectors, rows=7), vectors.astype(np.float16))
