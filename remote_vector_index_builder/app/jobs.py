@@ -1,0 +1,209 @@
+"""Jobs and the job store: the service's only shared mutable state.
+
+Active (queued or running) jobs live in a plain dict and never expire: the
+client sees a 404 as "abandon the remote build". Finished jobs move to a
+``cachetools.TTLCache`` when they finish, so their TTL counts from the end of
+the build, not from submission. Both together stay within ``max_size``: a full
+store drops the least recently used finished job, and a store full of active
+jobs refuses new ones (``StoreFullError`` -> 429).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from cachetools import TTLCache
+
+from remote_vector_index_builder.core.errors import (
+    JobConflictError,
+    JobNotFoundError,
+    StoreFullError,
+)
+from remote_vector_index_builder.core.params import BuildRequest
+
+Clock = Callable[[], float]
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"
+    PARSING = "parsing"
+    BUILDING = "building"
+    SERIALIZING = "serializing"
+    UPLOADING = "uploading"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+class TaskStatus(StrEnum):
+    """The three values the k-NN client understands."""
+
+    RUNNING = "RUNNING_INDEX_BUILD"
+    COMPLETED = "COMPLETED_INDEX_BUILD"
+    FAILED = "FAILED_INDEX_BUILD"
+
+
+@dataclass
+class Job:
+    id: str
+    request: BuildRequest
+    submitted_at: float
+    attempt: int = 1
+    state: JobState = JobState.QUEUED
+    started_at: float | None = None
+    finished_at: float | None = None
+    file_name: str | None = None
+    error: str | None = None
+    device: str | None = None
+    # Progress of the current stage, in its own units (bytes or vectors).
+    stage_total: int = 0
+    stage_done: int = 0
+    stage_started_at: float | None = None
+    stage_times: dict[str, float] = field(default_factory=dict)
+    reserved_bytes: int = 0
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def task_status(self) -> TaskStatus:
+        if self.state is JobState.COMPLETED:
+            return TaskStatus.COMPLETED
+        if self.state in (JobState.FAILED, JobState.CANCELLED):
+            return TaskStatus.FAILED
+        return TaskStatus.RUNNING
+
+    def status_body(self) -> dict[str, Any]:
+        """Exactly the keys of the wire contract's ``GET /_status`` body."""
+        return {
+            "task_status": self.task_status.value,
+            "file_name": self.file_name if self.state is JobState.COMPLETED else None,
+            "error_message": self.error if self.task_status is TaskStatus.FAILED else None,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What operators see in ``GET /_jobs``."""
+        r = self.request
+        return {
+            "task_status": self.task_status.value,
+            "state": self.state.value,
+            "attempt": self.attempt,
+            "tenant_id": r.tenant_id,
+            "bucket": r.container_name,
+            "vector_path": r.vector_path,
+            "data_type": r.data_type.value,
+            "dimension": r.dimension,
+            "doc_count": r.doc_count,
+            "vector_bytes": r.vector_blob_bytes,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "file_name": self.file_name,
+            "error_message": self.error,
+            "device": self.device,
+        }
+
+
+class JobStore:
+    def __init__(self, max_size: int, ttl_seconds: float, clock: Clock = time.time) -> None:
+        self.max_size = max_size
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._active: dict[str, Job] = {}
+        self._finished: TTLCache[str, Job] = TTLCache(max_size, ttl_seconds, timer=clock)
+
+    def add_if_absent(self, request: BuildRequest) -> tuple[Job, bool]:
+        """Return ``(job, created)``; atomic, so concurrent duplicates share one job.
+
+        A queued, running or completed job with the same id is returned as is;
+        a failed one is replaced by a new attempt. The same id with different
+        build parameters is a conflict.
+        """
+        job_id = request.job_id
+        with self._lock:
+            existing = self._active.get(job_id) or self._finished.get(job_id)
+            if existing is not None and existing.state is not JobState.FAILED:
+                if existing.state is JobState.CANCELLED:
+                    pass  # a cancelled job may be submitted again
+                elif existing.request.fingerprint != request.fingerprint:
+                    raise JobConflictError(
+                        f"job {job_id} for {request.vector_path!r} already exists with "
+                        "different build parameters; wait for it to finish or use a new "
+                        "vector_path"
+                    )
+                else:
+                    return existing, False
+            if existing is not None:
+                self._finished.pop(job_id, None)
+            self._make_room()
+            job = Job(
+                id=job_id,
+                request=request,
+                submitted_at=self.clock(),
+                attempt=existing.attempt + 1 if existing else 1,
+            )
+            self._active[job_id] = job
+            return job, True
+
+    def _make_room(self) -> None:
+        self._finished.expire()
+        while len(self._active) + len(self._finished) >= self.max_size:
+            if not self._finished:
+                raise StoreFullError(
+                    f"the job store holds {len(self._active)} queued or running jobs, its "
+                    "limit (REQUEST_STORE_MAX_SIZE); retry later"
+                )
+            self._finished.popitem()
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._active.get(job_id) or self._finished.get(job_id)
+        if job is None:
+            raise JobNotFoundError(
+                f"no job {job_id!r}: it was never accepted or finished more than "
+                "REQUEST_STORE_TTL_SECONDS ago"
+            )
+        return job
+
+    def finish(
+        self, job: Job, state: JobState, *, file_name: str | None = None, error: str | None = None
+    ) -> bool:
+        """Record the outcome once; False if the job had already finished."""
+        with self._lock:
+            if job.state.terminal:
+                return False
+            job.state = state
+            job.file_name = file_name
+            job.error = error
+            job.finished_at = self.clock()
+            if self._active.get(job.id) is job:
+                del self._active[job.id]
+                self._finished[job.id] = job
+            return True
+
+    def remove(self, job: Job) -> None:
+        with self._lock:
+            if self._active.get(job.id) is job:
+                del self._active[job.id]
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            self._finished.expire()
+            return [*self._active.values(), *self._finished.values()]
+
+    def active(self) -> list[Job]:
+        with self._lock:
+            return list(self._active.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._finished.expire()
+            return len(self._active) + len(self._finished)

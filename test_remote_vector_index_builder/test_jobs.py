@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from remote_vector_index_builder.app.jobs import JobState, JobStore, TaskStatus
+from remote_vector_index_builder.core.errors import (
+    JobConflictError,
+    JobNotFoundError,
+    StoreFullError,
+)
+from remote_vector_index_builder.core.params import BuildRequest
+
+
+class FakeClock:
+    """Injected time: tests move it instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(path: str = "idx/seg", **kw: Any) -> BuildRequest:
+    return BuildRequest.model_validate(
+        {
+            "repository_type": "s3",
+            "container_name": "b",
+            "vector_path": f"{path}.knnvec",
+            "doc_id_path": f"{path}.knndid",
+            "dimension": 8,
+            "doc_count": 10,
+            **kw,
+        }
+    )
+
+
+def test_active_jobs_never_expire_and_ttl_counts_from_finish() -> None:
+    clock = FakeClock()
+    store = JobStore(max_size=10, ttl_seconds=60, clock=clock)
+    job, created = store.add_if_absent(request())
+    assert created
+    clock.now += 3600  # a build far longer than the TTL
+    assert store.get(job.id).task_status is TaskStatus.RUNNING
+    store.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+    clock.now += 59
+    assert store.get(job.id).status_body() == {
+        "task_status": "COMPLETED_INDEX_BUILD",
+        "file_name": "seg.faiss",
+        "error_message": None,
+    }
+    clock.now += 2
+    with pytest.raises(JobNotFoundError, match="never accepted or finished more than"):
+        store.get(job.id)
+
+
+def test_duplicates_share_a_job_failed_ones_retry_and_conflicts_raise() -> None:
+    store = JobStore(max_size=10, ttl_seconds=60, clock=FakeClock())
+    job, _ = store.add_if_absent(request())
+    again, created = store.add_if_absent(request())
+    assert again is job and not created
+    with pytest.raises(JobConflictError, match="different build parameters"):
+        store.add_if_absent(request(dimension=16))
+    store.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+    assert store.add_if_absent(request()) == (job, False)
+
+    other, _ = store.add_if_absent(request("idx/other"))
+    store.finish(other, JobState.FAILED, error="boom")
+    retry, created = store.add_if_absent(request("idx/other"))
+    assert created and retry is not other and retry.attempt == 2
+    assert retry.id == other.id and store.get(retry.id) is retry
+
+
+def test_outcome_is_recorded_once() -> None:
+    store = JobStore(max_size=10, ttl_seconds=60, clock=FakeClock())
+    job, _ = store.add_if_absent(request())
+    assert store.finish(job, JobState.FAILED, error="first")
+    assert not store.finish(job, JobState.COMPLETED, file_name="x.faiss")
+    assert store.get(job.id).status_body()["error_message"] == "first"
+
+
+def test_full_store_evicts_finished_then_refuses() -> None:
+    store = JobStore(max_size=3, ttl_seconds=60, clock=FakeClock())
+    jobs = [store.add_if_absent(request(f"idx/{i}"))[0] for i in range(3)]
+    store.finish(jobs[0], JobState.COMPLETED, file_name="0.faiss")
+    store.add_if_absent(request("idx/3"))  # evicts the finished job
+    assert len(store) == 3
+    with pytest.raises(JobNotFoundError):
+        store.get(jobs[0].id)
+    with pytest.raises(StoreFullError, match="REQUEST_STORE_MAX_SIZE"):
+        store.add_if_absent(request("idx/4"))
+
+
+def test_concurrent_identical_requests_create_one_job() -> None:
+    store = JobStore(max_size=100, ttl_seconds=60, clock=FakeClock())
+    barrier = threading.Barrier(16)
+    created: list[bool] = []
+    lock = threading.Lock()
+
+    def submit() -> None:
+        barrier.wait()
+        _, made = store.add_if_absent(request())
+        with lock:
+            created.append(made)
+
+    threads = [threading.Thread(target=submit) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert created.count(True) == 1 and len(store) == 1
