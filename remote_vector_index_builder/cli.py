@@ -31,6 +31,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default from RVIB_HOST or 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (default from RVIB_PORT or 1025)")
 
+    demo = sub.add_parser(
+        "demo", help="local S3 + service + a real build of the shipped sample, with a report"
+    )
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="--exit, --port N")
+
     build = sub.add_parser("build", help="one build: download, build, upload, report")
     build.add_argument("--bucket", required=True, help="bucket holding the blobs")
     build.add_argument("--vector-path", required=True, help="key of the .knnvec blob")
@@ -40,17 +45,29 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--data-type", default="float", choices=["float", "half_float", "byte", "binary"]
     )
-    build.add_argument("--space-type", default=None, choices=["l2", "innerproduct", "hamming"],
-                       help="default: l2, or hamming for binary data")
+    build.add_argument(
+        "--space-type",
+        default=None,
+        choices=["l2", "innerproduct", "hamming"],
+        help="default: l2, or hamming for binary data",
+    )
     build.add_argument("--m", type=int, default=16)
     build.add_argument("--ef-construction", type=int, default=100)
     build.add_argument("--ef-search", type=int, default=100)
     build.add_argument("--skip-stored-vectors", action="store_true")
     build.add_argument("--tenant-id", default="")
-    build.add_argument("--device", choices=[d.value for d in Device], default=None,
-                       help="default from RVIB_DEVICE or auto")
-    build.add_argument("--serialization-mode", choices=[m.value for m in SerializationMode],
-                       default=None, help="default from INDEX_SERIALIZATION_MODE or memory")
+    build.add_argument(
+        "--device",
+        choices=[d.value for d in Device],
+        default=None,
+        help="default from RVIB_DEVICE or auto",
+    )
+    build.add_argument(
+        "--serialization-mode",
+        choices=[m.value for m in SerializationMode],
+        default=None,
+        help="default from INDEX_SERIALIZATION_MODE or memory",
+    )
     build.add_argument("--endpoint-url", help="S3 endpoint override (default S3_ENDPOINT_URL)")
     return parser
 
@@ -111,14 +128,20 @@ def _run_build(args: argparse.Namespace, settings: Settings) -> int:
         request, store, builder, mode=settings.index_serialization_mode, tmp_dir=settings.tmp_dir
     )
     print(result.file_name)
-    print(f"s3://{request.container_name}/{result.index_key} ({result.index_bytes} bytes, "
-          f"built on {result.builder})")
+    print(
+        f"s3://{request.container_name}/{result.index_key} ({result.index_bytes} bytes, "
+        f"built on {result.builder})"
+    )
     print(format_report(result))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command == "demo":
+        from remote_vector_index_builder import demo
+
+        return demo.main(args.demo_args)
     overrides: dict[str, Any] = {}
     if args.command == "serve":
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}

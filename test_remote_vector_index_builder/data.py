@@ -7,10 +7,12 @@ dimensions has no meaningful neighbours, so recall on it says nothing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import faiss
 import numpy as np
+
+from remote_vector_index_builder.core.quality import exact_neighbours, recall_at_k
+
+__all__ = ["exact_neighbours", "recall_at_k"]
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "cohere-1k-768"
 
@@ -41,11 +43,13 @@ def to_int8(vectors: np.ndarray) -> np.ndarray:
 
 def to_binary(vectors: np.ndarray) -> np.ndarray:
     """Sign bits, packed 8 per byte (the client's binary layout)."""
-    return np.packbits(vectors > 0, axis=1)
+    packed: np.ndarray = np.packbits(vectors > 0, axis=1)
+    return packed
 
 
 def normalized(vectors: np.ndarray) -> np.ndarray:
-    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    unit: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return unit.astype(np.float32)
 
 
 def vector_blob(vectors: np.ndarray) -> bytes:
@@ -57,34 +61,3 @@ def vector_blob(vectors: np.ndarray) -> bytes:
 
 def doc_id_blob(doc_ids: np.ndarray) -> bytes:
     return doc_ids.astype("<i4").tobytes()
-
-
-def exact_neighbours(
-    base: np.ndarray, queries: np.ndarray, k: int, metric: str
-) -> np.ndarray:
-    """Row positions of the true k nearest neighbours."""
-    if metric == "hamming":
-        index: Any = faiss.IndexBinaryFlat(base.shape[1] * 8)
-    elif metric == "innerproduct":
-        index = faiss.IndexFlatIP(base.shape[1])
-    else:
-        index = faiss.IndexFlatL2(base.shape[1])
-    index.add(base if metric == "hamming" else base.astype(np.float32))
-    _, positions = index.search(queries if metric == "hamming" else queries.astype(np.float32), k)
-    return np.asarray(positions)
-
-
-def recall_at_k(
-    index: Any,
-    base: np.ndarray,
-    doc_ids: np.ndarray,
-    queries: np.ndarray,
-    metric: str,
-    k: int = 10,
-) -> float:
-    """Recall@k of ``index`` (returning doc ids) against exact search over ``base``."""
-    truth = doc_ids[exact_neighbours(base, queries, k, metric)]
-    q = queries if metric == "hamming" else queries.astype(np.float32)
-    _, found = index.search(q, k)
-    hits = sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(truth, found, strict=True))
-    return hits / truth.size

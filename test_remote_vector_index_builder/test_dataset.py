@@ -63,7 +63,7 @@ def test_wrong_sizes_say_what_was_expected() -> None:
     message = str(info.value)
     assert "holds 3136 bytes, expected 3200" in message
     assert "doc_count 50 x dimension 16 x 4 bytes" in message
-    with pytest.raises(DatasetError, match="doc id object 'v.knndid' holds 198 bytes"):
+    with pytest.raises(DatasetError, match=r"doc id object 'v\.knndid' holds 198 bytes"):
         dataset.parse(
             request(),
             as_buffer(vector_blob(clustered(50, 16))),
@@ -77,7 +77,7 @@ def test_non_finite_and_fp16_overflow_are_rejected() -> None:
     parsed = dataset.parse(
         request(), as_buffer(vector_blob(vectors)), as_buffer(doc_id_blob(np.arange(50)))
     )
-    with pytest.raises(DatasetError, match="row 7 .* NaN or infinity"):
+    with pytest.raises(DatasetError, match=r"row 7 .* NaN or infinity"):
         dataset.check_values(parsed, rows=4)
     vectors = clustered(50, 16)
     vectors[30, 0] = 70000.0
@@ -86,11 +86,13 @@ def test_non_finite_and_fp16_overflow_are_rejected() -> None:
         as_buffer(vector_blob(vectors)),
         as_buffer(doc_id_blob(np.arange(50))),
     )
-    with pytest.raises(DatasetError, match="row 30 .* fp16 range"):
+    with pytest.raises(DatasetError, match=r"row 30 .* fp16 range"):
         dataset.check_values(parsed, rows=8)
-    dataset.check_values(dataset.parse(
-        request(), as_buffer(vector_blob(vectors)), as_buffer(doc_id_blob(np.arange(50)))
-    ))
+    dataset.check_values(
+        dataset.parse(
+            request(), as_buffer(vector_blob(vectors)), as_buffer(doc_id_blob(np.arange(50)))
+        )
+    )
 
 
 def test_to_fp16_matches_numpy_cast() -> None:

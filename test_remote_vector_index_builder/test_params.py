@@ -62,8 +62,7 @@ def test_numbers_as_strings_and_unknown_algorithm_keys_are_accepted() -> None:
         ({"dimension": 0}, "dimension: Input should be greater than 0"),
         ({"dimension": -3}, "dimension: Input should be greater than 0"),
         (
-            {"data_type": "binary", "dimension": 12,
-             "index_parameters": {"space_type": "hamming"}},
+            {"data_type": "binary", "dimension": 12, "index_parameters": {"space_type": "hamming"}},
             "multiple of 8",
         ),
         ({"data_type": "binary"}, "data_type binary needs space_type hamming"),
@@ -78,8 +77,12 @@ def test_numbers_as_strings_and_unknown_algorithm_keys_are_accepted() -> None:
         ({"engine": "nmslib"}, "engine"),
         ({"data_type": "double"}, "data_type"),
         (
-            {"data_type": "binary", "dimension": 64, "skip_stored_vectors": True,
-             "index_parameters": {"space_type": "hamming"}},
+            {
+                "data_type": "binary",
+                "dimension": 64,
+                "skip_stored_vectors": True,
+                "index_parameters": {"space_type": "hamming"},
+            },
             "skip_stored_vectors is not supported for data_type binary",
         ),
         ({"vector_path": "a" * 1100 + ".knnvec"}, "1024-byte key limit"),

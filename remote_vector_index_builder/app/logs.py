@@ -84,7 +84,12 @@ def parse_levels(spec: str) -> dict[str, int]:
 
 
 def configure_logging(settings: Settings) -> None:
-    levels = {"": logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)}
+    levels = {
+        "": logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO),
+        # boto's INFO lines (credential discovery per client) drown the job lines.
+        "botocore": logging.WARNING,
+        "boto3": logging.WARNING,
+    }
     if settings.debug_logs:
         levels.update(parse_levels(settings.debug_logs))
     formatter: logging.Formatter = (

@@ -33,9 +33,7 @@ class Settings(BaseSettings):
     # Service
     host: str = Field("0.0.0.0", validation_alias=_env("RVIB_HOST", "host"))
     port: int = Field(1025, validation_alias=_env("RVIB_PORT", "port"))
-    max_workers: int | None = Field(
-        None, gt=0, validation_alias=_env("MAX_WORKERS", "max_workers")
-    )
+    max_workers: int | None = Field(None, gt=0, validation_alias=_env("MAX_WORKERS", "max_workers"))
     request_store_max_size: int = Field(
         10000, gt=0, validation_alias=_env("REQUEST_STORE_MAX_SIZE", "request_store_max_size")
     )
@@ -62,9 +60,7 @@ class Settings(BaseSettings):
     auth_password: SecretStr | None = Field(
         None, validation_alias=_env("RVIB_AUTH_PASSWORD", "auth_password")
     )
-    auth_file: Path | None = Field(
-        None, validation_alias=_env("RVIB_AUTH_FILE", "auth_file")
-    )
+    auth_file: Path | None = Field(None, validation_alias=_env("RVIB_AUTH_FILE", "auth_file"))
     allowed_buckets: Annotated[frozenset[str], NoDecode] = Field(
         frozenset(), validation_alias=_env("RVIB_ALLOWED_BUCKETS", "allowed_buckets")
     )
@@ -93,18 +89,14 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(
         None, validation_alias=_env("AWS_REGION", "AWS_DEFAULT_REGION", "s3_region")
     )
-    s3_path_style: bool = Field(
-        False, validation_alias=_env("RVIB_S3_PATH_STYLE", "s3_path_style")
-    )
+    s3_path_style: bool = Field(False, validation_alias=_env("RVIB_S3_PATH_STYLE", "s3_path_style"))
     s3_unsigned: bool = Field(False, validation_alias=_env("RVIB_S3_UNSIGNED", "s3_unsigned"))
     s3_throughput_target_gbps: float = Field(
         10.0,
         gt=0,
         validation_alias=_env("RVIB_S3_THROUGHPUT_TARGET_GBPS", "s3_throughput_target_gbps"),
     )
-    s3_part_size: int = Field(
-        8 * MIB, validation_alias=_env("RVIB_S3_PART_SIZE", "s3_part_size")
-    )
+    s3_part_size: int = Field(8 * MIB, validation_alias=_env("RVIB_S3_PART_SIZE", "s3_part_size"))
     s3_max_attempts: int = Field(
         5, gt=0, validation_alias=_env("RVIB_S3_MAX_ATTEMPTS", "s3_max_attempts")
     )
@@ -120,9 +112,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", validation_alias=_env("LOG_FORMAT", "log_format")
     )
-    debug_logs: str | None = Field(
-        None, validation_alias=_env("RVIB_DEBUG_LOGS", "debug_logs")
-    )
+    debug_logs: str | None = Field(None, validation_alias=_env("RVIB_DEBUG_LOGS", "debug_logs"))
     logs_dir_path: Path | None = Field(
         None, validation_alias=_env("RVIB_LOGS_DIR_PATH", "logs_dir_path")
     )

@@ -45,16 +45,16 @@ class Dataset:
             yield start, self.vectors[start : start + rows]
 
 
-def _check_size(what: str, blob: np.ndarray, expected: int, formula: str, key: str) -> None:
-    if blob.nbytes != expected:
+def _check_size(what: str, actual: int, expected: int, formula: str, key: str) -> None:
+    if actual != expected:
         raise DatasetError(
-            f"{what} object {key!r} holds {blob.nbytes} bytes, expected {expected} "
+            f"{what} object {key!r} holds {actual} bytes, expected {expected} "
             f"({formula}); check dimension, doc_count and data_type in the request"
         )
 
 
-def parse(request: BuildRequest, vector_blob: np.ndarray, doc_id_blob: np.ndarray) -> Dataset:
-    """View the two downloaded ``uint8`` buffers as typed arrays (no copies)."""
+def check_sizes(request: BuildRequest, vector_bytes: int, doc_id_bytes: int) -> None:
+    """Compare blob sizes with what the request implies (called before downloading)."""
     row_dtype = _ROW_DTYPES[request.data_type]
     per_row = (
         f"{request.dimension} bits / 8"
@@ -63,18 +63,24 @@ def parse(request: BuildRequest, vector_blob: np.ndarray, doc_id_blob: np.ndarra
     )
     _check_size(
         "vector",
-        vector_blob,
+        vector_bytes,
         request.vector_blob_bytes,
         f"doc_count {request.doc_count} x dimension {per_row} bytes",
         request.vector_path,
     )
     _check_size(
         "doc id",
-        doc_id_blob,
+        doc_id_bytes,
         request.doc_id_blob_bytes,
         f"doc_count {request.doc_count} x 4 bytes",
         request.doc_id_path,
     )
+
+
+def parse(request: BuildRequest, vector_blob: np.ndarray, doc_id_blob: np.ndarray) -> Dataset:
+    """View the two downloaded ``uint8`` buffers as typed arrays (no copies)."""
+    check_sizes(request, vector_blob.nbytes, doc_id_blob.nbytes)
+    row_dtype = _ROW_DTYPES[request.data_type]
     columns = request.row_bytes // row_dtype.itemsize
     vectors = vector_blob.view(row_dtype).reshape(request.doc_count, columns)
     doc_ids = doc_id_blob.view(_DOC_ID_DTYPE)

@@ -108,9 +108,7 @@ class _Span:
             self.label, time.perf_counter() - self.start, self.nbytes, peak_rss_bytes()
         )
         self.timer.result.stages.append(timing)
-        log.info(
-            "stage %s done in %.3fs (%d bytes)", timing.stage, timing.seconds, timing.nbytes
-        )
+        log.info("stage %s done in %.3fs (%d bytes)", timing.stage, timing.seconds, timing.nbytes)
 
 
 def run(
@@ -137,8 +135,11 @@ def run(
 
     total_in = request.vector_blob_bytes + request.doc_id_blob_bytes
     with timer.measure(Stage.DOWNLOAD, total_in) as span:
-        # The source object's encryption key is reused for the index.
+        # Sizes are checked before any byte is fetched; the source object's
+        # encryption key is reused for the index.
         vector_info = store.head(bucket, request.vector_path)
+        doc_id_info = store.head(bucket, request.doc_id_path)
+        dataset_stage.check_sizes(request, vector_info.size, doc_id_info.size)
         vector_blob = store.download(
             bucket, request.vector_path, expected_size=request.vector_blob_bytes, progress=advance
         )
@@ -177,9 +178,7 @@ def run(
     else:
         with index_io.temporary_index_file(tmp_dir) as path:
             with timer.measure(Stage.SERIALIZE, 0) as span, path.open("wb") as file:
-                span.nbytes = index_io.write(
-                    index, file, skip_storage=request.skip_stored_vectors
-                )
+                span.nbytes = index_io.write(index, file, skip_storage=request.skip_stored_vectors)
             del index
             with timer.measure(Stage.UPLOAD, span.nbytes) as span:
                 span.nbytes = store.upload_file(

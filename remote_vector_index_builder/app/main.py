@@ -1,0 +1,158 @@
+"""The app factory. Its lifespan owns every long-lived object; nothing starts at import."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import faiss
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+
+from remote_vector_index_builder import __version__
+from remote_vector_index_builder.app import routes
+from remote_vector_index_builder.app.jobs import Clock, JobStore
+from remote_vector_index_builder.app.runner import MemoryBudget, Runner, RunnerConfig
+from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.core.builder import IndexBuilder, choose_builder
+from remote_vector_index_builder.core.errors import RvibError
+from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore, make_s3_client
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Overrides:
+    """Seams for tests and embedding: replace a component, keep the rest real."""
+
+    object_store: ObjectStore | None = None
+    builder: IndexBuilder | None = None
+    clock: Clock = time.time
+
+
+def load_credentials(settings: Settings) -> tuple[bytes, bytes] | None:
+    if settings.auth_file is not None:
+        text = settings.auth_file.read_text(encoding="utf-8").strip()
+        user, sep, password = text.partition(":")
+        if not sep or not user:
+            raise ValueError(
+                f"RVIB_AUTH_FILE {settings.auth_file} must hold one line 'username:password'"
+            )
+        return user.encode(), password.encode()
+    if settings.auth_username and settings.auth_password is not None:
+        return settings.auth_username.encode(), settings.auth_password.get_secret_value().encode()
+    if settings.auth_username or settings.auth_password is not None:
+        raise ValueError("set both RVIB_AUTH_USERNAME and RVIB_AUTH_PASSWORD, or neither")
+    return None
+
+
+def default_workers(builder: IndexBuilder) -> int:
+    # One GPU build saturates the GPU; on the CPU, Faiss's OpenMP already uses
+    # every core, so a second concurrent build only overlaps its S3 transfers.
+    return 1 if builder.name == "gpu" else 2
+
+
+def gpu_memory_bytes() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
+    seams = overrides or Overrides()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        faiss.omp_set_num_threads(settings.effective_omp_threads())
+        builder = seams.builder or choose_builder(settings.builder_options())
+        if seams.object_store is not None:
+            store = seams.object_store
+        else:
+            s3 = settings.s3_config()
+            store = S3ObjectStore(make_s3_client(s3), s3)
+        jobs = JobStore(
+            settings.request_store_max_size, settings.request_store_ttl_seconds, seams.clock
+        )
+        s3_config = settings.s3_config()
+        on_gpu = builder.name == "gpu"
+        budget = MemoryBudget(
+            settings.effective_cpu_memory_limit(),
+            settings.gpu_memory_limit or (gpu_memory_bytes() if on_gpu else 0),
+        )
+        runner = Runner(
+            RunnerConfig(
+                max_workers=settings.max_workers or default_workers(builder),
+                mode=settings.index_serialization_mode,
+                tmp_dir=str(settings.tmp_dir) if settings.tmp_dir else None,
+                upload_buffer_bytes=s3_config.part_size * (s3_config.concurrency + 1),
+                add_batch_rows=settings.add_batch_rows,
+                on_gpu=on_gpu,
+            ),
+            jobs,
+            store,
+            builder,
+            budget,
+            seams.clock,
+        )
+        app.state.settings = settings
+        app.state.jobs = jobs
+        app.state.runner = runner
+        app.state.credentials = load_credentials(settings)
+        app.state.unhealthy = threading.Event()
+        log.info(
+            "serving with %d %s workers, host memory limit %.1f GiB",
+            runner.config.max_workers,
+            builder.name,
+            budget.host_limit / 2**30,
+        )
+        try:
+            yield
+        finally:
+            log.info("shutting down: %d builds in flight", runner.busy())
+            runner.shutdown(settings.shutdown_grace_seconds)
+
+    app = FastAPI(
+        title="Remote Vector Index Builder",
+        version=__version__,
+        description="Builds Faiss indexes for OpenSearch k-NN from vectors in S3.",
+        lifespan=lifespan,
+    )
+    app.include_router(routes.router)
+    app.add_exception_handler(RvibError, routes.error_response)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = [
+            {"field": ".".join(str(p) for p in err["loc"][1:]) or "body", "message": err["msg"]}
+            for err in exc.errors()
+        ]
+        return JSONResponse({"detail": problems}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, validation_error)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+    )

@@ -1,0 +1,195 @@
+"""The endpoints. Services arrive through ``Depends`` aliases; errors through one handler.
+
+``POST /_build`` and ``GET /_status/{job_id}`` answer exactly the keys of the
+k-NN client's contract; everything else an operator may want lives on other
+endpoints.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel
+
+from remote_vector_index_builder.app.jobs import JobStore, TaskStatus
+from remote_vector_index_builder.app.runner import Runner
+from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.core.errors import (
+    AccessDeniedError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    JobConflictError,
+    JobNotFoundError,
+    RvibError,
+    ServiceUnavailableError,
+    StoreFullError,
+)
+from remote_vector_index_builder.core.params import BuildRequest
+
+
+class BuildResponse(BaseModel):
+    job_id: str
+
+
+class StatusResponse(BaseModel):
+    task_status: TaskStatus
+    file_name: str | None = None
+    error_message: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class Unauthorized(RvibError):
+    pass
+
+
+class BucketNotAllowed(RvibError):
+    pass
+
+
+_basic = HTTPBasic(auto_error=False)
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_jobs(request: Request) -> JobStore:
+    jobs: JobStore = request.app.state.jobs
+    return jobs
+
+
+def get_runner(request: Request) -> Runner:
+    runner: Runner = request.app.state.runner
+    return runner
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+JobsDep = Annotated[JobStore, Depends(get_jobs)]
+RunnerDep = Annotated[Runner, Depends(get_runner)]
+
+
+def require_auth(
+    request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
+) -> None:
+    expected: tuple[bytes, bytes] | None = request.app.state.credentials
+    if expected is None:
+        return  # not configured: the Authorization header is ignored, per the contract
+    if credentials is None:
+        raise Unauthorized("this service requires HTTP Basic authentication")
+    user_ok = secrets.compare_digest(credentials.username.encode(), expected[0])
+    password_ok = secrets.compare_digest(credentials.password.encode(), expected[1])
+    if not (user_ok and password_ok):
+        raise Unauthorized("wrong username or password")
+
+
+Authenticated = Depends(require_auth)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 404, 409, 429, 503, 507)
+}
+
+router = APIRouter()
+
+
+@router.post(
+    "/_build",
+    response_model=BuildResponse,
+    dependencies=[Authenticated],
+    responses={**_ERRORS, 403: {"model": ErrorResponse}},
+)
+def build(body: BuildRequest, settings: SettingsDep, jobs: JobsDep, runner: RunnerDep) -> Any:
+    """Accept a build; the same tenant + vector path returns the existing job."""
+    if settings.allowed_buckets and body.container_name not in settings.allowed_buckets:
+        raise BucketNotAllowed(
+            f"bucket {body.container_name!r} is not in this service's allow-list "
+            "(RVIB_ALLOWED_BUCKETS)"
+        )
+    runner.admit(body)
+    job, created = jobs.add_if_absent(body)
+    if created:
+        try:
+            runner.submit(job)
+        except RvibError:
+            jobs.remove(job)
+            raise
+    return {"job_id": job.id}
+
+
+@router.get(
+    "/_status/{job_id}",
+    response_model=StatusResponse,
+    dependencies=[Authenticated],
+    responses=_ERRORS,
+)
+def status(job_id: str, jobs: JobsDep) -> Any:
+    return jobs.get(job_id).status_body()
+
+
+@router.get("/_jobs", dependencies=[Authenticated], responses=_ERRORS)
+def list_jobs(jobs: JobsDep) -> dict[str, dict[str, Any]]:
+    """Every job the store holds, by id (a JSON object, encoded once)."""
+    return {job.id: job.summary() for job in jobs.jobs()}
+
+
+@router.get("/_heart_beat")
+def heart_beat(request: Request, runner: RunnerDep, settings: SettingsDep) -> dict[str, Any]:
+    """Liveness (always 200 while the process serves) plus readiness facts."""
+    budget = runner.budget
+    ready = runner.accepting and not request.app.state.unhealthy.is_set()
+    return {
+        "status": "alive",
+        "ready": ready,
+        "device": runner.builder.name,
+        "workers": runner.config.max_workers,
+        "jobs_in_flight": runner.busy(),
+        "memory": {
+            "host_limit_bytes": budget.host_limit,
+            "host_reserved_bytes": budget.host_reserved,
+            "gpu_limit_bytes": budget.gpu_limit,
+            "gpu_reserved_bytes": budget.gpu_reserved,
+        },
+    }
+
+
+@router.get("/_ready", responses={503: {"model": ErrorResponse}})
+def ready(request: Request, runner: RunnerDep) -> dict[str, bool]:
+    """200 when builds can be accepted, 503 otherwise (for orchestrator probes)."""
+    if not runner.accepting:
+        raise ServiceUnavailableError("shutting down")
+    if request.app.state.unhealthy.is_set():
+        raise ServiceUnavailableError(
+            "a build exceeded RVIB_JOB_TIME_LIMIT_SECONDS and its thread cannot be reclaimed; "
+            "restart this service"
+        )
+    return {"ready": True}
+
+
+_STATUS_CODES: list[tuple[type[RvibError], int]] = [
+    (Unauthorized, 401),
+    (BucketNotAllowed, 403),
+    (AccessDeniedError, 403),
+    (JobNotFoundError, 404),
+    (JobConflictError, 409),
+    (StoreFullError, 429),
+    (InvalidRequestError, 422),
+    (ServiceUnavailableError, 503),
+    (InsufficientMemoryError, 507),
+]
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    """The one handler that turns service errors into HTTP answers."""
+    code = next((c for t, c in _STATUS_CODES if isinstance(exc, t)), 500)
+    headers: dict[str, str] = {}
+    if code == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="remote-vector-index-builder"'
+    elif code in (429, 503):
+        headers["Retry-After"] = "5"
+    return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)

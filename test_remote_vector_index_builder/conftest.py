@@ -1,0 +1,104 @@
+"""Shared fixtures, one section per external component; add new sections below."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from remote_vector_index_builder.core.object_store import (
+    MIB,
+    S3Config,
+    S3ObjectStore,
+    make_s3_client,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+# --------------------------------------------------------------------------------------
+# Local S3: moto's server on 127.0.0.1 (it serves KMS at the same endpoint)
+# --------------------------------------------------------------------------------------
+
+_FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    # Keep a developer's own AWS config and profiles out of the tests.
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+_UNSET_AWS_ENV = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL of a moto S3 (and KMS) server, with dummy AWS credentials set."""
+    saved = {name: os.environ.get(name) for name in (*_FAKE_AWS_ENV, *_UNSET_AWS_ENV)}
+    os.environ.update(_FAKE_AWS_ENV)
+    for name in _UNSET_AWS_ENV:
+        os.environ.pop(name, None)
+    # The server runs in this process: its werkzeug request log would otherwise reach any
+    # test that configures logging and reads stderr (the CLI tests do).
+    werkzeug_log = logging.getLogger("werkzeug")
+    saved_level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        werkzeug_log.setLevel(saved_level)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_config(s3_server: str) -> S3Config:
+    # S3's smallest part size, so a few MiB already take the multipart paths.
+    return S3Config(
+        endpoint_url=s3_server,
+        region="us-east-1",
+        path_style=True,
+        part_size=5 * MIB,
+        max_attempts=2,
+        connect_timeout_s=5.0,
+        read_timeout_s=30.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_config: S3Config) -> S3Client:
+    return make_s3_client(s3_config)
+
+
+@pytest.fixture(scope="session")
+def object_store(s3_client: S3Client, s3_config: S3Config) -> S3ObjectStore:
+    return S3ObjectStore(s3_client, s3_config)
+
+
+@pytest.fixture
+def bucket(s3_client: S3Client) -> str:
+    """A fresh, empty bucket (moto wants valid names: lowercase, 3-63 characters)."""
+    name = f"rvib-test-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=name)
+    return name

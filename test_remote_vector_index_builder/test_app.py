@@ -1,0 +1,363 @@
+"""The service through the real app (TestClient runs the lifespan) and a local S3 server."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from remote_vector_index_builder.app.main import Overrides, create_app
+from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.core import index_io
+from remote_vector_index_builder.core.object_store import (
+    ObjectInfo,
+    ObjectStore,
+    S3Config,
+    S3ObjectStore,
+    Upload,
+)
+from test_remote_vector_index_builder.data import (
+    clustered,
+    doc_id_blob,
+    normalized,
+    recall_at_k,
+    to_binary,
+    to_int8,
+    vector_blob,
+)
+
+STATUS_KEYS = {"task_status", "file_name", "error_message"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class GatedStore:
+    """The real S3 store, with a gate that holds downloads until a test opens it."""
+
+    def __init__(self, inner: S3ObjectStore) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.waiting = threading.Semaphore(0)
+
+    def download(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        self.waiting.release()
+        assert self.gate.wait(timeout=30), "test never opened the gate"
+        return self.inner.download(*args, **kwargs)
+
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        return self.inner.head(bucket, key)
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return self.inner.exists(bucket, key)
+
+    def open_upload(self, *args: Any, **kwargs: Any) -> Upload:
+        return self.inner.open_upload(*args, **kwargs)
+
+    def upload_file(self, *args: Any, **kwargs: Any) -> int:
+        return self.inner.upload_file(*args, **kwargs)
+
+
+def make_settings(s3_config: S3Config, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "s3_endpoint_url": s3_config.endpoint_url,
+        "s3_path_style": True,
+        "s3_part_size": s3_config.part_size,
+        "device": "cpu",
+        "max_workers": 2,
+        "shutdown_grace_seconds": 5,
+        "omp_threads": 2,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def service(s3_config: S3Config) -> Iterator[Callable[..., Any]]:
+    """Factory: ``service(store=..., clock=..., **settings)`` -> running TestClient."""
+    clients: list[TestClient] = []
+
+    def start(store: ObjectStore | None = None, clock: Clock | None = None, **kw: Any) -> Any:
+        app = create_app(
+            make_settings(s3_config, **kw),
+            Overrides(object_store=store, clock=clock or time.time),
+        )
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def upload(s3_client: Any, bucket: str, stem: str, vectors: np.ndarray) -> None:
+    ids = np.arange(len(vectors), dtype=np.int32) * 2 + 1
+    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knnvec", Body=vector_blob(vectors))
+    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knndid", Body=doc_id_blob(ids))
+
+
+def build_body(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "repository_type": "s3",
+        "container_name": bucket,
+        "vector_path": f"{stem}.knnvec",
+        "doc_id_path": f"{stem}.knndid",
+        "tenant_id": "cluster-a",
+        "dimension": dim,
+        "doc_count": n,
+        "data_type": "float",
+        "engine": "faiss",
+        "index_parameters": {
+            "space_type": "l2",
+            "algorithm": "hnsw",
+            "algorithm_parameters": {"ef_construction": 100, "m": 16, "ef_search": 100},
+        },
+    }
+    body.update(kw)
+    return body
+
+
+def wait_terminal(client: TestClient, job_id: str, polls: int = 3000) -> dict[str, Any]:
+    ticker = threading.Event()
+    for _ in range(polls):
+        response = client.get(f"/_status/{job_id}")
+        assert response.status_code == 200, response.text
+        status: dict[str, Any] = response.json()
+        assert set(status) == STATUS_KEYS
+        if status["task_status"] != "RUNNING_INDEX_BUILD":
+            return status
+        ticker.wait(0.01)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+CASES = [("float", "l2"), ("half_float", "innerproduct"), ("byte", "l2"), ("binary", "hamming")]
+
+
+@pytest.mark.parametrize(("data_type", "space"), CASES)
+def test_knn_client_flow_for_each_data_type(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str, data_type: str, space: str
+) -> None:
+    vectors = clustered(1500, 64, seed=11)
+    if space == "innerproduct":
+        vectors = normalized(vectors)
+    dim = 64
+    blob_vectors: np.ndarray = vectors
+    if data_type == "byte":
+        blob_vectors = to_int8(vectors)
+    elif data_type == "binary":
+        blob_vectors, dim = to_binary(vectors), 64
+    stem = f"idx/u1_vectors/r_my.field_{data_type}"
+    upload(s3_client, bucket, stem, blob_vectors)
+    client = service()
+    body = build_body(
+        bucket,
+        stem,
+        dim,
+        len(vectors),
+        data_type=data_type,
+        index_parameters={"space_type": space, "algorithm_parameters": {"m": 16}},
+    )
+    response = client.post("/_build", json=body)
+    assert response.status_code == 200
+    assert set(response.json()) == {"job_id"}
+    status = wait_terminal(client, response.json()["job_id"])
+    assert status == {
+        "task_status": "COMPLETED_INDEX_BUILD",
+        "file_name": f"r_my.field_{data_type}.faiss",
+        "error_message": None,
+    }
+    raw = s3_client.get_object(Bucket=bucket, Key=f"{stem}.faiss")["Body"].read()
+    index = index_io.read(raw)
+    ids = np.arange(len(vectors), dtype=np.int64) * 2 + 1
+    np.testing.assert_array_equal(faiss.vector_to_array(index.id_map), ids)
+    base = blob_vectors if data_type == "binary" else blob_vectors.astype(np.float32)
+    minimum = 0.9 if data_type == "binary" else 0.95
+    assert recall_at_k(index, base, ids, base[:100], space) >= minimum
+
+
+def test_idempotent_concurrent_duplicates_conflicts_and_jobs_listing(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    store = GatedStore(object_store)
+    client = service(store=store)
+    upload(s3_client, bucket, "idx/dup", clustered(300, 16))
+    body = build_body(bucket, "idx/dup", 16, 300)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: client.post("/_build", json=body), range(32)))
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.json()["job_id"] for a in answers}) == 1
+    job_id = answers[0].json()["job_id"]
+
+    conflict = client.post("/_build", json={**body, "dimension": 32})
+    assert conflict.status_code == 409
+    assert "different build parameters" in conflict.json()["detail"]
+
+    listing = client.get("/_jobs")
+    assert listing.headers["content-type"] == "application/json"
+    jobs = listing.json()
+    assert isinstance(jobs, dict) and list(jobs) == [job_id]
+    assert jobs[job_id]["data_type"] == "float" and jobs[job_id]["attempt"] == 1
+    assert jobs[job_id]["vector_bytes"] == 300 * 16 * 4
+
+    store.gate.set()
+    assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+    assert client.post("/_build", json=body).json() == {"job_id": job_id}
+    assert len(client.get("/_jobs").json()) == 1
+
+
+def test_failed_job_reports_cause_and_a_new_request_retries(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str
+) -> None:
+    client = service()
+    body = build_body(bucket, "idx/missing", 16, 300)
+    job_id = client.post("/_build", json=body).json()["job_id"]
+    status = wait_terminal(client, job_id)
+    assert status["task_status"] == "FAILED_INDEX_BUILD" and status["file_name"] is None
+    assert bucket in status["error_message"] and "idx/missing.knnvec" in status["error_message"]
+    assert not s3_client.list_objects_v2(Bucket=bucket, Prefix="idx/missing").get("Contents")
+
+    upload(s3_client, bucket, "idx/missing", clustered(300, 16))
+    assert client.post("/_build", json=body).json() == {"job_id": job_id}
+    assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+    assert client.get("/_jobs").json()[job_id]["attempt"] == 2
+
+
+def test_validation_errors_name_the_field(service: Callable[..., TestClient], bucket: str) -> None:
+    client = service()
+    body = build_body(bucket, "idx/x", 16, 300)
+    response = client.post("/_build", json={**body, "doc_count": 3})
+    assert response.status_code == 422
+    assert [p["field"] for p in response.json()["detail"]] == ["doc_count"]
+    del body["vector_path"]
+    response = client.post("/_build", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "vector_path"
+    assert client.get("/_status/never-seen").status_code == 404
+
+
+def test_job_that_can_never_fit_gets_507_with_numbers(
+    service: Callable[..., TestClient], bucket: str
+) -> None:
+    client = service(cpu_memory_limit=256 * 1024**2)
+    response = client.post("/_build", json=build_body(bucket, "idx/big", 768, 1_000_000))
+    assert response.status_code == 507
+    detail = response.json()["detail"]
+    assert "GiB of host memory" in detail and "CPU_MEMORY_LIMIT is 0.25 GiB" in detail
+    assert client.get("/_jobs").json() == {}
+
+
+def test_jobs_that_do_not_fit_together_run_one_after_the_other(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str
+) -> None:
+    from remote_vector_index_builder.core import memory
+    from remote_vector_index_builder.core.params import BuildRequest
+
+    bodies = [build_body(bucket, f"idx/q{i}", 32, 20000) for i in range(2)]
+    for i in range(2):
+        upload(s3_client, bucket, f"idx/q{i}", clustered(20000, 32, seed=i))
+    client = service(max_workers=2)
+    runner = client.app.state.runner  # type: ignore[attr-defined]
+    one = runner.estimate(BuildRequest.model_validate(bodies[0])).host_bytes
+    runner.budget.host_limit = int(one * 1.5)  # fits one job, never two
+    assert one > memory.FIXED_OVERHEAD
+    ids = [client.post("/_build", json=b).json()["job_id"] for b in bodies]
+    for job_id in ids:
+        assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+    jobs = client.get("/_jobs").json()
+    first, second = sorted((jobs[i] for i in ids), key=lambda j: j["started_at"])
+    assert second["started_at"] >= first["finished_at"]
+
+
+def test_running_job_outlives_the_ttl_then_expires(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    clock = Clock()
+    store = GatedStore(object_store)
+    client = service(store=store, clock=clock, request_store_ttl_seconds=60)
+    upload(s3_client, bucket, "idx/slow", clustered(300, 16))
+    job_id = client.post("/_build", json=build_body(bucket, "idx/slow", 16, 300)).json()["job_id"]
+    assert store.waiting.acquire(timeout=10)
+    clock.now += 3600  # an hour-long build against a one-minute TTL
+    assert client.get(f"/_status/{job_id}").json()["task_status"] == "RUNNING_INDEX_BUILD"
+    store.gate.set()
+    assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+    clock.now += 59
+    assert client.get(f"/_status/{job_id}").status_code == 200
+    clock.now += 2
+    assert client.get(f"/_status/{job_id}").status_code == 404
+
+
+def test_basic_auth_when_configured(service: Callable[..., TestClient], bucket: str) -> None:
+    open_client = service()
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"x:y").decode()}
+    assert open_client.get("/_jobs", headers=wrong).status_code == 200
+
+    client = service(auth_username="admin", auth_password="s3cret")
+    good = {"Authorization": "Basic " + base64.b64encode(b"admin:s3cret").decode()}
+    assert client.get("/_heart_beat").status_code == 200
+    for method, path in (("GET", "/_jobs"), ("GET", "/_status/x"), ("POST", "/_build")):
+        response = client.request(method, path, json={})
+        assert response.status_code == 401, path
+        assert response.headers["www-authenticate"].startswith("Basic")
+        assert client.request(method, path, json={}, headers=wrong).status_code == 401
+    assert client.get("/_jobs", headers=good).status_code == 200
+    assert client.get("/_status/x", headers=good).status_code == 404
+
+
+def test_bucket_allow_list(service: Callable[..., TestClient], bucket: str) -> None:
+    client = service(allowed_buckets="some-other-bucket")
+    response = client.post("/_build", json=build_body(bucket, "idx/a", 16, 300))
+    assert response.status_code == 403 and "allow-list" in response.json()["detail"]
+
+
+@contextmanager
+def started_service(s3_config: S3Config, store: ObjectStore, **kw: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(s3_config, **kw), Overrides(object_store=store))) as c:
+        yield c
+
+
+def test_shutdown_fails_queued_and_overdue_jobs_with_a_clear_message(
+    s3_config: S3Config, s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    store = GatedStore(object_store)
+    for i in range(3):
+        upload(s3_client, bucket, f"idx/s{i}", clustered(300, 16))
+    with started_service(s3_config, store, max_workers=1, shutdown_grace_seconds=0.2) as client:
+        ids = [
+            client.post("/_build", json=build_body(bucket, f"idx/s{i}", 16, 300)).json()["job_id"]
+            for i in range(3)
+        ]
+        assert store.waiting.acquire(timeout=10)  # the first job holds the only worker
+        jobs = client.app.state.jobs  # type: ignore[attr-defined]
+    # The lifespan has ended: nothing is left running or silently dropped.
+    try:
+        states = [jobs.get(i).status_body() for i in ids]
+        assert all(s["task_status"] == "FAILED_INDEX_BUILD" for s in states)
+        assert all("shut down before this build finished" in s["error_message"] for s in states)
+        assert jobs.active() == []
+    finally:
+        store.gate.set()
+
+
+def test_heart_beat_reports_readiness(service: Callable[..., TestClient]) -> None:
+    client = service(cpu_memory_limit=8 * 1024**3)
+    beat = client.get("/_heart_beat").json()
+    assert beat["status"] == "alive" and beat["ready"] is True and beat["device"] == "cpu"
+    assert beat["memory"]["host_limit_bytes"] == 8 * 1024**3
+    assert client.get("/_ready").json() == {"ready": True}
