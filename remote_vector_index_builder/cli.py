@@ -34,7 +34,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="local S3 + service + a real build of the shipped sample, with a report"
     )
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="--exit, --port N")
+    demo.add_argument("--exit", action="store_true", help="stop after the report")
+    demo.add_argument("--port", type=int, help="service port (default: a free one)")
 
     build = sub.add_parser("build", help="one build: download, build, upload, report")
     build.add_argument("--bucket", required=True, help="bucket holding the blobs")
@@ -137,11 +138,12 @@ def _run_build(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    if args.command == "demo":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
         from remote_vector_index_builder import demo
 
-        return demo.main(args.demo_args)
+        return demo.main(argv[1:])
+    args = _build_parser().parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.command == "serve":
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}

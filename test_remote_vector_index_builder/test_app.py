@@ -361,3 +361,35 @@ def test_heart_beat_reports_readiness(service: Callable[..., TestClient]) -> Non
     assert beat["status"] == "alive" and beat["ready"] is True and beat["device"] == "cpu"
     assert beat["memory"]["host_limit_bytes"] == 8 * 1024**3
     assert client.get("/_ready").json() == {"ready": True}
+
+
+def test_build_over_the_time_limit_fails_and_service_reports_unready(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    clock = Clock()
+    store = GatedStore(object_store)
+    client = service(store=store, clock=clock, job_time_limit_seconds=600)
+    upload(s3_client, bucket, "idx/stuck", clustered(300, 16))
+    upload(s3_client, bucket, "idx/next", clustered(300, 16))
+    job_id = client.post("/_build", json=build_body(bucket, "idx/stuck", 16, 300)).json()["job_id"]
+    assert store.waiting.acquire(timeout=10)
+    runner = client.app.state.runner  # type: ignore[attr-defined]
+    assert runner.check_time_limits() == []
+    clock.now += 601
+    assert [j.id for j in runner.check_time_limits()] == [job_id]
+    status = client.get(f"/_status/{job_id}").json()
+    assert status["task_status"] == "FAILED_INDEX_BUILD"
+    assert "exceeded the time limit of 600 s" in status["error_message"]
+    assert client.get("/_ready").status_code == 503
+    assert client.get("/_heart_beat").json()["ready"] is False
+    # The stuck thread notices the cancellation once it moves on; other jobs still run.
+    store.gate.set()
+    next_id = client.post("/_build", json=build_body(bucket, "idx/next", 16, 300)).json()["job_id"]
+    assert wait_terminal(client, next_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+    idle = threading.Event()
+    for _ in range(1000):
+        if runner.busy() == 0:
+            break
+        idle.wait(0.01)
+    assert runner.busy() == 0
+    assert not s3_client.list_objects_v2(Bucket=bucket, Prefix="idx/stuck.faiss").get("Contents")

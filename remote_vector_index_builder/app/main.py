@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -101,6 +100,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 upload_buffer_bytes=s3_config.part_size * (s3_config.concurrency + 1),
                 add_batch_rows=settings.add_batch_rows,
                 on_gpu=on_gpu,
+                time_limit_s=settings.job_time_limit_seconds,
             ),
             jobs,
             store,
@@ -112,7 +112,6 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         app.state.jobs = jobs
         app.state.runner = runner
         app.state.credentials = load_credentials(settings)
-        app.state.unhealthy = threading.Event()
         log.info(
             "serving with %d %s workers, host memory limit %.1f GiB",
             runner.config.max_workers,

@@ -139,10 +139,10 @@ def list_jobs(jobs: JobsDep) -> dict[str, dict[str, Any]]:
 
 
 @router.get("/_heart_beat")
-def heart_beat(request: Request, runner: RunnerDep, settings: SettingsDep) -> dict[str, Any]:
+def heart_beat(runner: RunnerDep) -> dict[str, Any]:
     """Liveness (always 200 while the process serves) plus readiness facts."""
     budget = runner.budget
-    ready = runner.accepting and not request.app.state.unhealthy.is_set()
+    ready = runner.accepting and not runner.unhealthy.is_set()
     return {
         "status": "alive",
         "ready": ready,
@@ -159,11 +159,11 @@ def heart_beat(request: Request, runner: RunnerDep, settings: SettingsDep) -> di
 
 
 @router.get("/_ready", responses={503: {"model": ErrorResponse}})
-def ready(request: Request, runner: RunnerDep) -> dict[str, bool]:
+def ready(runner: RunnerDep) -> dict[str, bool]:
     """200 when builds can be accepted, 503 otherwise (for orchestrator probes)."""
     if not runner.accepting:
         raise ServiceUnavailableError("shutting down")
-    if request.app.state.unhealthy.is_set():
+    if runner.unhealthy.is_set():
         raise ServiceUnavailableError(
             "a build exceeded RVIB_JOB_TIME_LIMIT_SECONDS and its thread cannot be reclaimed; "
             "restart this service"

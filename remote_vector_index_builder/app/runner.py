@@ -125,6 +125,9 @@ class RunnerConfig:
     upload_buffer_bytes: int
     add_batch_rows: int
     on_gpu: bool
+    time_limit_s: float | None = None
+    # How often the watchdog looks for builds over the time limit (wall time).
+    watchdog_interval_s: float = 1.0
 
 
 class Runner:
@@ -147,6 +150,16 @@ class Runner:
         self._pool = ThreadPoolExecutor(config.max_workers, thread_name_prefix="build")
         self._futures: dict[str, Future[None]] = {}
         self._lock = threading.Lock()
+        # Set when a build overran its time limit: its thread cannot be killed,
+        # so the service reports itself unready for an orchestrator to restart it.
+        self.unhealthy = threading.Event()
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        if config.time_limit_s is not None:
+            self._watchdog = threading.Thread(
+                target=self._watch, name="build-watchdog", daemon=True
+            )
+            self._watchdog.start()
 
     def estimate(self, request: BuildRequest) -> memory.MemoryEstimate:
         return memory.estimate(
@@ -242,12 +255,39 @@ class Runner:
         if future is not None and future.cancel():
             self.record(job, CancelledError(CANCELLED_MESSAGE))
 
+    def check_time_limits(self) -> list[Job]:
+        """Fail running builds older than the time limit; returns the jobs it failed."""
+        limit = self.config.time_limit_s
+        if limit is None:
+            return []
+        now = self.clock()
+        overdue = [
+            job
+            for job in self.jobs.active()
+            if job.started_at is not None and now - job.started_at > limit
+        ]
+        for job in overdue:
+            job.cancel_requested.set()
+            message = (
+                f"the build exceeded the time limit of {limit:.0f} s "
+                "(RVIB_JOB_TIME_LIMIT_SECONDS) and was stopped"
+            )
+            if self.jobs.finish(job, JobState.FAILED, error=message):
+                log.error("job %s: %s", job.id, message)
+                self.unhealthy.set()
+        return overdue
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.config.watchdog_interval_s):
+            self.check_time_limits()
+
     def busy(self) -> int:
         with self._lock:
             return len(self._futures)
 
     def shutdown(self, grace_seconds: float) -> None:
         """Stop accepting, let running builds finish within the grace period, fail the rest."""
+        self._stopping.set()
         with self._lock:
             self.accepting = False
             futures = dict(self._futures)
