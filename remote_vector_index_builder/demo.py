@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
@@ -69,7 +70,20 @@ class LocalS3:
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 60.0) -> LocalS3:
+    def start(self, timeout_s: float = 30.0, attempts: int = 3) -> LocalS3:
+        """Start the server; ports are re-drawn when another process took one first."""
+        problem = ""
+        for _ in range(attempts):
+            problem = self._start_once(timeout_s)
+            if not problem:
+                return self
+            self._terminate()
+            self.port = _free_port_pair()
+            self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.stop()
+        raise RuntimeError(f"SeaweedFS did not start: {problem}")
+
+    def _start_once(self, timeout_s: float) -> str:
         ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "webdav")}
         command = [
             _weed_binary(),
@@ -95,16 +109,17 @@ class LocalS3:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited early; see {log_path}")
+                return "exited early: " + log_path.read_text(errors="replace")[-1000:]
             try:
                 with urllib.request.urlopen(self.endpoint_url, timeout=1):
-                    return self
+                    return ""
+            except urllib.error.HTTPError:
+                return ""  # any HTTP answer (403 when credentials are configured) means up
             except OSError:
                 time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"SeaweedFS did not answer within {timeout_s}s; see {log_path}")
+        return f"no answer within {timeout_s}s: " + log_path.read_text(errors="replace")[-1000:]
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:
@@ -113,6 +128,9 @@ class LocalS3:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+
+    def stop(self) -> None:
+        self._terminate()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -16,7 +15,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from remote_vector_index_builder.app.main import Overrides, create_app
-from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core import index_io
 from remote_vector_index_builder.core.object_store import (
     ObjectInfo,
@@ -25,6 +23,7 @@ from remote_vector_index_builder.core.object_store import (
     S3ObjectStore,
     Upload,
 )
+from test_remote_vector_index_builder.conftest import Clock, make_settings
 from test_remote_vector_index_builder.data import (
     clustered,
     doc_id_blob,
@@ -36,14 +35,6 @@ from test_remote_vector_index_builder.data import (
 )
 
 STATUS_KEYS = {"task_status", "file_name", "error_message"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class GatedStore:
@@ -70,40 +61,6 @@ class GatedStore:
 
     def upload_file(self, *args: Any, **kwargs: Any) -> int:
         return self.inner.upload_file(*args, **kwargs)
-
-
-def make_settings(s3_config: S3Config, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "s3_endpoint_url": s3_config.endpoint_url,
-        "s3_path_style": True,
-        "s3_part_size": s3_config.part_size,
-        "device": "cpu",
-        "max_workers": 2,
-        "shutdown_grace_seconds": 5,
-        "omp_threads": 2,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
-
-
-@pytest.fixture
-def service(s3_config: S3Config) -> Iterator[Callable[..., Any]]:
-    """Factory: ``service(store=..., clock=..., **settings)`` -> running TestClient."""
-    clients: list[TestClient] = []
-
-    def start(store: ObjectStore | None = None, clock: Clock | None = None, **kw: Any) -> Any:
-        app = create_app(
-            make_settings(s3_config, **kw),
-            Overrides(object_store=store, clock=clock or time.time),
-        )
-        client = TestClient(app)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield start
-    for client in clients:
-        client.__exit__(None, None, None)
 
 
 def upload(s3_client: Any, bucket: str, stem: str, vectors: np.ndarray) -> None:

@@ -172,3 +172,26 @@ def test_progress_counts_every_vector_and_can_cancel() -> None:
 
     with pytest.raises(CancelledError):
         CpuBuilder(add_batch_rows=256).build(request, data, progress=cancel)
+
+
+@pytest.mark.parametrize("data_type", ["float", "half_float", "byte", "binary"])
+def test_storage_is_allocated_once_for_batched_adds(data_type: str) -> None:
+    from remote_vector_index_builder.core.cpu_builder import _inner_index, reserve_storage
+
+    dim = 64
+    space = "hamming" if data_type == "binary" else "l2"
+    request = make_request(data_type, space, dim, 1000)
+    inner = _inner_index(request)
+    reserve_storage(inner, 1000)
+    binary = data_type == "binary"
+    storage = (
+        faiss.downcast_IndexBinary(inner.storage) if binary else faiss.downcast_index(inner.storage)
+    )
+    codes = storage.xb if binary else storage.codes
+    vectors = clustered(1000, dim)
+    rows = to_binary(vectors) if binary else vectors
+    inner.add(rows[:10])
+    first = codes.data()
+    for start in range(10, 1000, 330):
+        inner.add(rows[start : start + 330])
+    assert inner.ntotal == 1000 and codes.data() == first  # never reallocated

@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from remote_vector_index_builder.core import dataset as dataset_stage
-from remote_vector_index_builder.core import index_io
+from remote_vector_index_builder.core import index_io, memory
 from remote_vector_index_builder.core.builder import IndexBuilder
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import ObjectStore
@@ -36,18 +36,9 @@ class Stage(StrEnum):
     UPLOAD = "upload"
 
 
-class Tracker:
-    """Receives stage changes and progress; the service subclasses it.
-
-    ``advance`` is called from worker threads (transfers) and may raise
-    ``CancelledError`` to stop the job at the next batch or part boundary.
-    """
-
-    def stage(self, stage: Stage, total: int) -> None:
-        """``stage`` starts; ``total`` units (bytes or vectors) are expected."""
-
-    def advance(self, amount: int) -> None:
-        """``amount`` more units of the current stage are done."""
+def stage_unit(stage: Stage) -> str:
+    """What a stage's progress counts: vectors for parse and build, bytes otherwise."""
+    return "vectors" if stage in (Stage.PARSE, Stage.BUILD) else "bytes"
 
 
 @dataclass
@@ -60,6 +51,76 @@ class StageTiming:
     @property
     def mb_per_s(self) -> float:
         return self.nbytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+class Tracker:
+    """Receives stage changes and progress; the service and the CLI subclass it.
+
+    ``advance`` is called from worker threads (transfers) and may raise
+    ``CancelledError`` to stop the job at the next batch or part boundary.
+    """
+
+    def stage(self, stage: Stage, total: int) -> None:
+        """``stage`` starts; ``total`` units (bytes or vectors) are expected.
+
+        The total of the serialized index is an estimate (its size is known only
+        once written); ``stage_finished`` follows with the real byte count.
+        """
+
+    def advance(self, amount: int) -> None:
+        """``amount`` more units of the current stage are done."""
+
+    def stage_finished(self, stage: Stage, timing: StageTiming) -> None:
+        """``stage`` completed (not called when it raised)."""
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    """Where a stage stands, for progress displays; ``total`` may be an estimate."""
+
+    stage: Stage
+    done: int
+    total: int
+    elapsed_s: float
+
+    @property
+    def unit(self) -> str:
+        return stage_unit(self.stage)
+
+    @property
+    def percent(self) -> float | None:
+        """Capped at 100: an estimated total may be passed before the stage ends."""
+        if self.total <= 0:
+            return None
+        return min(100.0, 100.0 * self.done / self.total)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the stage's average rate so far; None before the first unit."""
+        if self.total <= 0 or self.done <= 0 or self.elapsed_s <= 0:
+            return None
+        return max(0, self.total - self.done) * self.elapsed_s / self.done
+
+
+def serialized_bytes_estimate(request: BuildRequest) -> int:
+    """About the size of the index file: the total of the serialize/upload progress."""
+    size = memory.index_bytes(request)
+    if request.skip_stored_vectors:
+        size -= int(request.doc_count * memory.storage_bytes_per_vector(request))
+    return max(size, 1)
+
+
+class _ReportingSink:
+    """A sink that reports each write's size: serialization progress (and a cancel point)."""
+
+    def __init__(self, sink: index_io.Sink, progress: Callable[[int], None]) -> None:
+        self.sink = sink
+        self.progress = progress
+
+    def write(self, data: bytes) -> int:
+        written = self.sink.write(data)
+        self.progress(len(data))
+        return written
 
 
 @dataclass
@@ -76,7 +137,19 @@ class BuildResult:
 
 
 def peak_rss_bytes() -> int:
-    """Process-wide high-water mark of resident memory (Linux reports KiB)."""
+    """High-water mark of this process's resident memory.
+
+    Linux's ``VmHWM`` starts afresh at exec; ``ru_maxrss`` does not (a child
+    started by a large parent reports the parent's peak), so it is only the
+    fallback where ``/proc`` is missing.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -87,13 +160,14 @@ class _Timer:
 
     def measure(self, stage: Stage, total: int, label: str | None = None) -> _Span:
         self.tracker.stage(stage, total)
-        log.info("stage %s started (%d units)", stage.value, total)
-        return _Span(self, label or stage.value)
+        log.info("stage %s started (%d %s)", stage.value, total, stage_unit(stage))
+        return _Span(self, stage, label or stage.value)
 
 
 class _Span:
-    def __init__(self, timer: _Timer, label: str) -> None:
+    def __init__(self, timer: _Timer, stage: Stage, label: str) -> None:
         self.timer = timer
+        self.stage = stage
         self.label = label
         self.nbytes = 0
 
@@ -108,7 +182,14 @@ class _Span:
             self.label, time.perf_counter() - self.start, self.nbytes, peak_rss_bytes()
         )
         self.timer.result.stages.append(timing)
-        log.info("stage %s done in %.3fs (%d bytes)", timing.stage, timing.seconds, timing.nbytes)
+        log.info(
+            "stage %s done in %.3fs (%d bytes)",
+            timing.stage,
+            timing.seconds,
+            timing.nbytes,
+            extra={"duration_s": round(timing.seconds, 6)},
+        )
+        self.timer.tracker.stage_finished(self.stage, timing)
 
 
 def run(
@@ -165,8 +246,9 @@ def run(
     del data
 
     sse_key = vector_info.sse_kms_key_id
+    index_size = serialized_bytes_estimate(request)
     if mode is SerializationMode.MEMORY:
-        with timer.measure(Stage.UPLOAD, 0, "serialize+upload") as span:
+        with timer.measure(Stage.UPLOAD, index_size, "serialize+upload") as span:
             upload = store.open_upload(
                 bucket, request.index_key, sse_kms_key_id=sse_key, progress=advance
             )
@@ -177,8 +259,9 @@ def run(
         del index
     else:
         with index_io.temporary_index_file(tmp_dir) as path:
-            with timer.measure(Stage.SERIALIZE, 0) as span, path.open("wb") as file:
-                span.nbytes = index_io.write(index, file, skip_storage=request.skip_stored_vectors)
+            with timer.measure(Stage.SERIALIZE, index_size) as span, path.open("wb") as file:
+                sink = _ReportingSink(file, advance)
+                span.nbytes = index_io.write(index, sink, skip_storage=request.skip_stored_vectors)
             del index
             with timer.measure(Stage.UPLOAD, span.nbytes) as span:
                 span.nbytes = store.upload_file(
