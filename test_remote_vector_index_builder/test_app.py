@@ -350,3 +350,29 @@ def test_build_over_the_time_limit_fails_and_service_reports_unready(
         idle.wait(0.01)
     assert runner.busy() == 0
     assert not s3_client.list_objects_v2(Bucket=bucket, Prefix="idx/stuck.faiss").get("Contents")
+
+
+def test_store_full_of_active_jobs_answers_429_with_retry_after(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    store = GatedStore(object_store)
+    client = service(store=store, request_store_max_size=2, max_workers=1)
+    try:
+        for i in range(2):
+            body = build_body(bucket, f"idx/full{i}", 16, 300)
+            assert client.post("/_build", json=body).status_code == 200
+        response = client.post("/_build", json=build_body(bucket, "idx/full2", 16, 300))
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "5"
+        assert "REQUEST_STORE_MAX_SIZE" in response.json()["detail"]
+    finally:
+        store.gate.set()
+
+
+def test_credentials_from_a_file(service: Callable[..., TestClient], tmp_path: Any) -> None:
+    secret = tmp_path / "auth"
+    secret.write_text("builder:pa:ss\n")
+    client = service(auth_file=str(secret))
+    good = {"Authorization": "Basic " + base64.b64encode(b"builder:pa:ss").decode()}
+    assert client.get("/_jobs").status_code == 401
+    assert client.get("/_jobs", headers=good).status_code == 200
