@@ -98,3 +98,24 @@ def test_non_finite_and_fp16_overflow_are_rejected() -> None:
 def test_to_fp16_matches_numpy_cast() -> None:
     vectors = clustered(100, 8)
     np.testing.assert_array_equal(dataset.to_fp16(vectors, rows=7), vectors.astype(np.float16))
+
+
+def test_release_returns_whole_pages_of_consumed_rows_only() -> None:
+    from remote_vector_index_builder.core.object_store import _page_buffer
+
+    dim = 777  # rows straddle page boundaries
+    vectors = clustered(3000, dim)
+    buffer = _page_buffer(vectors.nbytes)
+    buffer[:] = np.frombuffer(vector_blob(vectors), dtype=np.uint8)
+    ids = as_buffer(doc_id_blob(np.arange(3000)))
+    parsed = dataset.parse(request(dimension=dim, doc_count=3000), buffer, ids)
+    parsed.release(1000, 2000)
+    # Rows 1000..1999 lie in released pages except where they share a page with kept rows.
+    np.testing.assert_array_equal(parsed.vectors[:1000], vectors[:1000])
+    np.testing.assert_array_equal(parsed.vectors[2000:], vectors[2000:])
+    assert not parsed.vectors[1002:1998].any()
+    # Buffers that are not an anonymous mapping are left alone.
+    plain = dataset.parse(request(), as_buffer(vector_blob(clustered(50, 16))), ids[:200])
+    before = plain.vectors.copy()
+    plain.release(0, 50)
+    np.testing.assert_array_equal(plain.vectors, before)

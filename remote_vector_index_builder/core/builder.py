@@ -46,8 +46,19 @@ class BuilderOptions:
 class IndexBuilder(Protocol):
     name: str
 
+    def prepare(self, request: BuildRequest) -> Any:
+        """Allocate, before the blobs are downloaded, what ``build`` will fill.
+
+        Whatever it returns is handed to ``build`` as ``prepared``; a builder
+        with nothing to set up early returns None.
+        """
+
     def build(
-        self, request: BuildRequest, dataset: Dataset, progress: Progress | None = None
+        self,
+        request: BuildRequest,
+        dataset: Dataset,
+        progress: Progress | None = None,
+        prepared: Any = None,
     ) -> FaissIndex: ...
 
 

@@ -13,6 +13,9 @@ skip storage    ``IHc2``               ``null`` (see ``index_io``)
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import faiss
 import numpy as np
 
@@ -45,14 +48,32 @@ def _inner_index(request: BuildRequest) -> FaissIndex:
     return inner
 
 
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def _uncommit(address: int, length: int) -> None:
+    """Hand back the whole pages in ``[address, address + length)``; they read as zeros."""
+    page = mmap.PAGESIZE
+    first = -(-address // page) * page
+    last = ((address + length) // page) * page
+    if last > first:
+        _libc().madvise(first, last - first, mmap.MADV_DONTNEED)
+
+
 def reserve_storage(inner: FaissIndex, rows: int) -> None:
-    """Give the vector storage its final capacity before the batched adds.
+    """Give the vector storage its final capacity, uncommitted, before the batched adds.
 
     Each ``add`` grows the storage's byte vector; when it reallocates, old and
-    new buffers coexist. Growing to the final size once and shrinking back keeps
-    the capacity (``std::vector`` never releases it on ``resize``), so batches
-    fill it in place: at 100k x 768 float this cut the build's peak by 180 MB
-    (the old buffer at the last reallocation) and cost nothing in time.
+    new buffers coexist (at 100k x 768 float: 180 MB more at the peak). Growing
+    to the final size once and shrinking back keeps the capacity, since
+    ``std::vector`` never releases it on ``resize``. The growth zero-fills, so
+    the pages are handed back right away: they are committed again batch by
+    batch as Faiss copies vectors in, while ``Dataset.release`` returns the
+    matching pages of the downloaded blob. The build thus never holds the raw
+    vectors and their copy in full at the same time.
     """
     storage = (
         faiss.downcast_IndexBinary(inner.storage)
@@ -60,7 +81,11 @@ def reserve_storage(inner: FaissIndex, rows: int) -> None:
         else faiss.downcast_index(inner.storage)
     )
     codes = storage.xb if isinstance(inner, faiss.IndexBinary) else storage.codes
-    codes.resize(rows * storage.code_size)
+    nbytes = rows * storage.code_size
+    codes.resize(nbytes)
+    if nbytes:
+        # Pages wholly inside our own vector's buffer: nothing else lives there.
+        _uncommit(faiss.rev_swig_ptr(codes.data(), nbytes).ctypes.data, nbytes)
     codes.resize(0)
 
 
@@ -75,12 +100,25 @@ class CpuBuilder:
     def __init__(self, add_batch_rows: int = 32768) -> None:
         self.add_batch_rows = add_batch_rows
 
+    def prepare(self, request: BuildRequest) -> FaissIndex:
+        """The empty inner index with its storage reserved (see ``reserve_storage``).
+
+        Reserving touches the storage's pages once before handing them back;
+        doing it before the download keeps that moment off the build's peak.
+        """
+        inner = _inner_index(request)
+        reserve_storage(inner, request.doc_count)
+        return inner
+
     def build(
-        self, request: BuildRequest, dataset: Dataset, progress: Progress | None = None
+        self,
+        request: BuildRequest,
+        dataset: Dataset,
+        progress: Progress | None = None,
+        prepared: FaissIndex | None = None,
     ) -> FaissIndex:
         binary = request.data_type is DataType.BINARY
-        inner = _inner_index(request)
-        reserve_storage(inner, dataset.count)
+        inner = prepared if prepared is not None else self.prepare(request)
         index = id_mapped(inner, binary)
         ids = ids_as_int64(dataset.doc_ids)
         try:
@@ -89,6 +127,7 @@ class CpuBuilder:
                 # batch of int8 at a time bounds the 4x temporary.
                 rows = batch if binary or batch.dtype == np.float32 else batch.astype(np.float32)
                 index.add_with_ids(rows, ids[start : start + len(rows)])
+                dataset.release(start, start + len(rows))
                 if progress is not None:
                     progress(len(rows))
         except RuntimeError as exc:

@@ -8,6 +8,7 @@ views over the downloaded buffers, so a multi-GB segment exists once in memory.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,10 +40,40 @@ class Dataset:
     def count(self) -> int:
         return int(self.vectors.shape[0])
 
+    def release(self, start: int, stop: int) -> None:
+        """Return the pages of rows ``[start, stop)`` to the OS; they read as zeros after.
+
+        Only when the vectors live in an anonymous mapping (what the object
+        store downloads into); otherwise nothing happens. The builder calls it
+        for rows the index has already copied, so the raw blob and the index
+        do not both exist in full at the end of a build.
+        """
+        mapping, root = _mapping_of(self.vectors)
+        if mapping is None or stop <= start:
+            return
+        row_bytes = self.vectors.strides[0]
+        offset = self.vectors.ctypes.data - root.ctypes.data
+        first = offset + start * row_bytes
+        last = offset + stop * row_bytes
+        page = mmap.PAGESIZE
+        first_page = -(-first // page) * page
+        last_page = (last // page) * page
+        if last_page > first_page:
+            mapping.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+
     def batches(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start_row, view)`` slices of at most ``rows`` rows."""
         for start in range(0, self.count, rows):
             yield start, self.vectors[start : start + rows]
+
+
+def _mapping_of(array: np.ndarray) -> tuple[mmap.mmap | None, np.ndarray]:
+    """The anonymous mapping under ``array`` and the array directly over it."""
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    owner = root.base.obj if isinstance(root.base, memoryview) else root.base
+    return (owner if isinstance(owner, mmap.mmap) else None), root
 
 
 def _check_size(what: str, actual: int, expected: int, formula: str, key: str) -> None:

@@ -298,8 +298,15 @@ class GpuBuilder:
         self.fallback = fallback
         self.device = device
 
+    def prepare(self, request: BuildRequest) -> None:
+        """The GPU allocates during ``train``; nothing to set up before the download."""
+
     def build(
-        self, request: BuildRequest, dataset: Dataset, progress: Progress | None = None
+        self,
+        request: BuildRequest,
+        dataset: Dataset,
+        progress: Progress | None = None,
+        prepared: Any = None,
     ) -> FaissIndex:
         # CAGRA builds in one call with no progress callback: a cancellation is observed
         # only before the GPU starts and after the conversion.

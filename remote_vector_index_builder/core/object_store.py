@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import mmap
 import os
 import queue
 import random
@@ -103,15 +104,21 @@ class S3Config(BaseModel):
         return max(MIN_CONCURRENCY, min(MAX_CONCURRENCY, wanted))
 
 
-def make_s3_client(config: S3Config) -> S3Client:
+def make_s3_client(config: S3Config, concurrent_jobs: int = 1) -> S3Client:
+    """One client for the process; ``concurrent_jobs`` builds may transfer at once."""
     extra: dict[str, Any] = {}
     if config.path_style:
         extra["s3"] = {"addressing_style": "path"}
     if config.unsigned:
         extra["signature_version"] = UNSIGNED
     botocore_config = Config(
-        max_pool_connections=config.concurrency + _SPARE_CONNECTIONS,
-        retries={"mode": "standard", "total_max_attempts": config.max_attempts},
+        # Each job's transfers open up to ``concurrency`` connections; a smaller pool
+        # makes urllib3 drop and re-open connections for the jobs that share it.
+        max_pool_connections=config.concurrency * concurrent_jobs + _SPARE_CONNECTIONS,
+        # One attempt per botocore call: ``S3ObjectStore._call`` owns every retry, so
+        # max_attempts bounds the attempts (botocore's retries inside ours multiplied
+        # them: 3 x 3 GETs for max_attempts 3) and all backoff goes through one sleep.
+        retries={"mode": "standard", "total_max_attempts": 1},
         connect_timeout=config.connect_timeout_s,
         read_timeout=config.read_timeout_s,
         tcp_keepalive=True,
@@ -265,6 +272,21 @@ def _translate(exc: Exception, where: str, attempts: int) -> ObjectStoreError:
     )
 
 
+def _page_buffer(size: int) -> np.ndarray:
+    """A writable buffer in an anonymous mapping of its own.
+
+    Unlike ``np.empty``, its pages can be handed back to the OS while the array
+    lives (``dataset.Dataset.release``), so the builder frees the raw vectors
+    batch by batch as the index copies them.
+    """
+    if size == 0:
+        return np.empty(0, dtype=np.uint8)
+    # Private, not mmap's default shared mapping: dropping pages of a shared one
+    # only unmaps them while the memory itself stays allocated.
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(mapping, dtype=np.uint8)
+
+
 class S3ObjectStore:
     def __init__(self, client: S3Client, config: S3Config, *, sleep: Sleep = time.sleep) -> None:
         self._client = client
@@ -328,7 +350,7 @@ class S3ObjectStore:
             raise DatasetError(
                 f"object s3://{bucket}/{key} holds {info.size} bytes, expected {expected_size}"
             )
-        buffer = np.empty(info.size, dtype=np.uint8)
+        buffer = _page_buffer(info.size)
         target, report, stop = buffer.data, _serialized(progress), threading.Event()
         ranged = info.size > self._config.part_size
 
@@ -560,13 +582,15 @@ class _S3Upload:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._upload_id is None:
             return
+        abort = self._client.abort_multipart_upload
         try:
-            self._client.abort_multipart_upload(**self._object, UploadId=self._upload_id)
-        except bce.ClientError as exc:
-            if _code(exc) != "NoSuchUpload":
-                raise _translate(exc, f"abort of {self._where}", 1) from exc
-        except (bce.BotoCoreError, OSError) as exc:
-            raise _translate(exc, f"abort of {self._where}", 1) from exc
+            # Retried like any call: a throttled abort would leave the parts behind.
+            where = f"abort of {self._where}"
+            self._store._call(where, abort, **self._object, UploadId=self._upload_id)
+        except ObjectStoreError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, bce.ClientError) and _code(cause) == "NoSuchUpload"):
+                raise
 
     def _abort_quietly(self) -> None:
         # The error that made us abort matters more than a failed clean-up.

@@ -221,6 +221,8 @@ def run(
         vector_info = store.head(bucket, request.vector_path)
         doc_id_info = store.head(bucket, request.doc_id_path)
         dataset_stage.check_sizes(request, vector_info.size, doc_id_info.size)
+        # Before the blobs arrive: the builder's set-up peak must not stack on them.
+        prepared = builder.prepare(request)
         vector_blob = store.download(
             bucket, request.vector_path, expected_size=request.vector_blob_bytes, progress=advance
         )
@@ -240,7 +242,7 @@ def run(
 
     with timer.measure(Stage.BUILD, request.doc_count) as span:
         span.nbytes = data.vectors.nbytes
-        index = builder.build(request, data, progress=advance)
+        index = builder.build(request, data, progress=advance, prepared=prepared)
     # The index owns a copy of the vectors: release the downloaded buffer now,
     # before serialization needs memory of its own.
     del data
