@@ -259,7 +259,16 @@ class RecordingBuilder:
     def __init__(self) -> None:
         self.calls = 0
 
-    def build(self, request: BuildRequest, data: dataset.Dataset, progress: Any = None) -> Any:
+    def prepare(self, request: BuildRequest) -> None:
+        return None
+
+    def build(
+        self,
+        request: BuildRequest,
+        data: dataset.Dataset,
+        progress: Any = None,
+        prepared: Any = None,
+    ) -> Any:
         self.calls += 1
         return None
 
