@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from fastapi.testclient import TestClient
 from moto.server import ThreadedMotoServer
 
+from remote_vector_index_builder.app.main import Overrides, create_app
+from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.core.builder import IndexBuilder
 from remote_vector_index_builder.core.object_store import (
     MIB,
+    ObjectStore,
     S3Config,
     S3ObjectStore,
     make_s3_client,
@@ -102,3 +108,55 @@ def bucket(s3_client: S3Client) -> str:
     name = f"rvib-test-{uuid.uuid4().hex[:16]}"
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+# --------------------------------------------------------------------------------------
+# The service: the real app with its lifespan, on the local S3 server
+# --------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_settings(s3_config: S3Config, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "s3_endpoint_url": s3_config.endpoint_url,
+        "s3_path_style": True,
+        "s3_part_size": s3_config.part_size,
+        "device": "cpu",
+        "max_workers": 2,
+        "shutdown_grace_seconds": 5,
+        "omp_threads": 2,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def service(s3_config: S3Config) -> Iterator[Callable[..., Any]]:
+    """Factory: ``service(store=..., clock=..., builder=..., **settings)`` -> running TestClient."""
+    clients: list[TestClient] = []
+
+    def start(
+        store: ObjectStore | None = None,
+        clock: Clock | None = None,
+        builder: IndexBuilder | None = None,
+        **kw: Any,
+    ) -> Any:
+        app = create_app(
+            make_settings(s3_config, **kw),
+            Overrides(object_store=store, builder=builder, clock=clock or time.time),
+        )
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)

@@ -359,6 +359,7 @@ def test_store_full_of_active_jobs_answers_429_with_retry_after(
     client = service(store=store, request_store_max_size=2, max_workers=1)
     try:
         for i in range(2):
+            upload(s3_client, bucket, f"idx/full{i}", clustered(300, 16))
             body = build_body(bucket, f"idx/full{i}", 16, 300)
             assert client.post("/_build", json=body).status_code == 200
         response = client.post("/_build", json=build_body(bucket, "idx/full2", 16, 300))

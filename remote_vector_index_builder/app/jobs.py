@@ -25,6 +25,7 @@ from remote_vector_index_builder.core.errors import (
     StoreFullError,
 )
 from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.workflow import Stage, StageProgress, stage_unit
 
 Clock = Callable[[], float]
 
@@ -43,6 +44,16 @@ class JobState(StrEnum):
     @property
     def terminal(self) -> bool:
         return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+STAGE_STATES = {
+    Stage.DOWNLOAD: JobState.DOWNLOADING,
+    Stage.PARSE: JobState.PARSING,
+    Stage.BUILD: JobState.BUILDING,
+    Stage.SERIALIZE: JobState.SERIALIZING,
+    Stage.UPLOAD: JobState.UPLOADING,
+}
+_STATE_STAGES = {state: stage for stage, state in STAGE_STATES.items()}
 
 
 class TaskStatus(StrEnum):
@@ -65,13 +76,54 @@ class Job:
     file_name: str | None = None
     error: str | None = None
     device: str | None = None
-    # Progress of the current stage, in its own units (bytes or vectors).
+    index_bytes: int | None = None
+    # Progress of the current stage, in its own units (bytes or vectors); written
+    # by the build thread and read by the endpoints, both under ``_lock``.
     stage_total: int = 0
     stage_done: int = 0
     stage_started_at: float | None = None
     stage_times: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     reserved_bytes: int = 0
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def start_stage(self, stage: Stage, total: int, now: float) -> bool:
+        """Enter ``stage``; False if the job already ended (a stopped build must not revive it)."""
+        with self._lock:
+            if self.state.terminal:
+                return False
+            self.state = STAGE_STATES[stage]
+            self.stage_total = total
+            self.stage_done = 0
+            self.stage_started_at = now
+            self.stage_times[stage.value] = now
+            return True
+
+    def advance(self, amount: int) -> None:
+        with self._lock:
+            self.stage_done += amount
+
+    def finish_stage(self, stage: Stage, seconds: float, nbytes: int) -> None:
+        """The stage is complete: its estimated total becomes what was actually done."""
+        with self._lock:
+            self.stage_seconds[stage.value] = seconds
+            if stage_unit(stage) == "bytes" and nbytes > 0:
+                self.stage_done = max(self.stage_done, nbytes)
+            if self.stage_done > 0:
+                self.stage_total = self.stage_done
+            else:  # a builder that reports nothing (CAGRA builds in one call)
+                self.stage_done = self.stage_total
+
+    def end(self, state: JobState, file_name: str | None, error: str | None, now: float) -> bool:
+        with self._lock:
+            if self.state.terminal:
+                return False
+            self.state = state
+            self.file_name = file_name
+            self.error = error
+            self.finished_at = now
+            return True
 
     @property
     def task_status(self) -> TaskStatus:
@@ -109,6 +161,59 @@ class Job:
             "file_name": self.file_name,
             "error_message": self.error,
             "device": self.device,
+            "index_bytes": self.index_bytes,
+        }
+
+    def progress(self, now: float) -> dict[str, Any]:
+        """The current stage's progress; a completed job is at 100 %."""
+        with self._lock:
+            state, done, total = self.state, self.stage_done, self.stage_total
+            started = self.stage_started_at
+            last = next(reversed(self.stage_times), None)
+        stage = _STATE_STAGES.get(state) or (Stage(last) if last else None)
+        if stage is None:  # queued
+            return {
+                "stage": None,
+                "unit": None,
+                "done": 0,
+                "total": 0,
+                "percent": 0.0,
+                "eta_seconds": None,
+            }
+        if state is JobState.COMPLETED:
+            return {
+                "stage": stage.value,
+                "unit": stage_unit(stage),
+                "done": done,
+                "total": total,
+                "percent": 100.0,
+                "eta_seconds": 0.0,
+            }
+        elapsed = now - started if started is not None else 0.0
+        view = StageProgress(stage, done, total, elapsed)
+        eta = view.eta_s if not state.terminal else None
+        return {
+            "stage": stage.value,
+            "unit": view.unit,
+            "done": done,
+            "total": total,
+            "percent": None if view.percent is None else round(view.percent, 2),
+            "eta_seconds": None if eta is None else round(eta, 1),
+        }
+
+    def detail(self, now: float) -> dict[str, Any]:
+        """What operators see in ``GET /_jobs/{job_id}``: the summary, progress and stages."""
+        with self._lock:
+            starts, seconds = dict(self.stage_times), dict(self.stage_seconds)
+        return {
+            "job_id": self.id,
+            **self.summary(),
+            "cancel_requested": self.cancel_requested.is_set(),
+            "progress": self.progress(now),
+            "stages": {
+                name: {"started_at": started, "seconds": seconds.get(name)}
+                for name, started in starts.items()
+            },
         }
 
 
@@ -178,12 +283,8 @@ class JobStore:
     ) -> bool:
         """Record the outcome once; False if the job had already finished."""
         with self._lock:
-            if job.state.terminal:
+            if not job.end(state, file_name, error, self.clock()):
                 return False
-            job.state = state
-            job.file_name = file_name
-            job.error = error
-            job.finished_at = self.clock()
             if self._active.get(job.id) is job:
                 del self._active[job.id]
                 self._finished[job.id] = job

@@ -36,7 +36,9 @@ def set_stage(stage: str | None) -> None:
     _stage.set(stage)
 
 
-class _ContextFilter(logging.Filter):
+class ContextFilter(logging.Filter):
+    """Adds the job id and stage of the build the logging thread runs; for any handler."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.job_id = _job_id.get()
         record.stage = _stage.get()
@@ -114,7 +116,7 @@ def configure_logging(settings: Settings) -> None:
         old.close()
     for handler in handlers:
         handler.setFormatter(formatter)
-        handler.addFilter(_ContextFilter())
+        handler.addFilter(ContextFilter())
         root.addHandler(handler)
     for name, level in levels.items():
         logging.getLogger(name or None).setLevel(level)

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from remote_vector_index_builder import __version__
 from remote_vector_index_builder.app import routes
 from remote_vector_index_builder.app.jobs import Clock, JobStore
+from remote_vector_index_builder.app.metrics import HttpMetricsMiddleware, Metrics, Nvml
 from remote_vector_index_builder.app.runner import MemoryBudget, Runner, RunnerConfig
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.builder import IndexBuilder, choose_builder
@@ -78,23 +79,23 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         faiss.omp_set_num_threads(settings.effective_omp_threads())
         builder = seams.builder or choose_builder(settings.builder_options())
-        if seams.object_store is not None:
-            store = seams.object_store
-        else:
-            s3 = settings.s3_config()
-            store = S3ObjectStore(make_s3_client(s3), s3)
+        workers = settings.max_workers or default_workers(builder)
+        s3_config = settings.s3_config()
+        store = seams.object_store or S3ObjectStore(
+            make_s3_client(s3_config, concurrent_jobs=workers), s3_config
+        )
         jobs = JobStore(
             settings.request_store_max_size, settings.request_store_ttl_seconds, seams.clock
         )
-        s3_config = settings.s3_config()
         on_gpu = builder.name == "gpu"
         budget = MemoryBudget(
             settings.effective_cpu_memory_limit(),
             settings.gpu_memory_limit or (gpu_memory_bytes() if on_gpu else 0),
         )
+        metrics = Metrics()
         runner = Runner(
             RunnerConfig(
-                max_workers=settings.max_workers or default_workers(builder),
+                max_workers=workers,
                 mode=settings.index_serialization_mode,
                 tmp_dir=str(settings.tmp_dir) if settings.tmp_dir else None,
                 upload_buffer_bytes=s3_config.part_size * (s3_config.concurrency + 1),
@@ -107,7 +108,11 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             builder,
             budget,
             seams.clock,
+            metrics,
         )
+        nvml = Nvml() if on_gpu else None
+        metrics.watch(runner, nvml.sample if nvml is not None else None)
+        app.state.metrics = metrics
         app.state.settings = settings
         app.state.jobs = jobs
         app.state.runner = runner
@@ -123,6 +128,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         finally:
             log.info("shutting down: %d builds in flight", runner.busy())
             runner.shutdown(settings.shutdown_grace_seconds)
+            if nvml is not None:
+                nvml.close()
 
     app = FastAPI(
         title="Remote Vector Index Builder",
@@ -131,7 +138,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.include_router(routes.router)
+    app.add_middleware(HttpMetricsMiddleware)
     app.add_exception_handler(RvibError, routes.error_response)
+    app.add_exception_handler(405, routes.method_not_allowed)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

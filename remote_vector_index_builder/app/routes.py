@@ -12,10 +12,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel
+from starlette.routing import Match
 
 from remote_vector_index_builder.app.jobs import JobStore, TaskStatus
+from remote_vector_index_builder.app.metrics import Metrics
 from remote_vector_index_builder.app.runner import Runner
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.errors import (
@@ -45,6 +48,17 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """The 422 body of ``main.validation_error`` (not FastAPI's default shape)."""
+
+    detail: list[FieldProblem]
+
+
 class Unauthorized(RvibError):
     pass
 
@@ -71,9 +85,15 @@ def get_runner(request: Request) -> Runner:
     return runner
 
 
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobsDep = Annotated[JobStore, Depends(get_jobs)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def require_auth(
@@ -90,10 +110,20 @@ def require_auth(
         raise Unauthorized("wrong username or password")
 
 
+def require_metrics_auth(
+    request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
+) -> None:
+    # Scrapers often cannot send credentials: RVIB_METRICS_REQUIRE_AUTH=false exempts /metrics.
+    if get_settings(request).metrics_require_auth:
+        require_auth(request, credentials)
+
+
 Authenticated = Depends(require_auth)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 404, 409, 429, 503, 507)
 }
+# Declared, so FastAPI does not document its own 422 shape, which this app never sends.
+_ERRORS[422] = {"model": ValidationErrorResponse, "description": "Invalid request"}
 
 router = APIRouter()
 
@@ -102,7 +132,8 @@ router = APIRouter()
     "/_build",
     response_model=BuildResponse,
     dependencies=[Authenticated],
-    responses={**_ERRORS, 403: {"model": ErrorResponse}},
+    # 400: a body that is not JSON at all (FastAPI's own answer, before validation).
+    responses={**_ERRORS, 400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
 )
 def build(body: BuildRequest, settings: SettingsDep, jobs: JobsDep, runner: RunnerDep) -> Any:
     """Accept a build; the same tenant + vector path returns the existing job."""
@@ -136,6 +167,39 @@ def status(job_id: str, jobs: JobsDep) -> Any:
 def list_jobs(jobs: JobsDep) -> dict[str, dict[str, Any]]:
     """Every job the store holds, by id (a JSON object, encoded once)."""
     return {job.id: job.summary() for job in jobs.jobs()}
+
+
+@router.get("/_jobs/{job_id}", dependencies=[Authenticated], responses=_ERRORS)
+def job_detail(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    """One job: its summary, the current stage's percent and ETA, and per-stage timings."""
+    return jobs.get(job_id).detail(jobs.clock())
+
+
+@router.delete("/_jobs/{job_id}", status_code=202, dependencies=[Authenticated], responses=_ERRORS)
+def cancel_job(job_id: str, jobs: JobsDep, runner: RunnerDep) -> dict[str, Any]:
+    """Cancel: a queued job leaves the queue, a running one stops at its next batch or stage.
+
+    Either way it ends as ``FAILED_INDEX_BUILD`` "cancelled by operator" on ``/_status``.
+    """
+    job = jobs.get(job_id)
+    if job.state.terminal:
+        raise JobConflictError(
+            f"job {job_id} already ended ({job.state.value}); there is nothing to cancel"
+        )
+    runner.cancel(job)
+    return job.detail(jobs.clock())
+
+
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require_metrics_auth)],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorResponse}},
+)
+def metrics(request: Request, metrics: MetricsDep) -> Response:
+    """Prometheus metrics (text format; OpenMetrics when the scraper asks for it)."""
+    body, content_type = metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 @router.get("/_heart_beat")
@@ -193,3 +257,21 @@ def error_response(request: Request, exc: Exception) -> Response:
     elif code in (429, 503):
         headers["Retry-After"] = "5"
     return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
+
+
+def method_not_allowed(request: Request, exc: Exception) -> Response:
+    """405 whose ``Allow`` lists every method of the path (RFC 9110 requires the header).
+
+    The router's own 405 lists at most the first route matching the path, so
+    ``OPTIONS /_jobs/{id}`` got ``Allow: GET`` (DELETE missing) or no header at all.
+    """
+    allowed = {
+        method
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] is not Match.NONE
+        for method in route.methods or ()
+    }
+    headers = dict(getattr(exc, "headers", None) or {})
+    if allowed:
+        headers["Allow"] = ", ".join(sorted(allowed))
+    return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers=headers)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from remote_vector_index_builder.app.jobs import Clock, Job, JobState, JobStore
 from remote_vector_index_builder.app.logs import job_context, set_stage
+from remote_vector_index_builder.app.metrics import Metrics, failure_reason
 from remote_vector_index_builder.core import memory, workflow
 from remote_vector_index_builder.core.builder import IndexBuilder
 from remote_vector_index_builder.core.errors import (
@@ -31,13 +33,6 @@ log = logging.getLogger(__name__)
 
 CANCELLED_MESSAGE = "cancelled by operator"
 SHUTDOWN_MESSAGE = "the build service shut down before this build finished; submit the build again"
-_STAGE_STATES = {
-    workflow.Stage.DOWNLOAD: JobState.DOWNLOADING,
-    workflow.Stage.PARSE: JobState.PARSING,
-    workflow.Stage.BUILD: JobState.BUILDING,
-    workflow.Stage.SERIALIZE: JobState.SERIALIZING,
-    workflow.Stage.UPLOAD: JobState.UPLOADING,
-}
 
 
 class MemoryBudget:
@@ -90,27 +85,37 @@ class MemoryBudget:
 
 
 class _JobTracker(workflow.Tracker):
-    def __init__(self, job: Job, clock: Clock) -> None:
+    def __init__(self, job: Job, clock: Clock, metrics: Metrics | None = None) -> None:
         self.job = job
         self.clock = clock
-        self._lock = threading.Lock()
+        self.metrics = metrics
+        self._stage: workflow.Stage | None = None
 
     def stage(self, stage: workflow.Stage, total: int) -> None:
         self._check()
-        now = self.clock()
-        with self._lock:
-            self.job.state = _STAGE_STATES[stage]
-            self.job.stage_total = total
-            self.job.stage_done = 0
-            self.job.stage_started_at = now
-            self.job.stage_times[stage.value] = now
+        if not self.job.start_stage(stage, total, self.clock()):
+            raise CancelledError(CANCELLED_MESSAGE)  # failed meanwhile (time limit, shutdown)
+        self._stage = stage
         set_stage(stage.value)
         log.info("job %s: %s", self.job.id, stage.value)
 
     def advance(self, amount: int) -> None:
         self._check()
-        with self._lock:
-            self.job.stage_done += amount
+        self.job.advance(amount)
+        metrics = self.metrics
+        if metrics is None or amount <= 0:
+            return
+        if self._stage is workflow.Stage.DOWNLOAD:
+            metrics.downloaded_bytes.inc(amount)
+        elif self._stage is workflow.Stage.UPLOAD:
+            metrics.uploaded_bytes.inc(amount)
+        elif self._stage is workflow.Stage.BUILD:
+            metrics.vectors_indexed.labels(self.job.request.data_type.value).inc(amount)
+
+    def stage_finished(self, stage: workflow.Stage, timing: workflow.StageTiming) -> None:
+        self.job.finish_stage(stage, timing.seconds, timing.nbytes)
+        if self.metrics is not None:
+            self.metrics.stage_seconds.labels(stage.value).observe(timing.seconds)
 
     def _check(self) -> None:
         if self.job.cancel_requested.is_set():
@@ -139,6 +144,7 @@ class Runner:
         builder: IndexBuilder,
         budget: MemoryBudget,
         clock: Clock = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.jobs = jobs
@@ -146,6 +152,7 @@ class Runner:
         self.builder = builder
         self.budget = budget
         self.clock = clock
+        self.metrics = metrics
         self.accepting = True
         self._pool = ThreadPoolExecutor(config.max_workers, thread_name_prefix="build")
         self._futures: dict[str, Future[None]] = {}
@@ -182,6 +189,8 @@ class Runner:
             if not self.accepting:
                 raise ServiceUnavailableError("the build service is shutting down; retry elsewhere")
             self._futures[job.id] = self._pool.submit(self._run, job)
+        if self.metrics is not None:
+            self.metrics.jobs_submitted.labels(job.request.data_type.value).inc()
 
     def _run(self, job: Job) -> None:
         with job_context(job.id):
@@ -200,32 +209,62 @@ class Runner:
         job.reserved_bytes = need.host_bytes
         job.started_at = self.clock()
         job.device = self.builder.name
+        outcome: workflow.BuildResult | BaseException
         try:
-            result = workflow.run(
+            outcome = workflow.run(
                 job.request,
                 self.store,
                 self.builder,
                 mode=self.config.mode,
                 tmp_dir=self.config.tmp_dir,
-                tracker=_JobTracker(job, self.clock),
+                tracker=_JobTracker(job, self.clock, self.metrics),
             )
         except BaseException as exc:
-            self.record(job, exc)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            if self.jobs.finish(job, JobState.COMPLETED, file_name=result.file_name):
-                log.info(
-                    "job %s completed: %s (%d bytes in %.2fs on %s)",
-                    job.id,
-                    result.file_name,
-                    result.index_bytes,
-                    result.seconds,
-                    result.builder,
-                )
+            # The failed build's frames hold its buffers and index: free them with
+            # the reservation, not after (the traceback keeps its lines).
+            traceback.clear_frames(exc.__traceback__)
+            outcome = exc
         finally:
+            # Released before the outcome is recorded: whoever sees the job
+            # finished also sees its memory free for the next one.
             job.reserved_bytes = 0
             self.budget.release(need)
+        if isinstance(outcome, BaseException):
+            self.record(job, outcome)
+            if not isinstance(outcome, Exception):
+                raise outcome
+            return
+        job.index_bytes = outcome.index_bytes
+        if self._finish(job, JobState.COMPLETED, file_name=outcome.file_name):
+            log.info(
+                "job %s completed: %s (%d bytes in %.2fs on %s)",
+                job.id,
+                outcome.file_name,
+                outcome.index_bytes,
+                outcome.seconds,
+                outcome.builder,
+                extra={"duration_s": round(outcome.seconds, 6)},
+            )
+
+    def _finish(
+        self,
+        job: Job,
+        state: JobState,
+        *,
+        file_name: str | None = None,
+        error: str | None = None,
+        reason: str = "",
+    ) -> bool:
+        """``JobStore.finish`` plus the outcome counters; ``reason`` labels failures."""
+        if not self.jobs.finish(job, state, file_name=file_name, error=error):
+            return False
+        if self.metrics is not None:
+            data_type = job.request.data_type.value
+            if state is JobState.COMPLETED:
+                self.metrics.jobs_completed.labels(data_type).inc()
+            else:
+                self.metrics.jobs_failed.labels(data_type, reason).inc()
+        return True
 
     def record(self, job: Job, exc: BaseException) -> None:
         """The one place an exception becomes a job outcome."""
@@ -239,7 +278,7 @@ class Runner:
             )
         else:
             state, message = JobState.FAILED, f"unexpected error ({type(exc).__name__}): {exc}"
-        if self.jobs.finish(job, state, error=message):
+        if self._finish(job, state, error=message, reason=failure_reason(exc)):
             log_method = (
                 log.exception
                 if state is JobState.FAILED and not isinstance(exc, RvibError)
@@ -248,11 +287,17 @@ class Runner:
             log_method("job %s %s: %s", job.id, state.value, message)
 
     def cancel(self, job: Job) -> None:
+        """Remove a queued job now; a running one stops at its next batch or stage boundary."""
         job.cancel_requested.set()
         self.budget.wake()
         with self._lock:
             future = self._futures.get(job.id)
-        if future is not None and future.cancel():
+            if future is not None and future.cancel():
+                # It never ran, so ``_run`` will not forget it: do it here.
+                del self._futures[job.id]
+            else:
+                future = None
+        if future is not None:
             self.record(job, CancelledError(CANCELLED_MESSAGE))
 
     def check_time_limits(self) -> list[Job]:
@@ -272,7 +317,7 @@ class Runner:
                 f"the build exceeded the time limit of {limit:.0f} s "
                 "(RVIB_JOB_TIME_LIMIT_SECONDS) and was stopped"
             )
-            if self.jobs.finish(job, JobState.FAILED, error=message):
+            if self._finish(job, JobState.FAILED, error=message, reason="time_limit"):
                 log.error("job %s: %s", job.id, message)
                 self.unhealthy.set()
         return overdue
@@ -307,11 +352,11 @@ class Runner:
             # Still running after the grace period: stop at the next batch, and
             # tell the client now rather than leave it polling a dead service.
             job.cancel_requested.set()
-            self.jobs.finish(job, JobState.FAILED, error=SHUTDOWN_MESSAGE)
+            self._finish(job, JobState.FAILED, error=SHUTDOWN_MESSAGE, reason="shutdown")
         self.budget.wake()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _fail_for_shutdown(self, job_id: str) -> None:
         for job in self.jobs.active():
             if job.id == job_id:
-                self.jobs.finish(job, JobState.FAILED, error=SHUTDOWN_MESSAGE)
+                self._finish(job, JobState.FAILED, error=SHUTDOWN_MESSAGE, reason="shutdown")

@@ -267,9 +267,21 @@ def _translate(exc: Exception, where: str, attempts: int) -> ObjectStoreError:
     elif not _retryable(exc):
         return ObjectStoreError(f"{where} failed: {type(exc).__name__}: {exc}")
     return errors.TransientStoreError(
-        f"{where} failed after {attempts} attempt(s): {type(exc).__name__}: {exc}; the "
-        "error is transient (throttling, 5xx, timeout or reset): the build is retryable"
+        f"{where} failed after {attempts} attempt(s): {_cause(exc)}; the error is "
+        "transient (throttling, 5xx, timeout or reset): the build is retryable"
     )
+
+
+def _cause(exc: Exception) -> str:
+    # botocore's own wording says "reached max retries: 0" (we retry, it does not) and,
+    # for a body that stalls, names the endpoint URL "None".
+    if isinstance(exc, bce.ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return f"S3 answered {status} {error.get('Code', '')}: {error.get('Message', '')}"
+    if isinstance(exc, bce.ReadTimeoutError):
+        return "ReadTimeoutError: no data arrived within the read timeout"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _page_buffer(size: int) -> np.ndarray:

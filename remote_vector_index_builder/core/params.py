@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -22,6 +23,12 @@ DOC_ID_SUFFIX = ".knndid"
 INDEX_SUFFIX = ".faiss"
 # S3's own limit on key length, in UTF-8 bytes.
 MAX_KEY_BYTES = 1024
+# Faiss stores these HNSW parameters as C ints (and the client sends Java ints).
+INT32_MAX = 2**31 - 1
+# S3 bucket names, legacy ones included (upper case, "_", up to 255 characters): never
+# "." or "..", which some servers and proxies would resolve as a path segment.
+BUCKET_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,253}[A-Za-z0-9])?$"
+_BUCKET = re.compile(BUCKET_PATTERN)
 
 
 class DataType(StrEnum):
@@ -47,8 +54,8 @@ class AlgorithmParameters(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     m: int = Field(default=16, gt=0, le=512)
-    ef_construction: int = Field(default=100, gt=0)
-    ef_search: int = Field(default=100, gt=0)
+    ef_construction: int = Field(default=100, gt=0, le=INT32_MAX)
+    ef_search: int = Field(default=100, gt=0, le=INT32_MAX)
 
 
 class IndexParameters(BaseModel):
@@ -68,13 +75,28 @@ class IndexParameters(BaseModel):
         return value
 
 
+def _check_text(field: str, value: str) -> str:
+    # JSON may escape lone surrogates ("\\ud800"): valid JSON, but no UTF-8 exists for
+    # them, so hashing the job id or addressing S3 would fail later.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field} is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
 def _check_key(field: str, key: str, suffix: str) -> str:
+    _check_text(field, key)
     if not key.endswith(suffix) or len(key) <= len(suffix):
         raise ValueError(f"{field} must be an object key ending in {suffix!r}, got {key!r}")
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise ValueError(f"{field} is longer than S3's {MAX_KEY_BYTES}-byte key limit")
     if "\x00" in key:
         raise ValueError(f"{field} must not contain NUL characters")
+    if any(segment in (".", "..") for segment in key.split("/")):
+        # S3 keeps them literally, but servers and proxies that normalize URLs would
+        # resolve them into another key or even another bucket (path-style addressing).
+        raise ValueError(f"{field} must not contain '.' or '..' path segments, got {key!r}")
     return key
 
 
@@ -82,9 +104,12 @@ class BuildRequest(BaseModel):
     """One segment to index. Field names are the wire names of the k-NN client."""
 
     repository_type: Literal["s3"]
-    container_name: str = Field(min_length=1, max_length=255)
-    vector_path: str
-    doc_id_path: str
+    container_name: str = Field(
+        min_length=1, max_length=255, json_schema_extra={"pattern": BUCKET_PATTERN}
+    )
+    # The schema documents the suffix; the validators below say what is wrong.
+    vector_path: str = Field(json_schema_extra={"pattern": r"^.+\.knnvec$"})
+    doc_id_path: str = Field(json_schema_extra={"pattern": r"^.+\.knndid$"})
     tenant_id: str = ""
     dimension: int = Field(gt=0, le=65536)
     doc_count: int = Field(gt=4, le=2**31 - 1)
@@ -92,6 +117,21 @@ class BuildRequest(BaseModel):
     engine: Literal["faiss"] = "faiss"
     index_parameters: IndexParameters = Field(default_factory=IndexParameters)
     skip_stored_vectors: bool = False
+
+    @field_validator("tenant_id")
+    @classmethod
+    def _tenant_id(cls, value: str) -> str:
+        return _check_text("tenant_id", value)
+
+    @field_validator("container_name")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not _BUCKET.fullmatch(value):
+            raise ValueError(
+                "container_name must be an S3 bucket name: letters, digits, '.', '-' and "
+                f"'_', starting and ending with a letter or digit; got {value!r}"
+            )
+        return value
 
     @field_validator("vector_path")
     @classmethod
