@@ -377,3 +377,27 @@ def test_credentials_from_a_file(service: Callable[..., TestClient], tmp_path: A
     good = {"Authorization": "Basic " + base64.b64encode(b"builder:pa:ss").decode()}
     assert client.get("/_jobs").status_code == 401
     assert client.get("/_jobs", headers=good).status_code == 200
+
+
+def test_resubmitting_a_cancelled_job_starts_a_tracked_new_attempt(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    store = GatedStore(object_store)
+    client = service(store=store, max_workers=2)
+    upload(s3_client, bucket, "idx/again", clustered(300, 16))
+    body = build_body(bucket, "idx/again", 16, 300)
+    job_id = client.post("/_build", json=body).json()["job_id"]
+    assert store.waiting.acquire(timeout=10)
+    assert client.delete(f"/_jobs/{job_id}").status_code == 202
+    runner = client.app.state.runner  # type: ignore[attr-defined]
+    store.gate.set()
+    assert wait_terminal(client, job_id)["error_message"] == "cancelled by operator"
+    assert client.post("/_build", json=body).json() == {"job_id": job_id}
+    assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+    assert client.get("/_jobs").json()[job_id]["attempt"] == 2
+    idle = threading.Event()
+    for _ in range(1000):
+        if runner.busy() == 0:
+            break
+        idle.wait(0.01)
+    assert runner.busy() == 0

@@ -155,7 +155,9 @@ class Runner:
         self.metrics = metrics
         self.accepting = True
         self._pool = ThreadPoolExecutor(config.max_workers, thread_name_prefix="build")
-        self._futures: dict[str, Future[None]] = {}
+        # By job id; the job is kept too because a cancelled job's id can be
+        # resubmitted while its old thread is still winding down.
+        self._futures: dict[str, tuple[Job, Future[None]]] = {}
         self._lock = threading.Lock()
         # Set when a build overran its time limit: its thread cannot be killed,
         # so the service reports itself unready for an orchestrator to restart it.
@@ -188,7 +190,7 @@ class Runner:
         with self._lock:
             if not self.accepting:
                 raise ServiceUnavailableError("the build service is shutting down; retry elsewhere")
-            self._futures[job.id] = self._pool.submit(self._run, job)
+            self._futures[job.id] = (job, self._pool.submit(self._run, job))
         if self.metrics is not None:
             self.metrics.jobs_submitted.labels(job.request.data_type.value).inc()
 
@@ -198,7 +200,9 @@ class Runner:
                 self._run_admitted(job)
             finally:
                 with self._lock:
-                    self._futures.pop(job.id, None)
+                    entry = self._futures.get(job.id)
+                    if entry is not None and entry[0] is job:
+                        del self._futures[job.id]
                 set_stage(None)
 
     def _run_admitted(self, job: Job) -> None:
@@ -291,13 +295,12 @@ class Runner:
         job.cancel_requested.set()
         self.budget.wake()
         with self._lock:
-            future = self._futures.get(job.id)
-            if future is not None and future.cancel():
+            entry = self._futures.get(job.id)
+            never_ran = entry is not None and entry[0] is job and entry[1].cancel()
+            if never_ran:
                 # It never ran, so ``_run`` will not forget it: do it here.
                 del self._futures[job.id]
-            else:
-                future = None
-        if future is not None:
+        if never_ran:
             self.record(job, CancelledError(CANCELLED_MESSAGE))
 
     def check_time_limits(self) -> list[Job]:
@@ -335,12 +338,12 @@ class Runner:
         self._stopping.set()
         with self._lock:
             self.accepting = False
-            futures = dict(self._futures)
-        waiting = [jid for jid, f in futures.items() if f.cancel()]
-        for job_id in waiting:
-            self._fail_for_shutdown(job_id)
+            futures = list(self._futures.values())
+        for job, future in futures:
+            if future.cancel():  # queued, never started
+                self._finish(job, JobState.FAILED, error=SHUTDOWN_MESSAGE, reason="shutdown")
         deadline = time.monotonic() + grace_seconds
-        for future in futures.values():
+        for _, future in futures:
             if future.cancelled():
                 continue
             remaining = deadline - time.monotonic()
@@ -355,8 +358,3 @@ class Runner:
             self._finish(job, JobState.FAILED, error=SHUTDOWN_MESSAGE, reason="shutdown")
         self.budget.wake()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _fail_for_shutdown(self, job_id: str) -> None:
-        for job in self.jobs.active():
-            if job.id == job_id:
-                self._finish(job, JobState.FAILED, error=SHUTDOWN_MESSAGE, reason="shutdown")
