@@ -4,8 +4,8 @@ It sits between a client and the local S3 server and forwards each request
 unchanged, except for the requests a ``Fault`` matches: those get an error
 status, a connection reset (mid request body or mid response body), a body cut
 short, or a stall longer than the client's read timeout. ``refuse()`` closes the
-listening socket so connections are refused; ``accept()`` opens it again on
-the same port.
+listening socket so connections are refused, ``blackhole()`` makes them hang
+until the client's connect timeout; ``accept()`` opens the port again.
 
 Every request is recorded (method, target, what the proxy did), so tests can
 assert how many attempts a client made. Handler threads never wait longer than
@@ -235,6 +235,7 @@ class FaultProxy:
         self._state = _State(upstream=(parts.hostname, parts.port))
         self._handler = type("Handler", (_Handler,), {"state": self._state})
         self._server: _Server | None = None
+        self._blackhole: list[socket.socket] = []
         self._thread: threading.Thread | None = None
         self.port = 0
         self._listen()
@@ -276,13 +277,34 @@ class FaultProxy:
             self._server.server_close()
             self._server = None
 
+    def blackhole(self) -> None:
+        """New connections hang until ``accept()``: only the client's connect timeout ends them.
+
+        A listening socket that never accepts, with its accept queue (backlog 0)
+        already full: Linux then drops further SYNs, as a firewall would.
+        """
+        self.refuse()
+        if self._blackhole:
+            return
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(0)
+        filler = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self._blackhole = [listener, filler]
+
     def accept(self) -> None:
+        for sock in self._blackhole:
+            sock.close()
+        self._blackhole = []
         if self._server is None:
             self._listen()
 
     def close(self) -> None:
         self._state.released.set()
         self.refuse()
+        for sock in self._blackhole:
+            sock.close()
         with self._state.lock:
             live = list(self._state.connections)
         for sock in live:

@@ -113,8 +113,9 @@ class Case:
     # the operation, the bucket and the key, and the cause.
     message: tuple[str, ...] = ()
     large: bool = False
-    refused: bool = False  # the proxy's port is closed when the job starts
-    reopen_on_retry: bool = False  # ... and opens again at the first backoff
+    # The proxy's port when the job starts: "refuse" (closed) or "blackhole" (connects hang).
+    port: str = "open"
+    reopen_on_retry: bool = False  # ... and it opens again at the first backoff
     mode: str = "memory"
 
 
@@ -148,7 +149,8 @@ CASES = [
         large=True,
     ),
     Case("503-on-index-put-once", (Fault("status", "PUT", ".faiss", 1),), True),
-    Case("refused-then-reopened", (), True, refused=True, reopen_on_retry=True),
+    Case("refused-then-reopened", (), True, port="refuse", reopen_on_retry=True),
+    Case("connect-timeout-then-reopened", (), True, port="blackhole", reopen_on_retry=True),
     # Persistent: FAILED_INDEX_BUILD naming operation, bucket, key and cause.
     Case(
         "503-slowdown-every-get",
@@ -180,7 +182,14 @@ CASES = [
         (),
         False,
         (f"head of {VECTORS}", "after 3 attempt(s)", "Could not connect to the endpoint URL"),
-        refused=True,
+        port="refuse",
+    ),
+    Case(
+        "connect-timeout",
+        (),
+        False,
+        (f"head of {VECTORS}", "after 3 attempt(s)", "ConnectTimeoutError: Connect timeout"),
+        port="blackhole",
     ),
     Case(
         "reset-every-part",
@@ -230,10 +239,12 @@ def test_object_store_fault(
     client = service(store=store, index_serialization_mode=case.mode, tmp_dir=tmp_path)
     body = build_body(bucket, STEM, dim, n, index_parameters=FAST)
     faults = [proxy.add(dataclasses.replace(fault)) for fault in case.faults]
-    if case.refused:
+    if case.port == "refuse":
         proxy.refuse()
-        if case.reopen_on_retry:
-            sleeps.hooks.append(proxy.accept)
+    elif case.port == "blackhole":
+        proxy.blackhole()
+    if case.reopen_on_retry:
+        sleeps.hooks.append(proxy.accept)
 
     started = time.monotonic()
     job_id = client.post("/_build", json=body).json()["job_id"]
