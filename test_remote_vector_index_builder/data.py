@@ -14,6 +14,10 @@ from remote_vector_index_builder.core.quality import exact_neighbours, recall_at
 
 __all__ = ["exact_neighbours", "recall_at_k"]
 
+# Where the inner index's section tag starts in a serialized ID map:
+ID_MAP_HEADER = 37  # "IxMp" + d, ntotal, 2 dummies, is_trained, metric
+BINARY_ID_MAP_HEADER = 25  # "IBMp" + d, code_size, ntotal, is_trained, metric
+
 SHARED_SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "cohere-1k-768"
 
 

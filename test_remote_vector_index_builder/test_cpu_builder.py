@@ -14,6 +14,8 @@ from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.errors import CancelledError
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import (
+    BINARY_ID_MAP_HEADER,
+    ID_MAP_HEADER,
     clustered,
     cohere_sample,
     doc_id_blob,
@@ -23,9 +25,6 @@ from test_remote_vector_index_builder.data import (
     to_int8,
     vector_blob,
 )
-
-ID_MAP_HEADER = 37  # "IxMp" + d, ntotal, 2 dummies, is_trained, metric
-BINARY_ID_MAP_HEADER = 25  # "IBMp" + d, code_size, ntotal, is_trained, metric
 
 
 def make_request(data_type: str, space: str, dim: int, n: int, **kw: Any) -> BuildRequest:

@@ -36,6 +36,8 @@ from remote_vector_index_builder.core.gpu_builder import (
 )
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import (
+    BINARY_ID_MAP_HEADER,
+    ID_MAP_HEADER,
     clustered,
     doc_id_blob,
     normalized,
@@ -45,8 +47,6 @@ from test_remote_vector_index_builder.data import (
     vector_blob,
 )
 
-ID_MAP_HEADER = 37  # "IxMp" + d, ntotal, 2 dummies, is_trained, metric
-BINARY_ID_MAP_HEADER = 25  # "IBMp" + d, code_size, ntotal, is_trained, metric
 # Faiss's bundled stubs (1.15) lack IndexHNSWCagra and IndexBinaryHNSWCagra's fields.
 untyped_faiss: Any = faiss
 
