@@ -245,7 +245,7 @@ def run(
         index = builder.build(request, data, progress=advance, prepared=prepared)
     # The index owns a copy of the vectors: release the downloaded buffer now,
     # before serialization needs memory of its own.
-    del data
+    del data, prepared  # the index holds the prepared inner index now
 
     sse_key = vector_info.sse_kms_key_id
     index_size = serialized_bytes_estimate(request)
