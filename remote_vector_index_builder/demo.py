@@ -63,7 +63,9 @@ def _weed_binary() -> str:
 class LocalS3:
     """SeaweedFS ``weed mini`` on 127.0.0.1 with private ports and data directory."""
 
-    def __init__(self, data_dir: str | None = None) -> None:
+    def __init__(self, data_dir: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        # extra_args: more ``weed mini`` flags (the benchmarks add an HTTPS port).
+        self.extra_args = extra_args
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="rvib-s3-")
         self.port = _free_port_pair()
@@ -100,6 +102,7 @@ class LocalS3:
             "-admin.ui=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            *self.extra_args,
         ]
         log_path = Path(self.data_dir) / "weed.log"
         with log_path.open("wb") as log:

@@ -185,6 +185,40 @@ def test_unsigned_client_sends_no_signature(s3_config: S3Config, s3_client: S3Cl
         store.download(bucket, "private")
 
 
+def test_uploads_carry_their_crc32_and_sign_payloads_only_over_plain_http(
+    object_store: S3ObjectStore, s3_client: S3Client, s3_config: S3Config, bucket: str
+):
+    # Each part and each single PUT sends the CRC32 we computed as a (signed) header, so
+    # botocore neither computes it again nor streams the body through its aws-chunked
+    # trailer wrapper; over plain HTTP, botocore still signs the payload's SHA-256.
+    sent: list[tuple[str, str]] = []
+
+    def note(request: Any, **_: Any) -> None:
+        crc, sha = (request.headers[h] for h in ("x-amz-checksum-crc32", "X-Amz-Content-SHA256"))
+        sent.append((crc.decode(), sha.decode()))  # prepared requests carry bytes
+
+    events = s3_client.meta.events
+    for operation in ("UploadPart", "PutObject"):
+        events.register(f"before-send.s3.{operation}", note, unique_id=f"crc-{operation}")
+    try:
+        data = random_bytes(2 * PART + 3)
+        upload_bytes(object_store, bucket, "crc", data)
+        upload_bytes(object_store, bucket, "crc-small", b"tiny")
+    finally:
+        for operation in ("UploadPart", "PutObject"):
+            events.unregister(f"before-send.s3.{operation}", unique_id=f"crc-{operation}")
+
+    pieces = [data[:PART], data[PART : 2 * PART], data[2 * PART :], b"tiny"]
+    expected = {object_store_module._crc32(piece) for piece in pieces}
+    assert {crc for crc, _ in sent} == expected
+    assert all(len(sha) == 64 for _, sha in sent)  # a hex digest: the payload is signed
+    plain: Any = make_s3_client(s3_config).meta.config
+    assert "payload_signing_enabled" not in (plain.s3 or {})
+    for endpoint in ("https://s3.example.internal", None):
+        tls: Any = make_s3_client(s3_config.model_copy(update={"endpoint_url": endpoint}))
+        assert tls.meta.config.s3["payload_signing_enabled"] is False
+
+
 def test_missing_key(object_store: S3ObjectStore, bucket: str):
     with pytest.raises(ObjectNotFoundError) as caught:
         object_store.download(bucket, "segment/missing.knnvec")

@@ -1,23 +1,39 @@
 """Peak memory of one build, estimated before it starts (for admission control).
 
-Host peak of the CPU path is the larger of two moments:
+The CPU path's host peak is the largest of three moments (``n`` vectors,
+``b = min(add_batch_rows, n)``):
 
-* **build**: the downloaded blobs (vectors + doc ids) are alive while the index
-  fills with its own copy of the vectors plus the HNSW graph, the int64 ids (in
-  the id map and one temporary) and, for ``byte``, one batch converted to fp32;
-* **upload**: the index alone plus the upload's in-flight part buffers.
+* **parse**: the downloaded blobs plus ``dataset.check_values``'s temporaries
+  (16,384 rows of bools for ``float``; of fp32 and bools for ``half_float``);
+* **build**: the builder copies one batch at a time into storage reserved up
+  front and hands the blob's pages back behind it, so raw rows and stored rows
+  add up to ``max(vector blob, storage)`` plus one batch held in both forms
+  (``b * min(row bytes, storage bytes per vector)``), plus the HNSW graph
+  twice (its vector grows by doubling), the int64 ids (a temporary and the id
+  map) and, for ``byte``, the fp32 buffer int8 rows are converted through
+  (``cpu_builder.CONVERT_ROWS`` rows);
+* **upload** (memory mode): the index plus the upload's in-flight parts, at
+  most ``upload_buffer_bytes`` and never much more than the index itself.
+  Disk mode peaks lower (the index is freed before its file is uploaded).
 
 ``index bytes = n * (storage per vector + graph per vector + 8)`` where the
 HNSW graph keeps ``2m`` int32 neighbours on level 0 and ``m`` on each upper
 level (a vector reaches level ``l`` with probability ``m**-l``, so about
 ``m / (m - 1)`` more), plus an 8-byte offset and a 4-byte level per vector.
-A fixed allowance covers Faiss's visited tables, thread stacks and Python
-objects. ``benchmarks/memory_estimate.py`` checks the formula against measured
-peaks; it is meant to be a slight over-estimate.
+On top of the largest moment come one more graph's worth (allocator slack
+and graph growth that outlive the build: measured 100-125 B per vector at
+m 16) and a fixed allowance for thread stacks, Faiss scratch space and
+Python objects.
+
+``python -m benchmarks.run --only memory`` (``benchmarks/memory_estimate.py``)
+measures the peak of real jobs in fresh processes and prints it beside this
+estimate; benchmarks/README.md has the table. The estimate is meant to be a
+slight over-estimate of the peak over the process's baseline, and
+``test_memory`` checks that on a small build.
 
 The GPU estimate is coarser (CAGRA's working set is not documented in bytes):
 the dataset in its input type, the intermediate graph and the final graph in
-int32, and the IVF-PQ codes.
+int32, and the IVF-PQ codes; its host side assumes the blobs stay whole.
 """
 
 from __future__ import annotations
@@ -27,9 +43,17 @@ from dataclasses import dataclass
 from remote_vector_index_builder.core.params import BuildRequest, DataType
 
 MIB = 1024**2
-# Per-job allowance for Faiss scratch space, thread stacks and Python objects;
-# measured overheads stayed below 40 MiB up to 1M vectors.
+# Per-job allowance for Faiss scratch space, thread stacks and Python objects:
+# what remained of measured peaks beyond the moments above was 10-40 MB
+# (benchmarks/README.md, section 2).
 FIXED_OVERHEAD = 64 * MIB
+# Rows per ``dataset.check_values`` batch and bytes per value of its temporaries.
+_CHECK_ROWS = 16384
+_CHECK_BYTES_PER_VALUE = {DataType.FLOAT: 1, DataType.HALF_FLOAT: 6}
+# The upload's part size when the caller does not say (S3Config's default).
+_DEFAULT_PART_BYTES = 8 * MIB
+# cpu_builder.CONVERT_ROWS (not imported: this module must not load Faiss).
+CONVERT_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,33 @@ def index_bytes(request: BuildRequest) -> int:
     return int(request.doc_count * per_vector)
 
 
+def cpu_host_bytes(
+    request: BuildRequest,
+    *,
+    upload_buffer_bytes: int,
+    add_batch_rows: int,
+    part_bytes: int = _DEFAULT_PART_BYTES,
+) -> int:
+    """The largest of the parse, build and upload moments (see the module docstring)."""
+    n, d = request.doc_count, request.dimension
+    vector_blob, doc_ids = request.vector_blob_bytes, request.doc_id_blob_bytes
+    storage_pv = storage_bytes_per_vector(request)
+    storage = n * storage_pv
+    graph = n * graph_bytes_per_vector(request.m)
+    index = index_bytes(request)
+    batch = min(add_batch_rows, n)
+
+    check = min(_CHECK_ROWS, n) * d * _CHECK_BYTES_PER_VALUE.get(request.data_type, 0)
+    parse = vector_blob + doc_ids + check
+
+    overlap = batch * min(request.row_bytes, storage_pv)
+    convert = min(batch, CONVERT_ROWS) * d * 4 if request.data_type is DataType.BYTE else 0
+    build = max(vector_blob, storage) + overlap + convert + 2 * graph + 2 * n * 8 + doc_ids
+
+    upload = index + min(upload_buffer_bytes, index + 2 * part_bytes)
+    return int(max(parse, build, upload) + graph) + FIXED_OVERHEAD
+
+
 def estimate(
     request: BuildRequest,
     *,
@@ -70,6 +121,11 @@ def estimate(
     gpu: bool = False,
 ) -> MemoryEstimate:
     n, d = request.doc_count, request.dimension
+    if not gpu:
+        host = cpu_host_bytes(
+            request, upload_buffer_bytes=upload_buffer_bytes, add_batch_rows=add_batch_rows
+        )
+        return MemoryEstimate(host_bytes=host, gpu_bytes=0)
     blobs = request.vector_blob_bytes + request.doc_id_blob_bytes
     index = index_bytes(request)
     temporaries = n * 8  # int64 ids passed to add_with_ids
@@ -78,16 +134,14 @@ def estimate(
     build_peak = blobs + index + temporaries
     upload_peak = index + upload_buffer_bytes
     host = max(build_peak, upload_peak) + FIXED_OVERHEAD
-    gpu_bytes = 0
-    if gpu:
-        degree = 4 * request.m
-        element = {DataType.HALF_FLOAT: 2, DataType.BINARY: 1 / 8}.get(request.data_type, 4)
-        if request.data_type is DataType.BYTE:
-            element = 1
-        dataset = n * d * element
-        graphs = n * (int(degree * 1.5) + degree) * 4
-        pq_codes = 0 if request.data_type is DataType.BINARY else n * max(1, d // 4)
-        gpu_bytes = int(dataset + graphs + pq_codes) + FIXED_OVERHEAD
-        # the host also holds the converted HNSW graph while the GPU index lives
-        host += n * degree * 4
+    degree = 4 * request.m
+    element = {DataType.HALF_FLOAT: 2, DataType.BINARY: 1 / 8}.get(request.data_type, 4)
+    if request.data_type is DataType.BYTE:
+        element = 1
+    dataset = n * d * element
+    graphs = n * (int(degree * 1.5) + degree) * 4
+    pq_codes = 0 if request.data_type is DataType.BINARY else n * max(1, d // 4)
+    gpu_bytes = int(dataset + graphs + pq_codes) + FIXED_OVERHEAD
+    # the host also holds the converted HNSW graph while the GPU index lives
+    host += n * degree * 4
     return MemoryEstimate(host_bytes=int(host), gpu_bytes=gpu_bytes)

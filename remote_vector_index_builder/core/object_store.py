@@ -8,6 +8,7 @@ translated here, once, into ``core.errors``.
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import math
@@ -17,6 +18,7 @@ import queue
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -107,8 +109,18 @@ class S3Config(BaseModel):
 def make_s3_client(config: S3Config, concurrent_jobs: int = 1) -> S3Client:
     """One client for the process; ``concurrent_jobs`` builds may transfer at once."""
     extra: dict[str, Any] = {}
+    s3: dict[str, Any] = {}
     if config.path_style:
-        extra["s3"] = {"addressing_style": "path"}
+        s3["addressing_style"] = "path"
+    if config.endpoint_url is None or config.endpoint_url.lower().startswith("https:"):
+        # Uploads carry a CRC32 we compute as a signed header, so over TLS botocore need
+        # not hash each body again with SHA-256 (its own rule for TLS plus a checksum
+        # header); without a header it would stream the body through its aws-chunked
+        # trailer wrapper, which copies each 1 MiB chunk per 16 KiB read. Plain-HTTP
+        # endpoints keep signed payloads. benchmarks/README.md has the CPU-s per GiB.
+        s3["payload_signing_enabled"] = False
+    if s3:
+        extra["s3"] = s3
     if config.unsigned:
         extra["signature_version"] = UNSIGNED
     botocore_config = Config(
@@ -197,6 +209,11 @@ class _Corrupt(Exception):
 _TRANSIENT_IO: tuple[type[Exception], ...] = (bce.HTTPClientError, bce.ConnectionError)
 _TRANSIENT_IO += (bce.IncompleteReadError, ProtocolError, ConnectionError)
 _CORRUPT_IO = (bce.FlexibleChecksumError, bce.ChecksumError, _Corrupt)
+
+
+def _crc32(data: bytes | bytearray) -> str:
+    """S3's ``ChecksumCRC32``: the big-endian CRC32 of ``data``, base64-encoded."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
 def _serialized(progress: Progress | None) -> Progress:
@@ -294,7 +311,9 @@ def _page_buffer(size: int) -> np.ndarray:
     if size == 0:
         return np.empty(0, dtype=np.uint8)
     # Private, not mmap's default shared mapping: dropping pages of a shared one
-    # only unmaps them while the memory itself stays allocated.
+    # only unmaps them while the memory itself stays allocated. Not MAP_POPULATE:
+    # Python's mmap() holds the GIL, and populating 1 GiB stalled every other thread
+    # (the service's event loop too) for ~270 ms (benchmarks/README.md, section 5).
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return np.frombuffer(mapping, dtype=np.uint8)
 
@@ -533,6 +552,8 @@ class _S3Upload:
         # botocore takes bytes or bytearray, not a memoryview: only a short last part is copied.
         body = cast(bytes, buffer) if filled == len(buffer) else bytes(memoryview(buffer)[:filled])
         try:
+            # zlib releases the GIL: parts are checksummed in parallel, once, not per attempt.
+            checksum = _crc32(body)
             response = self._store._call(
                 f"{self._where} (part {number})",
                 self._client.upload_part,
@@ -541,6 +562,7 @@ class _S3Upload:
                 PartNumber=number,
                 Body=body,
                 ChecksumAlgorithm="CRC32",
+                ChecksumCRC32=checksum,
             )
             self._report(filled)
         except BaseException as exc:
@@ -565,7 +587,9 @@ class _S3Upload:
                 # Reported before the PUT, so a cancelling callback leaves no object behind.
                 self._report(len(body))
                 put = self._client.put_object
-                self._store._call(self._where, put, **self._create, Body=body)
+                checksum = _crc32(body)
+                create = {**self._create, "ChecksumCRC32": checksum}
+                self._store._call(self._where, put, **create, Body=body)
             else:
                 self._complete()
         except BaseException:

@@ -1,0 +1,135 @@
+"""Section 1: a full job through the workflow vs Faiss building the same index from memory.
+
+The yardstick (``raw``) adds the whole float array to ``IndexIDMap(IndexHNSWFlat(d, 16))``
+with ef_construction 100 in one ``add_with_ids`` call, in a process that has
+already read the array from local disk. The job downloads both blobs from the
+local S3 server, parses, builds with the service's ``CpuBuilder``, serializes
+and uploads (both serialization modes). Every measurement is a fresh child;
+the order of the three rotates from repeat to repeat so drift in the machine's
+load falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.common import (
+    Context,
+    cpu_seconds_of,
+    fmt_count,
+    median,
+    run_child,
+    s3_server_process,
+    say,
+)
+
+KINDS = ("raw", "memory", "disk")
+STAGES = ("download", "parse", "build", "serialize", "serialize+upload", "upload")
+
+
+def run(ctx: Context, n: int, dim: int) -> dict[str, Any]:
+    blobs = ctx.blobs(n, dim, "float")
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+    server = s3_server_process()
+    for repeat in range(ctx.repeats):
+        order = KINDS[repeat % 3 :] + KINDS[: repeat % 3]
+        for kind in order:
+            server_cpu = cpu_seconds_of(server)
+            if kind == "raw":
+                args = ["raw", "--vectors", str(blobs.vector_file)]
+                args += ["--doc-ids", str(blobs.doc_id_file), "--dim", str(dim)]
+                result = run_child(args)
+            else:
+                result = ctx.workflow(blobs.request_body(), mode=kind)
+            # The local S3 server runs on the same cores: its CPU time during the job.
+            result["server_cpu_s"] = cpu_seconds_of(server) - server_cpu
+            runs[kind].append(result)
+            say(
+                f"  e2e {fmt_count(n)}x{dim} {kind:<6} repeat {repeat + 1}: "
+                f"{result['wall_s']:.2f}s wall, {result['cpu_s']:.1f} CPU-s "
+                f"(load {result['load_before']:.1f})"
+            )
+    raw_wall = median(r["wall_s"] for r in runs["raw"])
+    raw_cpu = median(r["cpu_s"] for r in runs["raw"])
+    summary: dict[str, Any] = {}
+    for kind, results in runs.items():
+        wall = median(r["wall_s"] for r in results)
+        cpu = median(r["cpu_s"] for r in results)
+        stages = {"build": wall} if kind == "raw" else {}
+        if kind != "raw":
+            for stage in STAGES:
+                values = [r["stages"][stage] for r in results if stage in r["stages"]]
+                if values:
+                    stages[stage] = median(values)
+        summary[kind] = {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "server_cpu_s": median(r["server_cpu_s"] for r in results),
+            "wall_ratio": wall / raw_wall,
+            "cpu_ratio": cpu / raw_cpu,
+            # Paired: each job against the raw build of the same repeat.
+            "paired_wall_ratios": [
+                job["wall_s"] / raw["wall_s"] for job, raw in zip(results, runs["raw"], strict=True)
+            ],
+            "stages": stages,
+            "peak_rss": median(r["peak_rss"] for r in results),
+            "peak_over_baseline": median(r["peak_rss"] - r["baseline_rss"] for r in results),
+            "index_bytes": results[0].get("index_bytes"),
+            "load": median(r["load_before"] for r in results),
+        }
+    return {
+        "n": n,
+        "dim": dim,
+        "repeats": ctx.repeats,
+        "vector_blob_bytes": blobs.vector_bytes,
+        "summary": summary,
+        "runs": runs,
+        "target": {"max_wall_ratio": 1.10},
+    }
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    n, dim, s = result["n"], result["dim"], result["summary"]
+    lines = [
+        f"### 1. End-to-end job vs raw Faiss build ({fmt_count(n)} x {dim} float, "
+        f"median of {result['repeats']})",
+        "",
+        "| run | wall s | CPU s | S3 server CPU s | download | parse | build | serialize "
+        "| upload | wall / raw | CPU / raw | peak RSS MB | load avg |",
+        "| --- " + "| ---: " * 12 + "|",
+    ]
+    names = {
+        "raw": "raw faiss (in-memory array)",
+        "memory": "job, memory mode",
+        "disk": "job, disk mode",
+    }
+    for kind in KINDS:
+        row = s[kind]
+        st = row["stages"]
+        upload = st.get("upload", st.get("serialize+upload"))
+        serialize = "(streamed)" if "serialize+upload" in st else _num(st.get("serialize"))
+        lines.append(
+            f"| {names[kind]} | {row['wall_s']:.2f} | {row['cpu_s']:.1f} "
+            f"| {row['server_cpu_s']:.1f} "
+            f"| {_num(st.get('download'))} | {_num(st.get('parse'))} | {_num(st.get('build'))} "
+            f"| {serialize} | {_num(upload)} | {row['wall_ratio']:.3f} | {row['cpu_ratio']:.3f} "
+            f"| {row['peak_rss'] / 1e6:.0f} | {row['load']:.1f} |"
+        )
+    return lines
+
+
+def verdict(result: dict[str, Any]) -> list[str]:
+    limit = result["target"]["max_wall_ratio"]
+    out = []
+    for kind in ("memory", "disk"):
+        ratio = result["summary"][kind]["wall_ratio"]
+        status = "MET" if ratio <= limit else f"MISSED by {100 * (ratio / limit - 1):.1f}%"
+        out.append(
+            f"job wall <= {limit:.2f} x raw build ({kind} mode, {fmt_count(result['n'])} x "
+            f"{result['dim']}): {ratio:.3f} -> {status}"
+        )
+    return out
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"

@@ -1,0 +1,406 @@
+"""One measurement in a fresh process: ``python -m benchmarks.job COMMAND ...`` prints JSON.
+
+A fresh process per measurement gives each its own peak RSS (``VmHWM``) and
+CPU time. ``baseline_rss`` is the resident memory after every import and after
+the S3 client exists, just before the measured work starts: the part of the
+peak that does not depend on the data. The peak is reset to it at that moment
+(``_baseline``), so ``peak_rss`` is the high-water mark of the measured work.
+
+Commands:
+  workflow   a full job through ``core.workflow.run`` (download .. upload)
+  raw        faiss builds the same index from an in-memory array (one add)
+  variant    the CPU builder with a storage / thread / batch variant, plus recall@10
+  download   one object with our store or with the reference service's boto3 settings
+  upload     one object with our store (stream or file) or the reference settings
+  get-flood  parallel ranged GETs with plain boto3, bytes discarded (server ceiling)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from benchmarks.common import BUCKET, GIB, MIB, REGION, vm_hwm_bytes, vm_rss_bytes
+
+
+def _baseline() -> int:
+    """Resident memory now, with the peak reset to it: the peak then covers only what follows.
+
+    Writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM`` (Linux 4.0+), so
+    transients of imports and set-up (generating test data, warming caches)
+    stay out of the measured peak.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        pass  # the peak then includes the set-up; still an upper bound
+    return vm_rss_bytes()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _emit(result: dict[str, Any]) -> None:
+    result.setdefault("peak_rss", vm_hwm_bytes())
+    print(json.dumps(result), flush=True)
+
+
+def _s3(endpoint: str) -> tuple[Any, Any]:
+    from remote_vector_index_builder.core.object_store import (
+        S3Config,
+        S3ObjectStore,
+        make_s3_client,
+    )
+
+    config = S3Config(endpoint_url=endpoint, region=REGION, path_style=True)
+    return S3ObjectStore(make_s3_client(config), config), config
+
+
+def _reference_client(endpoint: str) -> Any:
+    """boto3's defaults, as the reference service creates its client."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(region_name=REGION)
+    config = Config(s3={"addressing_style": "path"})
+    return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+def _threads(count: int) -> int:
+    import faiss
+
+    threads = count or os.cpu_count() or 1
+    faiss.omp_set_num_threads(threads)
+    return threads
+
+
+# --------------------------------------------------------------------------------------
+# Builds
+# --------------------------------------------------------------------------------------
+
+
+def cmd_workflow(args: argparse.Namespace) -> None:
+    from remote_vector_index_builder.core import workflow
+    from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+    from remote_vector_index_builder.core.index_io import SerializationMode
+    from remote_vector_index_builder.core.params import parse_request
+
+    threads = _threads(args.threads)
+    store, _ = _s3(args.endpoint)
+    request = parse_request(json.loads(args.request))
+    builder = CpuBuilder(add_batch_rows=args.batch_rows) if args.batch_rows else CpuBuilder()
+    store.head(BUCKET, request.vector_path)  # the connection pool is warm in a service
+    baseline = _baseline()
+    cpu0, start = _cpu_seconds(), time.perf_counter()
+    result = workflow.run(request, store, builder, mode=SerializationMode(args.mode))
+    wall = time.perf_counter() - start
+    _emit(
+        {
+            "wall_s": wall,
+            "cpu_s": _cpu_seconds() - cpu0,
+            "threads": threads,
+            "stages": {s.stage: s.seconds for s in result.stages},
+            "stage_peak_rss": {s.stage: s.peak_rss_bytes for s in result.stages},
+            "index_bytes": result.index_bytes,
+            "blob_bytes": request.vector_blob_bytes + request.doc_id_blob_bytes,
+            "vector_blob_bytes": request.vector_blob_bytes,
+            "baseline_rss": baseline,
+        }
+    )
+
+
+def _index_for(storage: str, d: int, m: int, ef_construction: int) -> Any:
+    import faiss
+
+    if storage == "flat":
+        inner = faiss.IndexHNSWFlat(d, m)
+    else:
+        qtype = {
+            "fp16": faiss.ScalarQuantizer.QT_fp16,
+            "int8": faiss.ScalarQuantizer.QT_8bit_direct_signed,
+        }[storage]
+        inner = faiss.IndexHNSWSQ(d, qtype, m)
+    inner.hnsw.efConstruction = ef_construction
+    return faiss.IndexIDMap(inner)
+
+
+def cmd_raw(args: argparse.Namespace) -> None:
+    """The yardstick: ``add_with_ids`` of the whole in-memory array in one call."""
+    threads = _threads(args.threads)
+    rows = np.fromfile(args.vectors, dtype=np.float32).reshape(-1, args.dim)
+    ids = np.fromfile(args.doc_ids, dtype="<i4").astype(np.int64)
+    baseline = _baseline()
+    cpu0, start = _cpu_seconds(), time.perf_counter()
+    index = _index_for("flat", args.dim, 16, 100)
+    index.add_with_ids(rows, ids)
+    wall = time.perf_counter() - start
+    _emit(
+        {
+            "wall_s": wall,
+            "cpu_s": _cpu_seconds() - cpu0,
+            "threads": threads,
+            "ntotal": int(index.ntotal),
+            "baseline_rss": baseline,
+        }
+    )
+
+
+def cmd_variant(args: argparse.Namespace) -> None:
+    """The service's CPU builder on in-memory rows, then recall@10 at ef_search 100."""
+    from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+    from remote_vector_index_builder.core.dataset import Dataset
+    from remote_vector_index_builder.core.params import DataType, parse_request
+    from remote_vector_index_builder.core.quality import recall_at_k
+
+    threads = _threads(args.threads)
+    request = parse_request(json.loads(args.request))
+    row_dtype = np.int8 if request.data_type is DataType.BYTE else np.float32
+    rows = np.fromfile(args.vectors, dtype=row_dtype).reshape(request.doc_count, -1)
+    ids = np.fromfile(args.doc_ids, dtype="<i4")
+    queries = np.load(args.queries)
+    batch = args.batch_rows or request.doc_count
+    builder = CpuBuilder(add_batch_rows=batch)
+    baseline = _baseline()
+    cpu0, start = _cpu_seconds(), time.perf_counter()
+    index = builder.build(request, Dataset(rows, ids, request.data_type))
+    wall = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu0
+    peak = vm_hwm_bytes()
+    recall = recall_at_k(index, rows, ids, queries, "l2")
+    result: dict[str, Any] = {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "threads": threads,
+        "batch_rows": batch,
+        "recall": recall,
+        "baseline_rss": baseline,
+        "peak_rss": peak,
+    }
+    if args.float_rows:
+        # Recall against exact search over the float rows the typed rows came from:
+        # what quantization costs end to end, not only what the graph misses.
+        from remote_vector_index_builder.core.quality import exact_neighbours
+
+        base = np.load(args.float_rows)
+        truth = ids[exact_neighbours(base, np.load(args.float_queries), 10, "l2")]
+        _, found = index.search(queries.astype(np.float32), 10)
+        hits = sum(
+            len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True)
+        )
+        result["recall_vs_float"] = hits / truth.size
+    _emit(result)
+
+
+# --------------------------------------------------------------------------------------
+# Transfers
+# --------------------------------------------------------------------------------------
+
+
+def _reference_transfer_config(download: bool) -> Any:
+    """The reference service's TransferConfig (50 MiB parts; concurrency from the CPU count)."""
+    from boto3.s3.transfer import TransferConfig
+
+    cpus = os.cpu_count() or 1
+    if download:
+        return TransferConfig(
+            multipart_threshold=50 * MIB,
+            multipart_chunksize=50 * MIB,
+            max_concurrency=max(8, int(cpus * 0.625)),
+            io_chunksize=sys.maxsize,
+        )
+    return TransferConfig(
+        multipart_threshold=50 * MIB,
+        multipart_chunksize=50 * MIB,
+        max_concurrency=max(8, int(cpus * 0.5)),
+    )
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    if args.impl == "ours":
+        store, config = _s3(args.endpoint)
+        store.head(BUCKET, args.key)
+        baseline = _baseline()
+        cpu0, start = _cpu_seconds(), time.perf_counter()
+        buffer = store.download(BUCKET, args.key)
+        size = int(buffer.nbytes)
+        extra: dict[str, Any] = {"concurrency": config.concurrency, "part_bytes": config.part_size}
+    else:
+        client = _reference_client(args.endpoint)
+        client.head_object(Bucket=BUCKET, Key=args.key)
+        transfer = _reference_transfer_config(download=True)
+        baseline = _baseline()
+        cpu0, start = _cpu_seconds(), time.perf_counter()
+        sink = io.BytesIO()
+        client.download_fileobj(
+            BUCKET, args.key, sink, ExtraArgs={"ChecksumMode": "ENABLED"}, Config=transfer
+        )
+        size = sink.tell()
+        extra = {"concurrency": transfer.max_concurrency, "part_bytes": 50 * MIB}
+    wall = time.perf_counter() - start
+    _emit(
+        {
+            "wall_s": wall,
+            "cpu_s": _cpu_seconds() - cpu0,
+            "bytes": size,
+            "baseline_rss": baseline,
+            **extra,
+        }
+    )
+
+
+def _random_bytes(size: int) -> bytes:
+    return np.random.default_rng(3).bytes(size)
+
+
+def cmd_upload(args: argparse.Namespace) -> None:
+    size = args.size
+    extra: dict[str, Any] = {}
+    if args.impl == "ours-file":
+        store, config = _s3(args.endpoint)
+        path = Path(args.source)
+        size = path.stat().st_size
+        # Warm the page cache, as for a just-written index file, without a big buffer.
+        with path.open("rb", buffering=0) as file:
+            scratch = bytearray(MIB)
+            while file.readinto(scratch):
+                pass
+        store.exists(BUCKET, args.key)
+        baseline = _baseline()
+        cpu0, start = _cpu_seconds(), time.perf_counter()
+        store.upload_file(BUCKET, args.key, path)
+        extra = {"concurrency": config.concurrency, "part_bytes": config.part_size}
+    elif args.impl == "ours-stream":
+        store, config = _s3(args.endpoint)
+        data = _random_bytes(size)
+        store.exists(BUCKET, args.key)
+        baseline = _baseline()
+        cpu0, start = _cpu_seconds(), time.perf_counter()
+        view = memoryview(data)
+        # Like index_io: Faiss hands the sink 4 MiB bytes objects.
+        with store.open_upload(BUCKET, args.key) as upload:
+            for first in range(0, size, 4 * MIB):
+                upload.write(bytes(view[first : first + 4 * MIB]))
+        extra = {"concurrency": config.concurrency, "part_bytes": config.part_size}
+    else:
+        client = _reference_client(args.endpoint)
+        data = _random_bytes(size)
+        source = io.BytesIO(data)  # shares the bytes object: no copy
+        client.head_bucket(Bucket=BUCKET)
+        transfer = _reference_transfer_config(download=False)
+        baseline = _baseline()
+        cpu0, start = _cpu_seconds(), time.perf_counter()
+        client.upload_fileobj(
+            source, BUCKET, args.key, ExtraArgs={"ChecksumAlgorithm": "CRC32"}, Config=transfer
+        )
+        extra = {"concurrency": transfer.max_concurrency, "part_bytes": 50 * MIB}
+    wall = time.perf_counter() - start
+    _emit(
+        {
+            "wall_s": wall,
+            "cpu_s": _cpu_seconds() - cpu0,
+            "bytes": size,
+            "baseline_rss": baseline,
+            **extra,
+        }
+    )
+
+
+def cmd_get_flood(args: argparse.Namespace) -> None:
+    """Ranged GETs on ``concurrency`` threads, read in 1 MiB chunks and thrown away."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(region_name=REGION)
+    config = Config(s3={"addressing_style": "path"}, max_pool_connections=args.concurrency)
+    client = session.client("s3", endpoint_url=args.endpoint, config=config)
+    size = client.head_object(Bucket=BUCKET, Key=args.key)["ContentLength"]
+    part = args.part_bytes
+
+    def get(first: int) -> int:
+        last = min(first + part, size) - 1
+        body = client.get_object(Bucket=BUCKET, Key=args.key, Range=f"bytes={first}-{last}")
+        scratch, got, stream = bytearray(MIB), 0, cast(Any, body["Body"])
+        with stream:
+            while n := stream.readinto(scratch):
+                got += n
+        return got
+
+    cpu0, start = _cpu_seconds(), time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        total = sum(pool.map(get, range(0, size, part)))
+    wall = time.perf_counter() - start
+    _emit({"wall_s": wall, "cpu_s": _cpu_seconds() - cpu0, "bytes": total})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.job")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("workflow")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--request", required=True, help="the POST /_build body as JSON")
+    p.add_argument("--mode", choices=["memory", "disk"], default="memory")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batch-rows", type=int, default=0, help="0: the builder's default")
+    p.set_defaults(func=cmd_workflow)
+
+    p = sub.add_parser("raw")
+    p.add_argument("--vectors", required=True)
+    p.add_argument("--doc-ids", required=True)
+    p.add_argument("--dim", type=int, required=True)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_raw)
+
+    p = sub.add_parser("variant")
+    p.add_argument("--request", required=True)
+    p.add_argument("--vectors", required=True)
+    p.add_argument("--doc-ids", required=True)
+    p.add_argument("--queries", required=True)
+    p.add_argument("--float-rows")
+    p.add_argument("--float-queries")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batch-rows", type=int, default=0, help="0: one add of every row")
+    p.set_defaults(func=cmd_variant)
+
+    p = sub.add_parser("download")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--impl", choices=["ours", "reference"], required=True)
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("upload")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--impl", choices=["ours-stream", "ours-file", "reference"], required=True)
+    p.add_argument("--size", type=int, default=GIB)
+    p.add_argument("--source", help="file for ours-file")
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("get-flood")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--part-bytes", type=int, default=8 * MIB)
+    p.set_defaults(func=cmd_get_flood)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
