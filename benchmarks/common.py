@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -255,10 +255,22 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_child(
-    args: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float = 3600.0
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 3600.0,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Run ``python -m benchmarks.job ARGS`` and return the JSON it prints last."""
+    """Run ``python -m benchmarks.job ARGS`` and return the JSON it prints last.
+
+    With ``profile`` (a ``.folded`` path) the child runs under py-spy and a
+    summary is written beside the stacks (``benchmarks.profiles``).
+    """
     command = [sys.executable, "-m", "benchmarks.job", *map(str, args)]
+    if profile is not None:
+        from benchmarks import profiles
+
+        command = profiles.record_command(profile, command)
     load_before = load_average()
     started = time.perf_counter()
     proc = subprocess.run(
@@ -277,6 +289,11 @@ def run_child(
     if not lines:
         raise BenchError(f"{' '.join(command[2:])} printed no JSON:\n{proc.stdout[-2000:]}")
     result: dict[str, Any] = json.loads(lines[-1])
+    if profile is not None:
+        from benchmarks import profiles
+
+        summary = profiles.write_summary(profile)
+        result["profile"] = str(summary or profile)
     result["child_wall_s"] = time.perf_counter() - started
     result["load_before"] = load_before
     result["load_after"] = load_average()
@@ -304,6 +321,15 @@ class Context:
     uploaded: dict[tuple[int, int, str], Blobs]
     https_endpoint: str | None = None  # the same server over TLS, when a certificate was made
     ca_bundle: Path | None = None  # the self-signed certificate clients must trust
+    profile_dir: Path | None = None  # with --profile: where py-spy profiles go
+    profiled: set[str] = field(default_factory=set)
+
+    def profile(self, name: str) -> Path | None:
+        """Where to profile the measurement ``name``: its first run only, if profiling."""
+        if self.profile_dir is None or name in self.profiled:
+            return None
+        self.profiled.add(name)
+        return self.profile_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".folded")
 
     def blobs(self, n: int, dim: int, data_type: str) -> Blobs:
         """Seeded blobs for ``n x dim`` ``data_type``, generated and uploaded once."""
@@ -320,11 +346,15 @@ class Context:
         return self.uploaded[key]
 
     def workflow(
-        self, body: dict[str, Any], mode: str = "memory", batch_rows: int = 0
+        self,
+        body: dict[str, Any],
+        mode: str = "memory",
+        batch_rows: int = 0,
+        profile: str | None = None,
     ) -> dict[str, Any]:
         args = ["workflow", "--endpoint", self.endpoint, "--request", json.dumps(body)]
         args += ["--mode", mode, "--batch-rows", str(batch_rows)]
-        return run_child(args)
+        return run_child(args, profile=self.profile(profile) if profile else None)
 
 
 def make_certificate(folder: Path) -> tuple[Path, Path] | None:

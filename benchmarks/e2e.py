@@ -38,9 +38,10 @@ def run(ctx: Context, n: int, dim: int) -> dict[str, Any]:
             if kind == "raw":
                 args = ["raw", "--vectors", str(blobs.vector_file)]
                 args += ["--doc-ids", str(blobs.doc_id_file), "--dim", str(dim)]
-                result = run_child(args)
+                result = run_child(args, profile=ctx.profile(f"e2e-{n}x{dim}-raw"))
             else:
-                result = ctx.workflow(blobs.request_body(), mode=kind)
+                profile = f"e2e-{n}x{dim}-{kind}"
+                result = ctx.workflow(blobs.request_body(), mode=kind, profile=profile)
             # The local S3 server runs on the same cores: its CPU time during the job.
             result["server_cpu_s"] = cpu_seconds_of(server) - server_cpu
             runs[kind].append(result)

@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--load-builds", type=int, default=3, help="builds submitted under load")
     p.add_argument("--load-rate", type=float, default=200.0, help="GET /_status per second")
     p.add_argument("--load-duration", type=float, default=20.0, help="seconds of load")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the first repeat of each measurement under py-spy (profiles in <out>)",
+    )
     p.add_argument("--work-dir", default=None, help="where blobs are written (default: a temp dir)")
     return p
 
@@ -170,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             client.create_bucket(Bucket=BUCKET)
             store = S3ObjectStore(client, config)
             ctx = Context(s3.endpoint_url, store, client, work, args.repeats, {})
+            if args.profile:
+                ctx.profile_dir = out / f"profile-{stamp}"
+                ctx.profile_dir.mkdir(parents=True, exist_ok=True)
+                say(f"profiles (py-spy) in {ctx.profile_dir}")
             if tls:
                 ctx.https_endpoint = f"https://127.0.0.1:{https_port}"
                 ctx.ca_bundle = tls[0]

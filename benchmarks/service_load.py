@@ -110,6 +110,11 @@ def open_loop(
         "p90_s": percentile(lat, 90),
         "p99_s": percentile(lat, 99),
         "max_s": max(lat) if lat else float("nan"),
+        # When the slowest requests were due (seconds into the window): stalls or noise.
+        "slowest": sorted(
+            ((i / rate, x) for i, x in enumerate(due_latency) if x is not None),
+            key=lambda pair: -pair[1],
+        )[:5],
         "service_p50_s": percentile(svc, 50),
         "service_p99_s": percentile(svc, 99),
     }
@@ -124,6 +129,35 @@ def _cpu_s(process: psutil.Process) -> float:
         except psutil.Error:
             continue
     return total
+
+
+def _schedstat(pid: int) -> dict[int, tuple[float, float]]:
+    """Per thread of ``pid``: (seconds on a CPU, seconds runnable but waiting for one)."""
+    stats: dict[int, tuple[float, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            on_cpu, waiting, _ = (Path(task) / "schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue
+        stats[int(task.name)] = (int(on_cpu) / 1e9, int(waiting) / 1e9)
+    return stats
+
+
+def _run_queue_wait(
+    pid: int, before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]
+) -> dict[str, float]:
+    """How long the event loop (the main thread) and the rest waited for a CPU."""
+    loop_wait = after.get(pid, (0.0, 0.0))[1] - before.get(pid, (0.0, 0.0))[1]
+    loop_cpu = after.get(pid, (0.0, 0.0))[0] - before.get(pid, (0.0, 0.0))[0]
+    others = [tid for tid in after if tid != pid]
+    other_wait = sum(after[t][1] - before.get(t, (0.0, 0.0))[1] for t in others)
+    other_cpu = sum(after[t][0] - before.get(t, (0.0, 0.0))[0] for t in others)
+    return {
+        "event_loop_cpu_s": loop_cpu,
+        "event_loop_wait_s": loop_wait,
+        "other_threads_cpu_s": other_cpu,
+        "other_threads_wait_s": other_wait,
+    }
 
 
 def _wait_busy(service: psutil.Process, cores: float, timeout_s: float) -> float:
@@ -199,10 +233,23 @@ def run(
             body = blobs.request_body(vector_path=stem + ".knnvec", doc_id_path=stem + ".knndid")
             jobs.append(_http(port, "POST", "/_build", body)["job_id"])
         # 2. While the jobs start: downloads, parsing, the first batches.
-        starting = open_loop(port, path_of.format(jobs[0]), rate, min(duration_s, 10.0))
+        window = min(duration_s, 10.0)
+        if ctx.profile_dir is not None:
+            from benchmarks import profiles
+
+            start_folded = ctx.profile_dir / "service-gil-while-jobs-start.folded"
+            command = profiles.attach_command(start_folded, proc.pid, window, gil=True)
+            start_spy = subprocess.Popen(command)
+        sched_start = _schedstat(proc.pid)
+        starting = open_loop(port, path_of.format(jobs[0]), rate, window)
+        starting["run_queue"] = _run_queue_wait(proc.pid, sched_start, _schedstat(proc.pid))
+        if ctx.profile_dir is not None:
+            start_spy.wait(timeout=60)
+            profiles.write_summary(start_folded)
         say(
             f"  jobs starting: p50 {starting['p50_s'] * 1e3:.1f} ms, "
-            f"p99 {starting['p99_s'] * 1e3:.1f} ms"
+            f"p99 {starting['p99_s'] * 1e3:.1f} ms; event loop waited "
+            f"{starting['run_queue']['event_loop_wait_s']:.2f} s for a CPU"
         )
         # 3. Once every running job is building: both cores busy with Faiss.
         deadline = time.monotonic() + 300
@@ -217,7 +264,19 @@ def run(
         say(f"  building: {busy_cpus:.2f} CPUs over 1 s; {rate:.0f} req/s for {duration_s:.0f}s")
         cpu_before, wall_before = _cpu_s(service), time.perf_counter()
         system_before = psutil.cpu_times()
+        sched_before = _schedstat(proc.pid)
+        spy = None
+        if ctx.profile_dir is not None:
+            from benchmarks import profiles
+
+            folded = ctx.profile_dir / "service-gil-while-building.folded"
+            command = profiles.attach_command(folded, proc.pid, duration_s, gil=True)
+            spy = subprocess.Popen(command)
         loaded = open_loop(port, path_of.format(jobs[0]), rate, duration_s)
+        run_queue = _run_queue_wait(proc.pid, sched_before, _schedstat(proc.pid))
+        if spy is not None:
+            spy.wait(timeout=60)
+            profiles.write_summary(folded)
         service_cpus = (_cpu_s(service) - cpu_before) / (time.perf_counter() - wall_before)
         system_after = psutil.cpu_times()
         busy = (system_after.user + system_after.system) - (
@@ -228,7 +287,9 @@ def run(
         states = [after[job]["state"] for job in jobs]
         say(
             f"  building: p50 {loaded['p50_s'] * 1e3:.1f} ms, p99 {loaded['p99_s'] * 1e3:.1f} ms, "
-            f"service used {service_cpus:.2f} CPUs; job states after {states}"
+            f"service used {service_cpus:.2f} CPUs; job states after {states}; "
+            f"event loop waited {run_queue['event_loop_wait_s']:.2f} s for a CPU "
+            f"(ran {run_queue['event_loop_cpu_s']:.2f} s)"
         )
     finally:
         proc.terminate()
@@ -248,6 +309,7 @@ def run(
         "starting": starting,
         "loaded": loaded,
         "service_cpus_during_load": service_cpus,
+        "run_queue_during_load": run_queue,
         "machine_busy_fraction": busy / (busy + idle_time) if busy + idle_time > 0 else None,
         "job_states_after_load": states,
         "target": {"max_p99_s": TARGET_P99_S},
@@ -275,6 +337,15 @@ def table(result: dict[str, Any]) -> list[str]:
             f"| {row['p99_s'] * 1e3:.1f} | {row['max_s'] * 1e3:.1f} "
             f"| {'' if cpus is None else f'{cpus:.2f}'} |"
         )
+    queue = result.get("run_queue_during_load")
+    if queue:
+        lines += [
+            "",
+            f"While building, the service's event-loop thread ran {queue['event_loop_cpu_s']:.2f}"
+            f" CPU-s and waited {queue['event_loop_wait_s']:.2f} s runnable for a CPU; its"
+            f" other threads ran {queue['other_threads_cpu_s']:.1f} CPU-s and waited"
+            f" {queue['other_threads_wait_s']:.1f} s (``/proc/<pid>/task/*/schedstat``).",
+        ]
     return lines
 
 

@@ -100,19 +100,21 @@ def _measure(
     env = {"AWS_CA_BUNDLE": str(ctx.ca_bundle)} if scheme == "https" else {}
     server = s3_server_process()
     server_cpu = cpu_seconds_of(server)
+    profile = ctx.profile(f"transfers-{scheme}-{kind}-{impl}")
     if kind == "download":
         args = ["download", "--endpoint", endpoint, "--key", SOURCE_KEY, "--impl", impl]
-        result = run_child(args, env=env)
+        result = run_child(args, env=env, profile=profile)
     elif kind == "upload":
         key = f"transfer/up-{impl}.bin"
         args = ["upload", "--endpoint", endpoint, "--key", key, "--impl", impl]
-        result = run_child([*args, "--size", str(size), "--source", str(source)], env=env)
+        args += ["--size", str(size), "--source", str(source)]
+        result = run_child(args, env=env, profile=profile)
         ctx.client.delete_object(Bucket=BUCKET, Key=key)
     elif impl.startswith("curl"):
         result = _curl_ceiling(endpoint, size, 8, ctx.ca_bundle if scheme == "https" else None)
     else:
         args = ["get-flood", "--endpoint", endpoint, "--key", SOURCE_KEY, "--concurrency", "16"]
-        result = run_child(args, env=env)
+        result = run_child(args, env=env, profile=profile)
     result["server_cpu_s"] = cpu_seconds_of(server) - server_cpu
     if "wall_s" in result:
         say(

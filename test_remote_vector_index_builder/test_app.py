@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -401,3 +402,33 @@ def test_resubmitting_a_cancelled_job_starts_a_tracked_new_attempt(
             break
         idle.wait(0.01)
     assert runner.busy() == 0
+
+
+class PriorityRecordingStore(GatedStore):
+    """The real store; records the niceness of the thread each download runs on."""
+
+    def __init__(self, inner: S3ObjectStore) -> None:
+        super().__init__(inner)
+        self.gate.set()
+        self.nice: list[int] = []
+
+    def download(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        self.nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return super().download(*args, **kwargs)
+
+
+@pytest.mark.parametrize("build_nice", [0, 7])
+def test_builds_run_nicer_than_the_event_loop(
+    service: Callable[..., TestClient],
+    s3_client: Any,
+    bucket: str,
+    object_store: Any,
+    build_nice: int,
+) -> None:
+    store = PriorityRecordingStore(object_store)
+    client = service(store=store, build_nice=build_nice)
+    upload(s3_client, bucket, "idx/nice", clustered(300, 16))
+    job_id = client.post("/_build", json=build_body(bucket, "idx/nice", 16, 300)).json()["job_id"]
+    assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+    service_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    assert store.nice == [min(19, service_nice + build_nice)] * 2  # vectors, then doc ids

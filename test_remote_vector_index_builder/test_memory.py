@@ -63,8 +63,18 @@ def test_estimate_grows_with_the_data_and_covers_index_and_blob(data_type: str) 
 def test_upload_buffers_count_only_up_to_the_index() -> None:
     req = request(5_000, 64)  # an index of ~3 MB
     assert host(req, upload=1024 * MIB) == host(req, upload=128 * MIB)
-    big = request(500_000, 768)  # an index of ~1.6 GB: every buffer fills
-    assert host(big, upload=512 * MIB) - host(big, upload=256 * MIB) == 256 * MIB
+    big = request(500_000, 768)  # an index of ~1.6 GB
+    # Up to a quarter of an index of known size is in flight, plus two parts.
+    cap = memory.index_bytes(big) / memory.UPLOAD_BUFFER_SHARE + 2 * 8 * MIB
+    assert host(big, upload=300 * MIB) - host(big, upload=256 * MIB) == 44 * MIB
+    assert host(big, upload=2048 * MIB) - host(big, upload=300 * MIB) == int(cap) - 300 * MIB
+    assert host(big, upload=2048 * MIB) == host(big, upload=4096 * MIB)
+
+
+def test_upload_share_matches_the_object_store() -> None:
+    from remote_vector_index_builder.core.object_store import UPLOAD_BUFFER_SHARE
+
+    assert memory.UPLOAD_BUFFER_SHARE == UPLOAD_BUFFER_SHARE
 
 
 def test_byte_estimate_holds_one_fp32_conversion_buffer() -> None:

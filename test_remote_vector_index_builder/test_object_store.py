@@ -123,6 +123,47 @@ def test_part_size_grows_for_long_streams(
     assert object_store.download(bucket, "big").tobytes() == data
 
 
+def test_parts_in_flight_follow_the_expected_size():
+    config = S3Config()  # 25 connections, 8 MiB parts
+    assert object_store_module.parts_in_flight(config, None) == 25
+    assert object_store_module.parts_in_flight(config, 24 * MIB) == 1
+    assert object_store_module.parts_in_flight(config, 92 * MIB) == 2
+    assert object_store_module.parts_in_flight(config, 4 * GIB) == 25
+    assert object_store_module.upload_buffer_bytes(config, 92 * MIB) == 3 * 8 * MIB
+
+
+@pytest.mark.parametrize(("size_hint", "most"), [(12 * PART, 3), (None, 6)])
+def test_an_upload_of_known_size_keeps_a_quarter_in_flight(
+    s3_config: S3Config, s3_client: S3Client, bucket: str, size_hint: int | None, most: int
+):
+    config = s3_config.model_copy(update={"part_size": PART, "throughput_target_gbps": 2.4})
+    store = S3ObjectStore(s3_client, config)
+    lock, in_flight, seen = threading.Lock(), [0], [0]
+    release = threading.Event()
+
+    def started(**_: Any) -> None:
+        with lock:
+            in_flight[0] += 1
+            seen[0] = max(seen[0], in_flight[0])
+        release.wait(0.3)  # hold the part so the writer fills every free slot
+
+    def finished(**_: Any) -> None:
+        with lock:
+            in_flight[0] -= 1
+
+    events = s3_client.meta.events
+    events.register("before-call.s3.UploadPart", started)
+    events.register("after-call.s3.UploadPart", finished)
+    try:
+        data = random_bytes(12 * PART)
+        upload_bytes(store, bucket, "k", data, size_hint=size_hint)
+    finally:
+        events.unregister("before-call.s3.UploadPart", started)
+        events.unregister("after-call.s3.UploadPart", finished)
+    assert seen[0] == most  # concurrency is 6 at 2.4 Gbit/s
+    assert store.download(bucket, "k").tobytes() == data
+
+
 def test_upload_close_is_idempotent_and_abort_after_close_keeps_the_object(
     object_store: S3ObjectStore, bucket: str
 ):

@@ -102,6 +102,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 add_batch_rows=settings.add_batch_rows,
                 on_gpu=on_gpu,
                 time_limit_s=settings.job_time_limit_seconds,
+                build_nice=settings.build_nice,
             ),
             jobs,
             store,

@@ -69,23 +69,28 @@ class BucketNotAllowed(RvibError):
 
 _basic = HTTPBasic(auto_error=False)
 
+# Handlers and dependencies that only touch in-memory state are ``async``: FastAPI
+# runs a sync one on a worker thread, and while builds hold every core each such
+# hop waited for a CPU (GET /_status made three). Handlers whose work grows with
+# the job store (/_jobs, /metrics) stay sync, off the event loop.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_jobs(request: Request) -> JobStore:
+async def get_jobs(request: Request) -> JobStore:
     jobs: JobStore = request.app.state.jobs
     return jobs
 
 
-def get_runner(request: Request) -> Runner:
+async def get_runner(request: Request) -> Runner:
     runner: Runner = request.app.state.runner
     return runner
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
@@ -96,7 +101,7 @@ RunnerDep = Annotated[Runner, Depends(get_runner)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def require_auth(
+async def require_auth(
     request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
 ) -> None:
     expected: tuple[bytes, bytes] | None = request.app.state.credentials
@@ -110,12 +115,12 @@ def require_auth(
         raise Unauthorized("wrong username or password")
 
 
-def require_metrics_auth(
+async def require_metrics_auth(
     request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
 ) -> None:
     # Scrapers often cannot send credentials: RVIB_METRICS_REQUIRE_AUTH=false exempts /metrics.
-    if get_settings(request).metrics_require_auth:
-        require_auth(request, credentials)
+    if (await get_settings(request)).metrics_require_auth:
+        await require_auth(request, credentials)
 
 
 Authenticated = Depends(require_auth)
@@ -135,7 +140,7 @@ router = APIRouter()
     # 400: a body that is not JSON at all (FastAPI's own answer, before validation).
     responses={**_ERRORS, 400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
 )
-def build(body: BuildRequest, settings: SettingsDep, jobs: JobsDep, runner: RunnerDep) -> Any:
+async def build(body: BuildRequest, settings: SettingsDep, jobs: JobsDep, runner: RunnerDep) -> Any:
     """Accept a build; the same tenant + vector path returns the existing job."""
     if settings.allowed_buckets and body.container_name not in settings.allowed_buckets:
         raise BucketNotAllowed(
@@ -159,7 +164,7 @@ def build(body: BuildRequest, settings: SettingsDep, jobs: JobsDep, runner: Runn
     dependencies=[Authenticated],
     responses=_ERRORS,
 )
-def status(job_id: str, jobs: JobsDep) -> Any:
+async def status(job_id: str, jobs: JobsDep) -> Any:
     return jobs.get(job_id).status_body()
 
 
@@ -170,13 +175,13 @@ def list_jobs(jobs: JobsDep) -> dict[str, dict[str, Any]]:
 
 
 @router.get("/_jobs/{job_id}", dependencies=[Authenticated], responses=_ERRORS)
-def job_detail(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+async def job_detail(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     """One job: its summary, the current stage's percent and ETA, and per-stage timings."""
     return jobs.get(job_id).detail(jobs.clock())
 
 
 @router.delete("/_jobs/{job_id}", status_code=202, dependencies=[Authenticated], responses=_ERRORS)
-def cancel_job(job_id: str, jobs: JobsDep, runner: RunnerDep) -> dict[str, Any]:
+async def cancel_job(job_id: str, jobs: JobsDep, runner: RunnerDep) -> dict[str, Any]:
     """Cancel: a queued job leaves the queue, a running one stops at its next batch or stage.
 
     Either way it ends as ``FAILED_INDEX_BUILD`` "cancelled by operator" on ``/_status``.
@@ -203,7 +208,7 @@ def metrics(request: Request, metrics: MetricsDep) -> Response:
 
 
 @router.get("/_heart_beat")
-def heart_beat(runner: RunnerDep) -> dict[str, Any]:
+async def heart_beat(runner: RunnerDep) -> dict[str, Any]:
     """Liveness (always 200 while the process serves) plus readiness facts."""
     budget = runner.budget
     ready = runner.accepting and not runner.unhealthy.is_set()
@@ -223,7 +228,7 @@ def heart_beat(runner: RunnerDep) -> dict[str, Any]:
 
 
 @router.get("/_ready", responses={503: {"model": ErrorResponse}})
-def ready(runner: RunnerDep) -> dict[str, bool]:
+async def ready(runner: RunnerDep) -> dict[str, bool]:
     """200 when builds can be accepted, 503 otherwise (for orchestrator probes)."""
     if not runner.accepting:
         raise ServiceUnavailableError("shutting down")

@@ -8,6 +8,7 @@ on the wire) until running builds release their reservations.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -131,8 +132,28 @@ class RunnerConfig:
     add_batch_rows: int
     on_gpu: bool
     time_limit_s: float | None = None
+    # Added to the niceness of the build threads (Linux: per thread, inherited by
+    # the threads they start).
+    build_nice: int = 0
     # How often the watchdog looks for builds over the time limit (wall time).
     watchdog_interval_s: float = 1.0
+
+
+def _lower_priority(nice: int) -> None:
+    """Make the calling thread ``nice`` steps nicer (Linux's niceness is per thread).
+
+    A build keeps every core busy with OpenMP threads; the event loop has to win
+    the CPU as soon as a request arrives. Threads this one starts (transfers,
+    Faiss's OpenMP team) inherit its niceness.
+    """
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    thread = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
+    except OSError as exc:
+        log.warning("could not lower the priority of build thread %d: %s", thread, exc)
 
 
 class Runner:
@@ -154,7 +175,12 @@ class Runner:
         self.clock = clock
         self.metrics = metrics
         self.accepting = True
-        self._pool = ThreadPoolExecutor(config.max_workers, thread_name_prefix="build")
+        self._pool = ThreadPoolExecutor(
+            config.max_workers,
+            thread_name_prefix="build",
+            initializer=_lower_priority,
+            initargs=(config.build_nice,),
+        )
         # By job id; the job is kept too because a cancelled job's id can be
         # resubmitted while its old thread is still winding down.
         self._futures: dict[str, tuple[Job, Future[None]]] = {}

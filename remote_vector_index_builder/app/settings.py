@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, validation_alias=_env("RVIB_SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds")
     )
+    # Builds (and their transfer and OpenMP threads) run this much nicer than the
+    # event loop, so /_status answers promptly while builds hold every core
+    # (benchmarks/README.md, section 5). 0 runs them at the service's priority.
+    build_nice: int = Field(10, ge=0, le=19, validation_alias=_env("RVIB_BUILD_NICE", "build_nice"))
     job_time_limit_seconds: float | None = Field(
         None, gt=0, validation_alias=_env("RVIB_JOB_TIME_LIMIT_SECONDS", "job_time_limit_seconds")
     )

@@ -12,8 +12,10 @@ The CPU path's host peak is the largest of three moments (``n`` vectors,
   twice (its vector grows by doubling), the int64 ids (a temporary and the id
   map) and, for ``byte``, the fp32 buffer int8 rows are converted through
   (``cpu_builder.CONVERT_ROWS`` rows);
-* **upload** (memory mode): the index plus the upload's in-flight parts, at
-  most ``upload_buffer_bytes`` and never much more than the index itself.
+* **upload** (memory mode): the index plus the upload's part buffers, at most
+  ``upload_buffer_bytes`` and, as the upload keeps at most a quarter of an
+  object of known size in flight (``object_store.UPLOAD_BUFFER_SHARE``), at most
+  a quarter of the index plus two parts (the one filling and Faiss's write).
   Disk mode peaks lower (the index is freed before its file is uploaded).
 
 ``index bytes = n * (storage per vector + graph per vector + 8)`` where the
@@ -52,6 +54,8 @@ _CHECK_ROWS = 16384
 _CHECK_BYTES_PER_VALUE = {DataType.FLOAT: 1, DataType.HALF_FLOAT: 6}
 # The upload's part size when the caller does not say (S3Config's default).
 _DEFAULT_PART_BYTES = 8 * MIB
+# object_store.UPLOAD_BUFFER_SHARE (not imported: this module must stay light).
+UPLOAD_BUFFER_SHARE = 4
 # cpu_builder.CONVERT_ROWS (not imported: this module must not load Faiss).
 CONVERT_ROWS = 8192
 
@@ -109,7 +113,8 @@ def cpu_host_bytes(
     convert = min(batch, CONVERT_ROWS) * d * 4 if request.data_type is DataType.BYTE else 0
     build = max(vector_blob, storage) + overlap + convert + 2 * graph + 2 * n * 8 + doc_ids
 
-    upload = index + min(upload_buffer_bytes, index + 2 * part_bytes)
+    in_flight = max(part_bytes, index / UPLOAD_BUFFER_SHARE)
+    upload = index + min(upload_buffer_bytes, in_flight + 2 * part_bytes)
     return int(max(parse, build, upload) + graph) + FIXED_OVERHEAD
 
 

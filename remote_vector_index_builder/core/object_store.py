@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import http.client
 import logging
 import math
 import mmap
@@ -18,7 +19,6 @@ import queue
 import random
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from botocore import exceptions as bce
 from botocore.config import Config
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from urllib3.exceptions import ProtocolError
+from zlib_ng import zlib_ng
 
 from remote_vector_index_builder.core import errors
 from remote_vector_index_builder.core.errors import DatasetError, ObjectStoreError
@@ -58,6 +59,10 @@ _SPARE_CONNECTIONS = 4
 # _PARTS_PER_SIZE_STEP parts, so 8 MiB parts reach ~480 GiB, not 78 GiB, within
 # S3's 10,000 parts, while small objects keep small parts.
 _PARTS_PER_SIZE_STEP = 2_000
+# An upload whose size is known keeps at most this share of it in flight (and at
+# least one part): with every connection busy, a 92 MB index held 88 MB of part
+# copies beside itself; a quarter keeps 25 connections busy from 840 MB up.
+UPLOAD_BUFFER_SHARE = 4
 # Progress granularity inside a part; it also bounds urllib3's temporary copy.
 _READ_CHUNK = 1 * MIB
 # Full-jitter exponential backoff (AWS's advice for throttling): 0.5, 1, 2, ... s, at most 10.
@@ -179,6 +184,7 @@ class ObjectStore(Protocol):
         *,
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
+        size_hint: int | None = None,
     ) -> Upload: ...
     def upload_file(
         self,
@@ -207,13 +213,13 @@ class _Corrupt(Exception):
 
 # SSLError is a ConnectionError too, but a certificate problem does not heal by retrying.
 _TRANSIENT_IO: tuple[type[Exception], ...] = (bce.HTTPClientError, bce.ConnectionError)
-_TRANSIENT_IO += (bce.IncompleteReadError, ProtocolError, ConnectionError)
+_TRANSIENT_IO += (bce.IncompleteReadError, ProtocolError, ConnectionError, TimeoutError)
 _CORRUPT_IO = (bce.FlexibleChecksumError, bce.ChecksumError, _Corrupt)
 
 
 def _crc32(data: bytes | bytearray) -> str:
     """S3's ``ChecksumCRC32``: the big-endian CRC32 of ``data``, base64-encoded."""
-    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
+    return base64.b64encode(zlib_ng.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
 def _serialized(progress: Progress | None) -> Progress:
@@ -296,7 +302,7 @@ def _cause(exc: Exception) -> str:
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
         return f"S3 answered {status} {error.get('Code', '')}: {error.get('Message', '')}"
-    if isinstance(exc, bce.ReadTimeoutError):
+    if isinstance(exc, (bce.ReadTimeoutError, TimeoutError)):
         return "ReadTimeoutError: no data arrived within the read timeout"
     return f"{type(exc).__name__}: {exc}"
 
@@ -315,7 +321,29 @@ def _page_buffer(size: int) -> np.ndarray:
     # Python's mmap() holds the GIL, and populating 1 GiB stalled every other thread
     # (the service's event loop too) for ~270 ms (benchmarks/README.md, section 5).
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # Transparent huge pages (where the kernel allows them) take one fault per 2 MiB
+        # instead of per 4 KiB: faulting in the buffer was ~40 % of a download's CPU
+        # (benchmarks/README.md, section 3). Releasing rows later splits them as needed.
+        mapping.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(mapping, dtype=np.uint8)
+
+
+def _direct_reader(body: object) -> http.client.HTTPResponse | None:
+    """The ``http.client`` response under a botocore body, when reading it is equivalent.
+
+    botocore's and urllib3's ``readinto`` each read into a temporary ``bytes`` and
+    copy it on; the ``http.client`` response reads from the socket straight into the
+    caller's buffer. Equivalent only for a plain body (no chunking, no content
+    encoding, a Content-Length); otherwise None and the caller reads the usual way.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    reader = getattr(raw, "_fp", None)
+    if not isinstance(reader, http.client.HTTPResponse) or reader.chunked:
+        return None
+    if reader.length is None or reader.getheader("Content-Encoding", "identity") != "identity":
+        return None
+    return reader
 
 
 class S3ObjectStore:
@@ -389,7 +417,10 @@ class S3ObjectStore:
             # A whole-object GET (no Range) lets botocore verify the stored CRC, if any.
             extra: dict[str, Any] = {"Range": f"bytes={first}-{last}"} if ranged else {}
             response = self._client.get_object(Bucket=bucket, Key=key, IfMatch=info.etag, **extra)
-            body, part, filled = cast(_ReadInto, response["Body"]), target[first : last + 1], 0
+            # Whole objects go through botocore, which verifies a stored checksum.
+            direct = _direct_reader(response["Body"]) if ranged else None
+            body = direct or cast(_ReadInto, response["Body"])
+            part, filled = target[first : last + 1], 0
             try:
                 while filled < len(part) and not stop.is_set():
                     got = body.readinto(part[filled : filled + _READ_CHUNK])
@@ -399,8 +430,16 @@ class S3ObjectStore:
                     # A retried range reports only the bytes it did not report before.
                     report(filled - reported[0])
                     reported[0] = max(reported[0], filled)
+                if stop.is_set():
+                    return
+                if direct is not None:
+                    # http.client counts down the Content-Length and closes itself at 0.
+                    if not direct.isclosed():
+                        raise _Corrupt(f"body is longer than the {len(part)} bytes asked for")
+                    # Fully read: the connection goes back to the pool for the next range.
+                    response["Body"]._raw_stream.release_conn()  # type: ignore[attr-defined]
                 # Reading past the end lets botocore check Content-Length and any checksum.
-                if not stop.is_set() and body.readinto(memoryview(bytearray(1))):
+                elif body.readinto(memoryview(bytearray(1))):
                     raise _Corrupt(f"body is longer than the {len(part)} bytes asked for")
             finally:
                 response["Body"].close()
@@ -425,8 +464,11 @@ class S3ObjectStore:
         *,
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
+        size_hint: int | None = None,
     ) -> _S3Upload:
-        return _S3Upload(self, bucket, key, sse_kms_key_id, _serialized(progress))
+        """A streaming upload; ``size_hint`` (the expected size) bounds its buffers."""
+        slots = parts_in_flight(self._config, size_hint)
+        return _S3Upload(self, bucket, key, sse_kms_key_id, _serialized(progress), slots)
 
     def upload_file(
         self,
@@ -437,11 +479,27 @@ class S3ObjectStore:
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
     ) -> int:
-        upload = self.open_upload(bucket, key, sse_kms_key_id=sse_kms_key_id, progress=progress)
+        size = os.stat(path).st_size
+        upload = self.open_upload(
+            bucket, key, sse_kms_key_id=sse_kms_key_id, progress=progress, size_hint=size
+        )
         # Unbuffered, so the file is read straight into the part buffers.
         with upload, open(path, "rb", buffering=0) as file:
             upload.write_from(file)
         return upload.bytes_written
+
+
+def parts_in_flight(config: S3Config, size: int | None) -> int:
+    """Parts an upload of ``size`` bytes (None: unknown) sends at once."""
+    if size is None:
+        return config.concurrency
+    share = size // (UPLOAD_BUFFER_SHARE * config.part_size)
+    return max(1, min(config.concurrency, share))
+
+
+def upload_buffer_bytes(config: S3Config, size: int | None) -> int:
+    """Most memory the part buffers of one upload hold: in flight plus the one filling."""
+    return config.part_size * (parts_in_flight(config, size) + 1)
 
 
 def _run_all(tasks: list[functools.partial[None]], stop: threading.Event, workers: int) -> None:
@@ -466,12 +524,18 @@ def _run_all(tasks: list[functools.partial[None]], stop: threading.Event, worker
 class _S3Upload:
     """Streams writes into parts; a multipart upload starts only once a part is full.
 
-    At most ``concurrency`` parts are in flight (``write`` blocks beyond that), so
-    memory stays near ``(concurrency + 1) * part_size`` whatever the object's size.
+    At most ``slots`` parts are in flight (``write`` blocks beyond that), so
+    memory stays near ``(slots + 1) * part_size`` whatever the object's size.
     """
 
     def __init__(
-        self, store: S3ObjectStore, bucket: str, key: str, sse: str | None, report: Progress
+        self,
+        store: S3ObjectStore,
+        bucket: str,
+        key: str,
+        sse: str | None,
+        report: Progress,
+        slots: int,
     ) -> None:
         self._store, self._client, self._config = store, store._client, store._config
         self._report = report
@@ -484,7 +548,7 @@ class _S3Upload:
         self.bytes_written = 0
         self._buffer, self._filled = bytearray(self._config.part_size), 0
         self._spare: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        self._slots = threading.Semaphore(self._config.concurrency)
+        self._slots, self._slot_count = threading.Semaphore(slots), slots
         self._upload_id: str | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._parts: list[Future[CompletedPartTypeDef]] = []
@@ -534,9 +598,9 @@ class _S3Upload:
         if self._upload_id is None:
             create = self._client.create_multipart_upload
             self._upload_id = self._store._call(self._where, create, **self._create)["UploadId"]
-            self._pool = ThreadPoolExecutor(self._config.concurrency, thread_name_prefix="s3-put")
+            self._pool = ThreadPoolExecutor(self._slot_count, thread_name_prefix="s3-put")
         assert self._pool is not None
-        self._slots.acquire()  # blocks while `concurrency` parts are in flight
+        self._slots.acquire()  # blocks while `slots` parts are in flight
         if self._failure is not None:
             self._slots.release()
             raise self._failure
@@ -552,7 +616,7 @@ class _S3Upload:
         # botocore takes bytes or bytearray, not a memoryview: only a short last part is copied.
         body = cast(bytes, buffer) if filled == len(buffer) else bytes(memoryview(buffer)[:filled])
         try:
-            # zlib releases the GIL: parts are checksummed in parallel, once, not per attempt.
+            # zlib-ng releases the GIL: parts are checksummed in parallel, once, not per attempt.
             checksum = _crc32(body)
             response = self._store._call(
                 f"{self._where} (part {number})",

@@ -252,7 +252,11 @@ def run(
     if mode is SerializationMode.MEMORY:
         with timer.measure(Stage.UPLOAD, index_size, "serialize+upload") as span:
             upload = store.open_upload(
-                bucket, request.index_key, sse_kms_key_id=sse_key, progress=advance
+                bucket,
+                request.index_key,
+                sse_kms_key_id=sse_key,
+                progress=advance,
+                size_hint=index_size,
             )
             with upload:
                 span.nbytes = index_io.write(
