@@ -52,6 +52,18 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _server_cpu_seconds(pid: int | None) -> float:
+    """CPU time of the local S3 server so far (0 when unknown)."""
+    if not pid:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # utime and stime are fields 14 and 15 of stat; index 0 here is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _emit(result: dict[str, Any]) -> None:
     result.setdefault("peak_rss", vm_hwm_bytes())
     print(json.dumps(result), flush=True)
@@ -65,6 +77,8 @@ def _s3(endpoint: str) -> tuple[Any, Any]:
     )
 
     config = S3Config(endpoint_url=endpoint, region=REGION, path_style=True)
+    if os.environ.get("BENCH_PART_MIB"):  # for trying other part sizes by hand
+        config = config.model_copy(update={"part_size": int(os.environ["BENCH_PART_MIB"]) * MIB})
     return S3ObjectStore(make_s3_client(config), config), config
 
 
@@ -228,30 +242,39 @@ def _reference_transfer_config(download: bool) -> Any:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
+    """One timed download; with ``--warm`` after an untimed one (a long-lived client)."""
     if args.impl == "ours":
         store, config = _s3(args.endpoint)
         store.head(BUCKET, args.key)
-        baseline = _baseline()
-        cpu0, start = _cpu_seconds(), time.perf_counter()
-        buffer = store.download(BUCKET, args.key)
-        size = int(buffer.nbytes)
+
+        def transfer() -> int:
+            return int(store.download(BUCKET, args.key).nbytes)
+
         extra: dict[str, Any] = {"concurrency": config.concurrency, "part_bytes": config.part_size}
     else:
         client = _reference_client(args.endpoint)
         client.head_object(Bucket=BUCKET, Key=args.key)
-        transfer = _reference_transfer_config(download=True)
-        baseline = _baseline()
-        cpu0, start = _cpu_seconds(), time.perf_counter()
-        sink = io.BytesIO()
-        client.download_fileobj(
-            BUCKET, args.key, sink, ExtraArgs={"ChecksumMode": "ENABLED"}, Config=transfer
-        )
-        size = sink.tell()
-        extra = {"concurrency": transfer.max_concurrency, "part_bytes": 50 * MIB}
+        config = _reference_transfer_config(download=True)
+
+        def transfer() -> int:
+            sink = io.BytesIO()
+            client.download_fileobj(
+                BUCKET, args.key, sink, ExtraArgs={"ChecksumMode": "ENABLED"}, Config=config
+            )
+            return sink.tell()
+
+        extra = {"concurrency": config.max_concurrency, "part_bytes": 50 * MIB}
+    if args.warm:
+        transfer()
+    baseline = _baseline()
+    server0 = _server_cpu_seconds(args.server_pid)
+    cpu0, start = _cpu_seconds(), time.perf_counter()
+    size = transfer()
     wall = time.perf_counter() - start
     _emit(
         {
             "wall_s": wall,
+            "server_cpu_s": _server_cpu_seconds(args.server_pid) - server0,
             "cpu_s": _cpu_seconds() - cpu0,
             "bytes": size,
             "baseline_rss": baseline,
@@ -265,50 +288,64 @@ def _random_bytes(size: int) -> bytes:
 
 
 def cmd_upload(args: argparse.Namespace) -> None:
+    """One timed upload; with ``--warm`` after an untimed one of 64 MiB (a long-lived client)."""
     size = args.size
     extra: dict[str, Any] = {}
-    if args.impl == "ours-file":
-        store, config = _s3(args.endpoint)
-        path = Path(args.source)
-        size = path.stat().st_size
-        # Warm the page cache, as for a just-written index file, without a big buffer.
-        with path.open("rb", buffering=0) as file:
-            scratch = bytearray(MIB)
-            while file.readinto(scratch):
-                pass
-        store.exists(BUCKET, args.key)
-        baseline = _baseline()
-        cpu0, start = _cpu_seconds(), time.perf_counter()
-        store.upload_file(BUCKET, args.key, path)
-        extra = {"concurrency": config.concurrency, "part_bytes": config.part_size}
-    elif args.impl == "ours-stream":
-        store, config = _s3(args.endpoint)
-        data = _random_bytes(size)
-        store.exists(BUCKET, args.key)
-        baseline = _baseline()
-        cpu0, start = _cpu_seconds(), time.perf_counter()
-        view = memoryview(data)
-        # Like index_io: Faiss hands the sink 4 MiB bytes objects.
-        with store.open_upload(BUCKET, args.key) as upload:
-            for first in range(0, size, 4 * MIB):
-                upload.write(bytes(view[first : first + 4 * MIB]))
-        extra = {"concurrency": config.concurrency, "part_bytes": config.part_size}
-    else:
+    if args.impl == "reference":
         client = _reference_client(args.endpoint)
         data = _random_bytes(size)
-        source = io.BytesIO(data)  # shares the bytes object: no copy
         client.head_bucket(Bucket=BUCKET)
-        transfer = _reference_transfer_config(download=False)
-        baseline = _baseline()
-        cpu0, start = _cpu_seconds(), time.perf_counter()
-        client.upload_fileobj(
-            source, BUCKET, args.key, ExtraArgs={"ChecksumAlgorithm": "CRC32"}, Config=transfer
-        )
-        extra = {"concurrency": transfer.max_concurrency, "part_bytes": 50 * MIB}
+        config = _reference_transfer_config(download=False)
+
+        def transfer(key: str, length: int) -> None:
+            # BytesIO shares a whole bytes object: the timed run copies nothing up front.
+            source = io.BytesIO(data if length == len(data) else data[:length])
+            client.upload_fileobj(
+                source, BUCKET, key, ExtraArgs={"ChecksumAlgorithm": "CRC32"}, Config=config
+            )
+
+        extra = {"concurrency": config.max_concurrency, "part_bytes": 50 * MIB}
+    else:
+        store, s3_config = _s3(args.endpoint)
+        store.exists(BUCKET, args.key)
+        extra = {"concurrency": s3_config.concurrency, "part_bytes": s3_config.part_size}
+        if args.impl == "ours-file":
+            path = Path(args.source)
+            size = path.stat().st_size
+            # Warm the page cache, as for a just-written index file, without a big buffer.
+            with path.open("rb", buffering=0) as file:
+                scratch = bytearray(MIB)
+                while file.readinto(scratch):
+                    pass
+
+            def transfer(key: str, length: int) -> None:
+                if length == size:
+                    store.upload_file(BUCKET, key, path)
+                else:
+                    with path.open("rb") as file, store.open_upload(BUCKET, key) as upload:
+                        upload.write(file.read(length))
+
+        else:
+            data = _random_bytes(size)
+
+            def transfer(key: str, length: int) -> None:
+                view = memoryview(data)[:length]
+                # Like index_io: Faiss hands the sink 4 MiB bytes objects.
+                with store.open_upload(BUCKET, key, size_hint=length) as upload:
+                    for first in range(0, length, 4 * MIB):
+                        upload.write(bytes(view[first : first + 4 * MIB]))
+
+    if args.warm:
+        transfer(args.key + ".warm-up", min(size, 64 * MIB))
+    baseline = _baseline()
+    server0 = _server_cpu_seconds(args.server_pid)
+    cpu0, start = _cpu_seconds(), time.perf_counter()
+    transfer(args.key, size)
     wall = time.perf_counter() - start
     _emit(
         {
             "wall_s": wall,
+            "server_cpu_s": _server_cpu_seconds(args.server_pid) - server0,
             "cpu_s": _cpu_seconds() - cpu0,
             "bytes": size,
             "baseline_rss": baseline,
@@ -380,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--impl", choices=["ours", "reference"], required=True)
+    p.add_argument("--warm", action="store_true", help="time a second transfer, not the first")
+    p.add_argument("--server-pid", type=int, help="the S3 server, for its CPU time")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("upload")
@@ -388,13 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impl", choices=["ours-stream", "ours-file", "reference"], required=True)
     p.add_argument("--size", type=int, default=GIB)
     p.add_argument("--source", help="file for ours-file")
+    p.add_argument("--warm", action="store_true", help="upload 64 MiB untimed first")
+    p.add_argument("--server-pid", type=int, help="the S3 server, for its CPU time")
     p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("get-flood")
     p.add_argument("--endpoint", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--part-bytes", type=int, default=8 * MIB)
+    p.add_argument("--part-bytes", type=int, default=16 * MIB)
     p.set_defaults(func=cmd_get_flood)
 
     args = parser.parse_args(argv)

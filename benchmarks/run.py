@@ -38,6 +38,7 @@ from benchmarks.common import (
     parse_bytes,
     parse_count,
     say,
+    touch_free_memory,
 )
 
 SECTIONS = ("e2e", "memory", "transfers", "variants", "service")
@@ -88,6 +89,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--load-builds", type=int, default=3, help="builds submitted under load")
     p.add_argument("--load-rate", type=float, default=200.0, help="GET /_status per second")
     p.add_argument("--load-duration", type=float, default=20.0, help="seconds of load")
+    p.add_argument(
+        "--transfer-cold",
+        action="store_true",
+        help="time each transfer as the first of a fresh process (default: the second)",
+    )
+    p.add_argument(
+        "--no-touch-memory",
+        action="store_true",
+        help="skip writing to the free memory once before measuring (see common.py)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -175,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             client.create_bucket(Bucket=BUCKET)
             store = S3ObjectStore(client, config)
             ctx = Context(s3.endpoint_url, store, client, work, args.repeats, {})
+            ctx.warm_transfers = not args.transfer_cold
+            if not args.no_touch_memory:
+                begin = time.perf_counter()
+                touched = touch_free_memory()
+                seconds = time.perf_counter() - begin
+                say(f"touched {touched / 2**30:.1f} GiB of free memory in {seconds:.1f}s")
+                results["machine"]["touched_memory_gib"] = round(touched / 2**30, 1)
             if args.profile:
                 ctx.profile_dir = out / f"profile-{stamp}"
                 ctx.profile_dir.mkdir(parents=True, exist_ok=True)

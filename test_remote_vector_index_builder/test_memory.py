@@ -19,7 +19,7 @@ from remote_vector_index_builder.core.params import BuildRequest, DataType
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 
 ROOT = Path(__file__).resolve().parents[1]
-UPLOAD_BUFFERS = 26 * 8 * MIB  # the service's default: (25 + 1) parts of 8 MiB
+UPLOAD_BUFFERS = 26 * 16 * MIB  # the service's default: (25 + 1) parts of 16 MiB
 
 
 def request(n: int, d: int, data_type: str = "float", **extra: Any) -> BuildRequest:
@@ -64,17 +64,23 @@ def test_upload_buffers_count_only_up_to_the_index() -> None:
     req = request(5_000, 64)  # an index of ~3 MB
     assert host(req, upload=1024 * MIB) == host(req, upload=128 * MIB)
     big = request(500_000, 768)  # an index of ~1.6 GB
-    # Up to a quarter of an index of known size is in flight, plus two parts.
-    cap = memory.index_bytes(big) / memory.UPLOAD_BUFFER_SHARE + 2 * 8 * MIB
+    # Up to a quarter of an index of known size is in flight, plus the part filling.
+    cap = memory.upload_buffers(memory.index_bytes(big), 16 * MIB)
     assert host(big, upload=300 * MIB) - host(big, upload=256 * MIB) == 44 * MIB
-    assert host(big, upload=2048 * MIB) - host(big, upload=300 * MIB) == int(cap) - 300 * MIB
+    assert host(big, upload=2048 * MIB) - host(big, upload=300 * MIB) == cap - 300 * MIB
     assert host(big, upload=2048 * MIB) == host(big, upload=4096 * MIB)
 
 
-def test_upload_share_matches_the_object_store() -> None:
-    from remote_vector_index_builder.core.object_store import UPLOAD_BUFFER_SHARE
+@pytest.mark.parametrize("size", [1, 5 * MIB, 24_800_000, 92_000_000, 322_433_319, 5 * 2**30])
+def test_upload_buffers_match_the_object_store(size: int) -> None:
+    from remote_vector_index_builder.core import object_store
 
-    assert memory.UPLOAD_BUFFER_SHARE == UPLOAD_BUFFER_SHARE
+    config = object_store.S3Config()
+    expected = object_store.upload_buffer_bytes(config, size)
+    # The service passes (concurrency + 1) parts as upload_buffer_bytes, the other cap.
+    every_connection = config.part_size * (config.concurrency + 1)
+    assert min(memory.upload_buffers(size, config.part_size), every_connection) == expected
+    assert memory.UPLOAD_BUFFER_SHARE == object_store.UPLOAD_BUFFER_SHARE
 
 
 def test_byte_estimate_holds_one_fp32_conversion_buffer() -> None:

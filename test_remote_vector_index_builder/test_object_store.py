@@ -123,13 +123,15 @@ def test_part_size_grows_for_long_streams(
     assert object_store.download(bucket, "big").tobytes() == data
 
 
-def test_parts_in_flight_follow_the_expected_size():
-    config = S3Config()  # 25 connections, 8 MiB parts
-    assert object_store_module.parts_in_flight(config, None) == 25
-    assert object_store_module.parts_in_flight(config, 24 * MIB) == 1
-    assert object_store_module.parts_in_flight(config, 92 * MIB) == 2
-    assert object_store_module.parts_in_flight(config, 4 * GIB) == 25
-    assert object_store_module.upload_buffer_bytes(config, 92 * MIB) == 3 * 8 * MIB
+def test_parts_follow_the_expected_size():
+    config = S3Config()  # 25 connections, 16 MiB parts
+    part_size, in_flight = object_store_module.upload_part_size, object_store_module.parts_in_flight
+    assert (part_size(config, None), in_flight(config, None)) == (16 * MIB, 25)
+    # Parts of an eighth of the object, at least 5 MiB; a quarter of it in flight.
+    assert (part_size(config, 24 * MIB), in_flight(config, 24 * MIB)) == (5 * MIB, 1)
+    assert (part_size(config, 96 * MIB), in_flight(config, 96 * MIB)) == (12 * MIB, 2)
+    assert (part_size(config, 4 * GIB), in_flight(config, 4 * GIB)) == (16 * MIB, 25)
+    assert object_store_module.upload_buffer_bytes(config, 96 * MIB) == 3 * 12 * MIB
 
 
 @pytest.mark.parametrize(("size_hint", "most"), [(12 * PART, 3), (None, 6)])

@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         gt=0,
         validation_alias=_env("RVIB_S3_THROUGHPUT_TARGET_GBPS", "s3_throughput_target_gbps"),
     )
-    s3_part_size: int = Field(8 * MIB, validation_alias=_env("RVIB_S3_PART_SIZE", "s3_part_size"))
+    s3_part_size: int = Field(16 * MIB, validation_alias=_env("RVIB_S3_PART_SIZE", "s3_part_size"))
     s3_max_attempts: int = Field(
         5, gt=0, validation_alias=_env("RVIB_S3_MAX_ATTEMPTS", "s3_max_attempts")
     )

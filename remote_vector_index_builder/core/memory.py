@@ -12,10 +12,10 @@ The CPU path's host peak is the largest of three moments (``n`` vectors,
   twice (its vector grows by doubling), the int64 ids (a temporary and the id
   map) and, for ``byte``, the fp32 buffer int8 rows are converted through
   (``cpu_builder.CONVERT_ROWS`` rows);
-* **upload** (memory mode): the index plus the upload's part buffers, at most
-  ``upload_buffer_bytes`` and, as the upload keeps at most a quarter of an
-  object of known size in flight (``object_store.UPLOAD_BUFFER_SHARE``), at most
-  a quarter of the index plus two parts (the one filling and Faiss's write).
+* **upload** (memory mode): the index plus the upload's part buffers (at most
+  ``upload_buffer_bytes``; for an object of known size a quarter of it in
+  flight plus the part filling, ``object_store.upload_buffer_bytes``) plus the
+  4 MiB Faiss writes at a time.
   Disk mode peaks lower (the index is freed before its file is uploaded).
 
 ``index bytes = n * (storage per vector + graph per vector + 8)`` where the
@@ -53,9 +53,22 @@ FIXED_OVERHEAD = 64 * MIB
 _CHECK_ROWS = 16384
 _CHECK_BYTES_PER_VALUE = {DataType.FLOAT: 1, DataType.HALF_FLOAT: 6}
 # The upload's part size when the caller does not say (S3Config's default).
-_DEFAULT_PART_BYTES = 8 * MIB
-# object_store.UPLOAD_BUFFER_SHARE (not imported: this module must stay light).
+_DEFAULT_PART_BYTES = 16 * MIB
+# object_store's UPLOAD_BUFFER_SHARE, _PARTS_PER_KNOWN_SIZE and MIN_PART_SIZE (not
+# imported: this module must stay light; test_memory checks they agree).
 UPLOAD_BUFFER_SHARE = 4
+_PARTS_PER_KNOWN_SIZE = 8
+_MIN_PART_BYTES = 5 * MIB
+# Faiss hands the upload 4 MiB at a time (index_io's chunk).
+_WRITE_CHUNK = 4 * MIB
+
+
+def upload_buffers(index: int, part_bytes: int) -> int:
+    """``object_store.upload_buffer_bytes`` for an index of ``index`` bytes."""
+    part = min(part_bytes, max(_MIN_PART_BYTES, index // _PARTS_PER_KNOWN_SIZE))
+    return part * (max(1, index // (UPLOAD_BUFFER_SHARE * part)) + 1)
+
+
 # cpu_builder.CONVERT_ROWS (not imported: this module must not load Faiss).
 CONVERT_ROWS = 8192
 
@@ -113,8 +126,7 @@ def cpu_host_bytes(
     convert = min(batch, CONVERT_ROWS) * d * 4 if request.data_type is DataType.BYTE else 0
     build = max(vector_blob, storage) + overlap + convert + 2 * graph + 2 * n * 8 + doc_ids
 
-    in_flight = max(part_bytes, index / UPLOAD_BUFFER_SHARE)
-    upload = index + min(upload_buffer_bytes, in_flight + 2 * part_bytes)
+    upload = index + min(upload_buffer_bytes, upload_buffers(index, part_bytes)) + _WRITE_CHUNK
     return int(max(parse, build, upload) + graph) + FIXED_OVERHEAD
 
 

@@ -56,13 +56,15 @@ MAX_CONCURRENCY = 64
 # HEADs and the multipart control calls run beside a full set of part transfers.
 _SPARE_CONNECTIONS = 4
 # A streamed upload does not know its size: the part size doubles every
-# _PARTS_PER_SIZE_STEP parts, so 8 MiB parts reach ~480 GiB, not 78 GiB, within
+# _PARTS_PER_SIZE_STEP parts, so 16 MiB parts reach ~960 GiB, not 156 GiB, within
 # S3's 10,000 parts, while small objects keep small parts.
 _PARTS_PER_SIZE_STEP = 2_000
 # An upload whose size is known keeps at most this share of it in flight (and at
 # least one part): with every connection busy, a 92 MB index held 88 MB of part
-# copies beside itself; a quarter keeps 25 connections busy from 840 MB up.
+# copies beside itself. Its parts are at most an eighth of it (and at least 5 MiB),
+# so that share is two parts or more.
 UPLOAD_BUFFER_SHARE = 4
+_PARTS_PER_KNOWN_SIZE = 8
 # Progress granularity inside a part; it also bounds urllib3's temporary copy.
 _READ_CHUNK = 1 * MIB
 # Full-jitter exponential backoff (AWS's advice for throttling): 0.5, 1, 2, ... s, at most 10.
@@ -90,7 +92,9 @@ class S3Config(BaseModel):
     path_style: bool = False
     unsigned: bool = False
     throughput_target_gbps: float = Field(10.0, gt=0)
-    part_size: int = 8 * MIB
+    # 16 MiB ranges halved the requests, and so the client's CPU, of 8 MiB ones:
+    # 0.55 vs 0.85 CPU-s per GiB downloaded (benchmarks/README.md, section 3).
+    part_size: int = 16 * MIB
     max_attempts: int = Field(5, ge=1)
     connect_timeout_s: float = Field(10.0, gt=0)
     read_timeout_s: float = Field(60.0, gt=0)
@@ -467,8 +471,9 @@ class S3ObjectStore:
         size_hint: int | None = None,
     ) -> _S3Upload:
         """A streaming upload; ``size_hint`` (the expected size) bounds its buffers."""
+        part = upload_part_size(self._config, size_hint)
         slots = parts_in_flight(self._config, size_hint)
-        return _S3Upload(self, bucket, key, sse_kms_key_id, _serialized(progress), slots)
+        return _S3Upload(self, bucket, key, sse_kms_key_id, _serialized(progress), part, slots)
 
     def upload_file(
         self,
@@ -489,17 +494,24 @@ class S3ObjectStore:
         return upload.bytes_written
 
 
+def upload_part_size(config: S3Config, size: int | None) -> int:
+    """The first part size of an upload of ``size`` bytes (None: unknown)."""
+    if size is None:
+        return config.part_size
+    return min(config.part_size, max(MIN_PART_SIZE, size // _PARTS_PER_KNOWN_SIZE))
+
+
 def parts_in_flight(config: S3Config, size: int | None) -> int:
     """Parts an upload of ``size`` bytes (None: unknown) sends at once."""
     if size is None:
         return config.concurrency
-    share = size // (UPLOAD_BUFFER_SHARE * config.part_size)
+    share = size // (UPLOAD_BUFFER_SHARE * upload_part_size(config, size))
     return max(1, min(config.concurrency, share))
 
 
 def upload_buffer_bytes(config: S3Config, size: int | None) -> int:
     """Most memory the part buffers of one upload hold: in flight plus the one filling."""
-    return config.part_size * (parts_in_flight(config, size) + 1)
+    return upload_part_size(config, size) * (parts_in_flight(config, size) + 1)
 
 
 def _run_all(tasks: list[functools.partial[None]], stop: threading.Event, workers: int) -> None:
@@ -535,6 +547,7 @@ class _S3Upload:
         key: str,
         sse: str | None,
         report: Progress,
+        part_size: int,
         slots: int,
     ) -> None:
         self._store, self._client, self._config = store, store._client, store._config
@@ -546,7 +559,8 @@ class _S3Upload:
         if sse is not None:
             self._create |= {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": sse}
         self.bytes_written = 0
-        self._buffer, self._filled = bytearray(self._config.part_size), 0
+        self._part_size = part_size
+        self._buffer, self._filled = bytearray(part_size), 0
         self._spare: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._slots, self._slot_count = threading.Semaphore(slots), slots
         self._upload_id: str | None = None
@@ -606,7 +620,7 @@ class _S3Upload:
             raise self._failure
         number = len(self._parts) + 1
         self._parts.append(self._pool.submit(self._send_part, number, self._buffer, self._filled))
-        size = min(MAX_PART_SIZE, self._config.part_size * 2 ** (number // _PARTS_PER_SIZE_STEP))
+        size = min(MAX_PART_SIZE, self._part_size * 2 ** (number // _PARTS_PER_SIZE_STEP))
         self._buffer = self._spare.get_nowait() if not self._spare.empty() else bytearray(size)
         if len(self._buffer) != size:
             self._buffer = bytearray(size)
