@@ -31,6 +31,7 @@ _ERROR_MESSAGES = {
     "SlowDown": "Please reduce your request rate.",
     "InternalError": "We encountered an internal error. Please try again.",
     "ServiceUnavailable": "Service is unable to handle request.",
+    "NoSuchUpload": "The specified upload does not exist.",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import http.client
 import logging
 import math
@@ -685,7 +686,35 @@ class _S3Upload:
         parts = [future.result() for future in self._parts]
         complete = self._client.complete_multipart_upload
         upload = {"UploadId": self._upload_id, "MultipartUpload": {"Parts": parts}}
-        self._store._call(self._where, complete, **self._object, **upload)
+        try:
+            self._store._call(self._where, complete, **self._object, **upload)
+        except ObjectStoreError as exc:
+            cause = exc.__cause__
+            lost = isinstance(cause, bce.ClientError) and _code(cause) == "NoSuchUpload"
+            if not (lost and self._completed_as(parts)):
+                raise
+
+    def _completed_as(self, parts: list[CompletedPartTypeDef]) -> bool:
+        """Whether the object is the one these parts make (a retried complete whose
+        first response was lost finds the upload gone: S3 answers NoSuchUpload).
+
+        S3's multipart ETag is the MD5 of the parts' binary MD5s, then "-<parts>".
+        """
+        try:
+            digests = b"".join(bytes.fromhex(part["ETag"].strip('"')) for part in parts)
+        except ValueError:
+            return False  # a store whose part ETags are not MD5s: nothing to compare
+        expected = f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
+        try:
+            info = self._store._head("upload check", self._object["Bucket"], self._object["Key"])
+        except ObjectStoreError:
+            return False
+        found = info.etag == expected and info.size == self.bytes_written
+        if found:
+            log.info(
+                "%s: the completed object exists, its completion response was lost", self._where
+            )
+        return found
 
     def abort(self) -> None:
         if self._state != "open":
