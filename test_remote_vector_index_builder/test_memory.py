@@ -73,14 +73,14 @@ def test_upload_buffers_count_only_up_to_the_index() -> None:
 
 @pytest.mark.parametrize("size", [1, 5 * MIB, 24_800_000, 92_000_000, 322_433_319, 5 * 2**30])
 def test_upload_buffers_match_the_object_store(size: int) -> None:
-    from remote_vector_index_builder.core import object_store
+    from remote_vector_index_builder.core import multipart, object_store
 
     config = object_store.S3Config()
-    expected = object_store.upload_buffer_bytes(config, size)
+    expected = multipart.upload_buffer_bytes(config, size)
     # The service passes (concurrency + 1) parts as upload_buffer_bytes, the other cap.
     every_connection = config.part_size * (config.concurrency + 1)
     assert min(memory.upload_buffers(size, config.part_size), every_connection) == expected
-    assert memory.UPLOAD_BUFFER_SHARE == object_store.UPLOAD_BUFFER_SHARE
+    assert memory.UPLOAD_BUFFER_SHARE == multipart.UPLOAD_BUFFER_SHARE
 
 
 def test_byte_estimate_holds_one_fp32_conversion_buffer() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from remote_vector_index_builder.core import object_store as object_store_module
+from remote_vector_index_builder.core import multipart
 from remote_vector_index_builder.core.dataset import _mapping_of
 from remote_vector_index_builder.core.errors import (
     AccessDeniedError,
@@ -115,7 +115,7 @@ def test_part_size_grows_for_long_streams(
     object_store: S3ObjectStore, bucket: str, monkeypatch: pytest.MonkeyPatch
 ):
     # Every 2 parts the part size doubles: 5, 5, 10, 10, 20 MiB (+1 byte for a 6th).
-    monkeypatch.setattr(object_store_module, "_PARTS_PER_SIZE_STEP", 2)
+    monkeypatch.setattr(multipart, "_PARTS_PER_SIZE_STEP", 2)
     data = random_bytes(50 * MIB + 1)
     upload_bytes(object_store, bucket, "big", data)
     head = object_store.head(bucket, "big")
@@ -125,13 +125,13 @@ def test_part_size_grows_for_long_streams(
 
 def test_parts_follow_the_expected_size():
     config = S3Config()  # 25 connections, 16 MiB parts
-    part_size, in_flight = object_store_module.upload_part_size, object_store_module.parts_in_flight
+    part_size, in_flight = multipart.upload_part_size, multipart.parts_in_flight
     assert (part_size(config, None), in_flight(config, None)) == (16 * MIB, 25)
     # Parts of an eighth of the object, at least 5 MiB; a quarter of it in flight.
     assert (part_size(config, 24 * MIB), in_flight(config, 24 * MIB)) == (5 * MIB, 1)
     assert (part_size(config, 96 * MIB), in_flight(config, 96 * MIB)) == (12 * MIB, 2)
     assert (part_size(config, 4 * GIB), in_flight(config, 4 * GIB)) == (16 * MIB, 25)
-    assert object_store_module.upload_buffer_bytes(config, 96 * MIB) == 3 * 12 * MIB
+    assert multipart.upload_buffer_bytes(config, 96 * MIB) == 3 * 12 * MIB
 
 
 @pytest.mark.parametrize(("size_hint", "most"), [(12 * PART, 3), (None, 6)])
@@ -252,7 +252,7 @@ def test_uploads_carry_their_crc32_and_sign_payloads_only_over_plain_http(
             events.unregister(f"before-send.s3.{operation}", unique_id=f"crc-{operation}")
 
     pieces = [data[:PART], data[PART : 2 * PART], data[2 * PART :], b"tiny"]
-    expected = {object_store_module._crc32(piece) for piece in pieces}
+    expected = {multipart.crc32_b64(piece) for piece in pieces}
     assert {crc for crc, _ in sent} == expected
     assert all(len(sha) == 64 for _, sha in sent)  # a hex digest: the payload is signed
     plain: Any = make_s3_client(s3_config).meta.config
