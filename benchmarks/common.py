@@ -270,7 +270,8 @@ def run_child(
     if profile is not None:
         from benchmarks import profiles
 
-        command = profiles.record_command(profile, command)
+        command, profile_env = profiles.record_command(profile, command)
+        env = {**(env or {}), **profile_env}
     load_before = load_average()
     started = time.perf_counter()
     proc = subprocess.run(

@@ -1,21 +1,30 @@
-"""Sampling profiles of benchmark children with py-spy, and their summaries.
+"""Sampling profiles of benchmark children, and their summaries.
 
 ``python -m benchmarks.run --profile`` runs the first repeat of each measurement
-under ``py-spy record --native`` and writes, per measurement, the raw collapsed
-stacks (``<name>.folded``, loadable in speedscope or flamegraph.pl) and a summary
-(``<name>.top.txt``): where the samples end (self time, by function), and how
-much of the time is spent below a few functions that matter to the targets.
+under a sampling profiler and writes a summary per measurement
+(``<name>.top.txt``) beside the raw samples:
 
-py-spy samples every thread that is running (not idle) a fixed number of times
-per second, so a function's share of samples is its share of the process's
-busy thread time. Profiled runs are slower (the sampler takes CPU on the same
-cores): read their numbers as profiles, the tables come from runs without it.
+* with Linux ``perf`` (``perf record -e cpu-clock``, which works without
+  hardware counters): on-CPU samples only, native code included, summarized by
+  shared object and by symbol - where the CPU seconds of a transfer or a build
+  go (SHA-256 in libcrypto, copies in libc, page clearing in the kernel, Faiss's
+  distance kernels);
+* otherwise with ``py-spy record --native`` (``<name>.folded``, loadable in
+  speedscope): its idle detection counts threads blocked in native calls as
+  busy, so its shares overstate waiting threads.
+
+The service section attaches ``py-spy --gil`` to the running service: samples
+of whichever thread holds the GIL, i.e. what keeps the event loop from running.
+Profiled runs are slower (the sampler takes CPU on the same cores): read their
+numbers as profiles, the tables come from runs without it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -52,8 +61,47 @@ def py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
-def record_command(output: Path, command: list[str]) -> list[str]:
-    """``command`` run under py-spy, writing collapsed stacks to ``output``."""
+def perf() -> str | None:
+    """``perf`` if it can sample this machine's CPU clock."""
+    found = shutil.which("perf")
+    if found is None:
+        return None
+    probe = subprocess.run(
+        [found, "record", "-e", "cpu-clock", "-o", os.devnull, "--", "true"],
+        capture_output=True,
+        check=False,
+    )
+    return found if probe.returncode == 0 else None
+
+
+def record_command(output: Path, command: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``command`` under perf (``output`` with ``.perf``) or py-spy (``.folded``), and env.
+
+    perf starts paused and samples only while the child's measured work runs:
+    ``benchmarks.job`` writes enable/disable to the control FIFO named in the env.
+    """
+    perf_path = perf()
+    if perf_path is not None:
+        data = output.with_suffix(".perf")
+        control = output.with_suffix(".ctl")
+        control.unlink(missing_ok=True)
+        os.mkfifo(control)
+        return [
+            perf_path,
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "499",
+            "-q",
+            "-D",
+            "-1",
+            f"--control=fifo:{control}",
+            "-o",
+            str(data),
+            "--",
+            *command,
+        ], {"BENCH_PERF_CONTROL": str(control)}
     spy = py_spy()
     if spy is None:
         raise RuntimeError("py-spy is not installed; run `make bench` (it installs '.[dev]')")
@@ -70,7 +118,7 @@ def record_command(output: Path, command: list[str]) -> list[str]:
         str(output),
         "--",
         *command,
-    ]
+    ], {}
 
 
 def attach_command(output: Path, pid: int, seconds: float, gil: bool = False) -> list[str]:
@@ -145,9 +193,30 @@ def summarize(folded: Path, top: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(folded: Path) -> Path | None:
-    if not folded.exists():
+def summarize_perf(data: Path, top: int = 15) -> str:
+    """``perf report``'s on-CPU shares by shared object and by symbol."""
+    lines = [f"{data.name}: on-CPU samples (perf cpu-clock)", ""]
+    for sort, title in (("dso", "by shared object"), ("dso,sym", "by symbol")):
+        report = subprocess.run(
+            ["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        rows = [row.rstrip() for row in report.splitlines() if re.match(r"^\s+\d+\.\d+%", row)]
+        lines += [f"{title}:", *rows[:top], ""]
+    return "\n".join(lines)
+
+
+def write_summary(output: Path) -> Path | None:
+    """Summarize what ``record_command(output, ...)`` or ``attach_command`` recorded."""
+    target = output.with_suffix(".top.txt")
+    data = output.with_suffix(".perf")
+    output.with_suffix(".ctl").unlink(missing_ok=True)
+    if data.exists():
+        target.write_text(summarize_perf(data))
+        return target
+    if not output.exists():
         return None
-    target = folded.with_suffix(".top.txt")
-    target.write_text(summarize(folded))
+    target.write_text(summarize(output))
     return target
