@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -159,10 +159,10 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None) -> dict[str
         return result
 
 
-def _wait_for(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
+def _wait_for(url: str, timeout_s: float, thread: threading.Thread) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if not thread.is_alive():
             raise RuntimeError("the service exited during start-up; see its log above")
         try:
             _http("GET", url)
@@ -180,42 +180,48 @@ def main(argv: list[str] | None = None) -> int:
 
     import boto3
     import faiss
+    import uvicorn
+    from botocore import UNSIGNED
+    from botocore.config import Config
 
+    from remote_vector_index_builder.app.main import create_app
+    from remote_vector_index_builder.app.settings import Settings
     from remote_vector_index_builder.core.quality import recall_at_k
 
     vectors = np.fromfile(SAMPLE_DIR / "vectors.knnvec", dtype="<f4").reshape(-1, 768)
     doc_ids = np.fromfile(SAMPLE_DIR / "doc_ids.knndid", dtype="<i4")
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "demo"),
-        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "demo"),
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
     with LocalS3() as s3:
         print(f"local S3 (SeaweedFS) at {s3.endpoint_url}")
+        # The demo's private server has no identities: it takes anonymous requests, so
+        # neither side needs (or sends) the user's AWS credentials.
         client = boto3.client(
             "s3",
             endpoint_url=s3.endpoint_url,
             region_name="us-east-1",
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            config=Config(signature_version=UNSIGNED, s3={"addressing_style": "path"}),
         )
         client.create_bucket(Bucket=DEMO_BUCKET)
         client.upload_file(str(SAMPLE_DIR / "vectors.knnvec"), DEMO_BUCKET, DEMO_STEM + ".knnvec")
         client.upload_file(str(SAMPLE_DIR / "doc_ids.knndid"), DEMO_BUCKET, DEMO_STEM + ".knndid")
 
         port = args.port or free_port()
-        service_env = {
-            **env,
-            "S3_ENDPOINT_URL": s3.endpoint_url,
-            "RVIB_S3_PATH_STYLE": "true",
-            "RVIB_DEVICE": "cpu",
-            "RVIB_PORT": str(port),
-            "RVIB_HOST": "127.0.0.1",
-        }
-        service = subprocess.Popen(
-            [sys.executable, "-m", "remote_vector_index_builder", "serve"], env=service_env
+        # Settings given as arguments win over the environment and any .env file, so a
+        # user's S3_ENDPOINT_URL cannot point the demo elsewhere.
+        settings = Settings(
+            _env_file=None,
+            s3_endpoint_url=s3.endpoint_url,
+            s3_region="us-east-1",
+            s3_path_style=True,
+            s3_unsigned=True,
+            device="cpu",
+            host="127.0.0.1",
+            port=port,
         )
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None)
+        )
+        service = threading.Thread(target=server.run, name="demo-service", daemon=True)
+        service.start()
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_for(f"{base}/_heart_beat", 60, service)
@@ -269,11 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.exit:
                 return 0 if recall >= 0.9 and ids_ok else 1
             print("\nserving; Ctrl-C to stop")
-            service.wait()
+            while service.is_alive():
+                service.join(timeout=1.0)
             return 0
         except KeyboardInterrupt:
             return 0
         finally:
-            if service.poll() is None:
-                service.terminate()
-                service.wait(timeout=30)
+            server.should_exit = True
+            service.join(timeout=30)
