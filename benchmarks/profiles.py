@@ -102,23 +102,7 @@ def record_command(output: Path, command: list[str]) -> tuple[list[str], dict[st
             "--",
             *command,
         ], {"BENCH_PERF_CONTROL": str(control)}
-    spy = py_spy()
-    if spy is None:
-        raise RuntimeError("py-spy is not installed; run `make bench` (it installs '.[dev]')")
-    return [
-        spy,
-        "record",
-        "--native",
-        "--subprocesses",
-        "--format",
-        "raw",
-        "--rate",
-        str(RATE_HZ),
-        "--output",
-        str(output),
-        "--",
-        *command,
-    ], {}
+    return _py_spy_record(output, "--native", "--subprocesses", "--", *command), {}
 
 
 def attach_command(output: Path, pid: int, seconds: float, gil: bool = False) -> list[str]:
@@ -127,26 +111,19 @@ def attach_command(output: Path, pid: int, seconds: float, gil: bool = False) ->
     With ``gil`` only the thread holding the GIL is sampled: what keeps the
     event loop from running Python.
     """
+    duration = str(max(1, round(seconds)))
+    # --nonblocking: otherwise py-spy stops the process for every sample and latencies balloon.
+    options = ["--pid", str(pid), "--nonblocking", "--duration", duration]
+    return _py_spy_record(output, *options, *(["--gil"] if gil else []))
+
+
+def _py_spy_record(output: Path, *arguments: str) -> list[str]:
+    """``py-spy record`` writing collapsed stacks to ``output``, then ``arguments``."""
     spy = py_spy()
     if spy is None:
         raise RuntimeError("py-spy is not installed; run `make bench` (it installs '.[dev]')")
-    return [
-        spy,
-        "record",
-        "--pid",
-        str(pid),
-        # Without it py-spy stops the process for every sample: latencies balloon.
-        "--nonblocking",
-        "--duration",
-        str(max(1, round(seconds))),
-        "--format",
-        "raw",
-        "--rate",
-        str(RATE_HZ),
-        "--output",
-        str(output),
-        *(["--gil"] if gil else []),
-    ]
+    common = ["--format", "raw", "--rate", str(RATE_HZ), "--output", str(output)]
+    return [spy, "record", *common, *arguments]
 
 
 def _function(frame: str) -> str:
@@ -176,7 +153,8 @@ def summarize(folded: Path, top: int = 15) -> str:
         # py-spy puts the process and thread first: "process 12:..." ; "thread (0x..)".
         threads[next((f for f in frames if f.startswith("thread")), "?")] += count
         own[frames[-1]] += count
-        for name in {f.split(" ")[0] for f in frames}:
+        # "S3ObjectStore.download (object_store.py)" counts as "download".
+        for name in {f.split(" ")[0].rsplit(".", 1)[-1] for f in frames}:
             if name in WATCHED:
                 below[name] += count
     if total == 0:
