@@ -106,8 +106,11 @@ class LocalS3:
         ]
         log_path = Path(self.data_dir) / "weed.log"
         with log_path.open("wb") as log:
+            # An empty environment: `weed mini` turns AWS_ACCESS_KEY_ID/SECRET found
+            # there into its admin identity and then refuses anonymous requests.
+            # Without one it accepts any request, which the demo relies on.
             self._process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir, env={}
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -10,8 +10,11 @@ from remote_vector_index_builder import demo
 def test_demo_builds_the_shipped_sample_over_http(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The demo's settings are arguments: an endpoint in the environment must not win.
+    # The demo's settings are arguments: an endpoint in the environment must not win,
+    # and the user's credentials must not reach (and lock) the demo's S3 server.
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "users-own-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "users-own-secret")
     assert demo.main(["--exit"]) == 0
     report = capsys.readouterr().out
     assert "COMPLETED_INDEX_BUILD" in report

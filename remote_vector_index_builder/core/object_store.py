@@ -325,7 +325,6 @@ class S3ObjectStore:
             # A whole-object GET (no Range) lets botocore verify the stored CRC, if any.
             extra: dict[str, Any] = {"Range": f"bytes={first}-{last}"} if ranged else {}
             response = self._client.get_object(Bucket=bucket, Key=key, IfMatch=info.etag, **extra)
-            # Whole objects go through botocore, which verifies a stored checksum.
             direct = _direct_reader(response["Body"]) if ranged else None
             body = direct or cast(_ReadInto, response["Body"])
             part, filled = target[first : last + 1], 0
