@@ -14,7 +14,7 @@ The CPU path's host peak is the largest of three moments (``n`` vectors,
   (``cpu_builder.CONVERT_ROWS`` rows);
 * **upload** (memory mode): the index plus the upload's part buffers (at most
   ``upload_buffer_bytes``; for an object of known size a quarter of it in
-  flight plus the part filling, ``multipart.upload_buffer_bytes``) plus the
+  flight plus the part filling, ``multipart.part_plan``) plus the
   4 MiB Faiss writes at a time.
   Disk mode peaks lower (the index is freed before its file is uploaded).
 
@@ -42,6 +42,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from remote_vector_index_builder.core.multipart import UPLOAD_BUFFER_SHARE as UPLOAD_BUFFER_SHARE
+from remote_vector_index_builder.core.multipart import planned_buffer_bytes
 from remote_vector_index_builder.core.params import BuildRequest, DataType
 
 MIB = 1024**2
@@ -54,19 +56,17 @@ _CHECK_ROWS = 16384
 _CHECK_BYTES_PER_VALUE = {DataType.FLOAT: 1, DataType.HALF_FLOAT: 6}
 # The upload's part size when the caller does not say (S3Config's default).
 _DEFAULT_PART_BYTES = 16 * MIB
-# multipart's UPLOAD_BUFFER_SHARE, _PARTS_PER_KNOWN_SIZE and MIN_PART_SIZE (not
-# imported: this module must stay light; test_memory checks they agree).
-UPLOAD_BUFFER_SHARE = 4
-_PARTS_PER_KNOWN_SIZE = 8
-_MIN_PART_BYTES = 5 * MIB
 # Faiss hands the upload 4 MiB at a time (index_io's chunk).
 _WRITE_CHUNK = 4 * MIB
 
 
 def upload_buffers(index: int, part_bytes: int) -> int:
-    """``multipart.upload_buffer_bytes`` for an index of ``index`` bytes."""
-    part = min(part_bytes, max(_MIN_PART_BYTES, index // _PARTS_PER_KNOWN_SIZE))
-    return part * (max(1, index // (UPLOAD_BUFFER_SHARE * part)) + 1)
+    """The part buffers of an index upload of ``index`` bytes, before the connection cap.
+
+    The caller's ``upload_buffer_bytes`` (every connection busy) caps it, so the
+    plan here need not know the connection count.
+    """
+    return planned_buffer_bytes(index, part_bytes, concurrency=2**31)  # i.e. uncapped
 
 
 # cpu_builder.CONVERT_ROWS (not imported: this module must not load Faiss).

@@ -57,24 +57,30 @@ def crc32_b64(data: bytes | bytearray) -> str:
     return base64.b64encode(zlib_ng.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
-def upload_part_size(config: S3Config, size: int | None) -> int:
-    """The first part size of an upload of ``size`` bytes (None: unknown)."""
+def part_plan(size: int | None, part_size: int, concurrency: int) -> tuple[int, int]:
+    """(first part size, parts in flight) of an upload of ``size`` bytes (None: unknown)."""
     if size is None:
-        return config.part_size
-    return min(config.part_size, max(MIN_PART_SIZE, size // _PARTS_PER_KNOWN_SIZE))
+        return part_size, concurrency
+    part = min(part_size, max(MIN_PART_SIZE, size // _PARTS_PER_KNOWN_SIZE))
+    return part, max(1, min(concurrency, size // (UPLOAD_BUFFER_SHARE * part)))
+
+
+def planned_buffer_bytes(size: int | None, part_size: int, concurrency: int) -> int:
+    """Most memory the part buffers of one upload hold: in flight plus the one filling."""
+    part, in_flight = part_plan(size, part_size, concurrency)
+    return part * (in_flight + 1)
+
+
+def upload_part_size(config: S3Config, size: int | None) -> int:
+    return part_plan(size, config.part_size, config.concurrency)[0]
 
 
 def parts_in_flight(config: S3Config, size: int | None) -> int:
-    """Parts an upload of ``size`` bytes (None: unknown) sends at once."""
-    if size is None:
-        return config.concurrency
-    share = size // (UPLOAD_BUFFER_SHARE * upload_part_size(config, size))
-    return max(1, min(config.concurrency, share))
+    return part_plan(size, config.part_size, config.concurrency)[1]
 
 
 def upload_buffer_bytes(config: S3Config, size: int | None) -> int:
-    """Most memory the part buffers of one upload hold: in flight plus the one filling."""
-    return upload_part_size(config, size) * (parts_in_flight(config, size) + 1)
+    return planned_buffer_bytes(size, config.part_size, config.concurrency)
 
 
 class MultipartUpload:
