@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench
+.PHONY: demo test lint unit bench deploy-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -21,6 +21,16 @@ lint: $(STAMP)
 	$(VENV)/bin/black --check --quiet remote_vector_index_builder test_remote_vector_index_builder benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --ignore DL3008 --ignore DL3013 base_image/Dockerfile Dockerfile.api Dockerfile.cpu
+	$(MAKE) --no-print-directory deploy-check
+
+# The fleet's manifests against the schemas these packages ship (no network):
+# Kubernetes' OpenAPI schemas (oldest and newest version tested) and the Compose
+# specification's JSON schema.
+K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard deploy/kubernetes/*.yaml))
+deploy-check: $(STAMP)
+	$(VENV)/bin/kubernetes-validate --quiet --strict -k 1.30.0 $(K8S_MANIFESTS)
+	$(VENV)/bin/kubernetes-validate --quiet --strict -k 1.37.0 $(K8S_MANIFESTS)
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose.yml
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \

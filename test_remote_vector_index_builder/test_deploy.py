@@ -1,0 +1,274 @@
+"""The fleet's deployment files keep the invariants the k-NN client depends on.
+
+The schemas are checked by ``make deploy-check`` (kubernetes-validate, the
+Compose specification); these tests check what a schema cannot: that the
+numbers and names in the files agree with each other, with the service and with
+the README's settings table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+IMAGE = "remote-vector-index-builder"
+K8sObjects = dict[tuple[str, str], dict[str, Any]]
+
+_QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def _quantity(value: str) -> int:
+    """Bytes of a Kubernetes memory quantity (``16Gi``, ``512M``, ``1024``)."""
+    match = re.fullmatch(r"(\d+)([KMGT]i|[kMG])?", value)
+    assert match, f"unsupported quantity {value!r}"
+    return int(match[1]) * _QUANTITY.get(match[2] or "", 1)
+
+
+def _duration_s(value: str) -> float:
+    """Seconds of a Compose duration (``45s``, ``1m30s``)."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", value)
+    assert match and value, f"unsupported duration {value!r}"
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _k8s_objects() -> K8sObjects:
+    objects: K8sObjects = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in _documents(path):
+            if doc["kind"] != "Kustomization":
+                objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    return objects
+
+
+def _readme_settings() -> set[str]:
+    """Every name in the first column of the README's Configuration table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([A-Z][A-Z0-9_]*\*?)`", line.split("|")[1]))
+    return names
+
+
+def _documented(name: str, documented: set[str]) -> bool:
+    return name in documented or any(
+        d.endswith("*") and name.startswith(d[:-1]) for d in documented
+    )
+
+
+def _has_flag(args: list[str], flag: str, value: str) -> bool:
+    return any(a == flag and b == value for a, b in itertools.pairwise(args))
+
+
+@pytest.fixture(scope="module")
+def k8s() -> K8sObjects:
+    return _k8s_objects()
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _replicas(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: svc for name, svc in compose["services"].items() if IMAGE in str(svc.get("image", ""))
+    }
+
+
+def _builder(k8s: K8sObjects) -> dict[str, Any]:
+    (deployment,) = (o for (kind, _), o in k8s.items() if kind == "Deployment")
+    return deployment
+
+
+def _builder_container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    (container,) = (c for c in containers if IMAGE in c["image"])
+    return container
+
+
+def _config(k8s: K8sObjects, container: dict[str, Any]) -> dict[str, str]:
+    data: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        data.update(k8s[("ConfigMap", source["configMapRef"]["name"])]["data"])
+    return data
+
+
+def test_readme_table_is_parsed() -> None:
+    names = _readme_settings()
+    assert {"RVIB_REDIS_URL", "RVIB_SHUTDOWN_GRACE_SECONDS", "AWS_*", "S3_ENDPOINT_URL"} <= names
+    assert not _documented("RVIB_NO_SUCH_SETTING", names)
+    assert _documented("AWS_SECRET_ACCESS_KEY", names)
+
+
+def test_kubernetes_termination_grace_covers_shutdown_grace_and_pre_stop(
+    k8s: K8sObjects,
+) -> None:
+    deployment = _builder(k8s)
+    pod = deployment["spec"]["template"]["spec"]
+    container = _builder_container(deployment)
+    grace = float(_config(k8s, container)["RVIB_SHUTDOWN_GRACE_SECONDS"])
+    pre_stop = container["lifecycle"]["preStop"]
+    if "sleep" in pre_stop:
+        sleep_s = float(pre_stop["sleep"]["seconds"])
+    else:
+        command = pre_stop["exec"]["command"]
+        assert command[0] == "sleep", command
+        sleep_s = float(command[1])
+    assert 2 <= sleep_s <= 15
+    assert pod["terminationGracePeriodSeconds"] > grace + sleep_s
+
+
+def test_kubernetes_probes_ports_and_environment(
+    k8s: K8sObjects,
+) -> None:
+    deployment = _builder(k8s)
+    pod = deployment["spec"]["template"]["spec"]
+    container = _builder_container(deployment)
+    assert deployment["spec"]["replicas"] >= 3
+    # Kubernetes would set RVIB_PORT=tcp://... for the Service named rvib.
+    assert pod["enableServiceLinks"] is False
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 1025}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/_ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/_heart_beat", "port": "http"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RVIB_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    secrets = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert "secretKeyRef" in env["RVIB_REDIS_URL"]["valueFrom"]
+    assert "secretKeyRef" in env["RVIB_AUTH_PASSWORD"]["valueFrom"]
+    assert len(secrets) == 1
+    config = _config(k8s, container)
+    assert "RVIB_REDIS_URL" not in config and "RVIB_AUTH_PASSWORD" not in config
+
+
+def test_kubernetes_memory_limit_leaves_room_above_the_build_budget(
+    k8s: K8sObjects,
+) -> None:
+    container = _builder_container(_builder(k8s))
+    limit = _quantity(container["resources"]["limits"]["memory"])
+    budget = int(_config(k8s, container)["CPU_MEMORY_LIMIT"])
+    assert budget <= limit * 0.85
+    assert _quantity(container["resources"]["requests"]["memory"]) == limit
+
+
+def test_kubernetes_selectors_match_the_pods(k8s: K8sObjects) -> None:
+    deployment = _builder(k8s)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (pdb,) = (o for (kind, _), o in k8s.items() if kind == "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"].get("maxUnavailable", 0) == 1 or pdb["spec"]["minAvailable"] >= 2
+    service = k8s[("Service", "rvib")]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"].get("sessionAffinity", "None") == "None"
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "http"
+
+
+def test_kubernetes_redis_keeps_every_job(k8s: K8sObjects) -> None:
+    (statefulset,) = (o for (kind, _), o in k8s.items() if kind == "StatefulSet")
+    (redis,) = statefulset["spec"]["template"]["spec"]["containers"]
+    args = redis["args"]
+    assert _has_flag(args, "--appendonly", "yes")
+    assert _has_flag(args, "--appendfsync", "everysec") or _has_flag(
+        args, "--appendfsync", "always"
+    )
+    assert _has_flag(args, "--maxmemory-policy", "noeviction")
+    maxmemory = _quantity(args[args.index("--maxmemory") + 1].replace("mb", "M"))
+    assert maxmemory < _quantity(redis["resources"]["limits"]["memory"])
+    assert statefulset["spec"]["volumeClaimTemplates"]
+    # The fleet's Redis URL names this Service.
+    assert ("Service", statefulset["spec"]["serviceName"]) in k8s
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    (kustomization,) = _documents(K8S / "kustomization.yaml")
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_environment_names_are_documented(k8s: K8sObjects, compose: dict[str, Any]) -> None:
+    container = _builder_container(_builder(k8s))
+    used = {e["name"] for e in container["env"]} | set(_config(k8s, container))
+    for service in _replicas(compose).values():
+        used |= set(service["environment"])
+    used |= {
+        line.split("=", 1)[0]
+        for line in (DEPLOY / "local-s3.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    documented = _readme_settings()
+    assert {n for n in used if not _documented(n, documented)} == set()
+
+
+def test_compose_replicas_are_distinct_and_share_redis(compose: dict[str, Any]) -> None:
+    replicas = _replicas(compose)
+    assert len(replicas) == 3
+    ids = [svc["environment"]["RVIB_REPLICA_ID"] for svc in replicas.values()]
+    assert len(set(ids)) == len(ids)
+    urls = {svc["environment"]["RVIB_REDIS_URL"] for svc in replicas.values()}
+    (url,) = urls
+    host = re.fullmatch(r"rediss?://(?:[^@/]*@)?([^:/]+)(?::\d+)?(?:/\d+)?", url)
+    assert host and host[1] in compose["services"]
+    for svc in replicas.values():
+        grace = float(svc["environment"]["RVIB_SHUTDOWN_GRACE_SECONDS"])
+        assert _duration_s(svc["stop_grace_period"]) > grace
+        assert any("/_ready" in part for part in svc["healthcheck"]["test"])
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert (
+            int(svc["environment"]["CPU_MEMORY_LIMIT"])
+            <= _quantity(svc["mem_limit"].replace("g", "Gi")) * 0.85
+        )
+        # Only the load balancer is published: clients must not pin one replica.
+        assert "ports" not in svc
+
+
+def test_compose_redis_keeps_every_job(compose: dict[str, Any]) -> None:
+    command = compose["services"]["redis"]["command"]
+    assert command[0] == "redis-server"
+    assert _has_flag(command, "--appendonly", "yes")
+    assert _has_flag(command, "--appendfsync", "everysec")
+    assert _has_flag(command, "--maxmemory-policy", "noeviction")
+    assert any(v.endswith(":/data") for v in compose["services"]["redis"]["volumes"])
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+(-\w+)?", compose["services"]["redis"]["image"])
+
+
+def test_load_balancer_spreads_retries_and_times_out(compose: dict[str, Any]) -> None:
+    lines = [
+        line.split("#", 1)[0].split() for line in (DEPLOY / "haproxy.cfg").read_text().splitlines()
+    ]
+    words = [w for w in lines if w]
+    assert ["balance", "roundrobin"] in words
+    assert ["option", "httpchk", "GET", "/_ready"] in words
+    assert not [w for w in words if w[0] in {"cookie", "stick", "stick-table", "hash-type"}]
+    (retry_on,) = [w[1:] for w in words if w[0] == "retry-on"]
+    assert {"conn-failure", "502", "503"} <= set(retry_on)
+    (timeout,) = [w[2] for w in words if w[:2] == ["timeout", "server"]]
+    assert 5 <= _duration_s(timeout) <= 60
+    # Requests that reached a replica are retried only when they are reads.
+    assert ["http-request", "disable-l7-retry", "if", "!METH_GET"] in words
+    servers = {w[2].split(":")[0] for w in words if w[0] == "server"}
+    assert servers == set(_replicas(compose))
+    lb = compose["services"]["lb"]
+    assert any(v.startswith("./haproxy.cfg:") for v in lb["volumes"])
