@@ -46,7 +46,7 @@ $(GPU_STAMP): pyproject.toml
 	touch $(GPU_STAMP)
 
 gpu-wheel-check: $(GPU_STAMP)
-	$(GPU_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(faiss|libcuvs|libraft|librmm|nvidia-(cuda-runtime|cublas)|numpy) '
+	$(GPU_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(faiss|libcuvs|libraft|librmm|nvidia-cuda-runtime|nvidia-cublas|nvidia-ml-py|numpy)'
 	$(GPU_VENV)/bin/python -m pytest -q -p no:cacheprovider --noconftest -rs \
 	  test_remote_vector_index_builder/test_gpu_wheel.py test_remote_vector_index_builder/test_gpu_builder.py \
 	  test_remote_vector_index_builder/test_gpu_replay.py $(PYTEST_ARGS)
