@@ -4,13 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench deploy-check
+GPU_VENV ?= .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+
+.PHONY: demo test lint unit bench deploy-check gpu-wheel-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -40,3 +43,20 @@ test: lint unit
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The real faiss-gpu-cuvs wheel (about 1.8 GB of CUDA 13 / cuVS wheels) in its own venv, never
+# beside faiss-cpu; not part of `make test`. On a host without a GPU it checks the CAGRA classes,
+# config fields, constructors and the start-up probe; with a GPU it also runs TestOnGpu.
+# --noconftest: the suite's fixtures (S3 servers, the app) need the dev extra, these tests do not.
+$(GPU_STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet -e '.[gpu-dev]'
+	touch $(GPU_STAMP)
+
+gpu-wheel-check: $(GPU_STAMP)
+	$(GPU_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(faiss|libcuvs|libraft|librmm|nvidia-cuda-runtime|nvidia-cublas|nvidia-ml-py|numpy)'
+	$(GPU_VENV)/bin/python -m pytest -q -p no:cacheprovider --noconftest -rs \
+	  test_remote_vector_index_builder/test_gpu_wheel.py test_remote_vector_index_builder/test_gpu_builder.py \
+	  test_remote_vector_index_builder/test_gpu_replay.py $(PYTEST_ARGS)

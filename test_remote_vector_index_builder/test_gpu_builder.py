@@ -30,8 +30,10 @@ from remote_vector_index_builder.core.gpu_builder import (
     GraphBuildAlgo,
     NumericType,
     _attach_ids,
+    _hnsw_target,
     _host_rows,
     _id_map,
+    _set,
     cagra_params,
 )
 from remote_vector_index_builder.core.params import BuildRequest
@@ -301,8 +303,8 @@ def test_conversion_target_api_exists_in_faiss() -> None:
     assert hnsw.metric_type == faiss.METRIC_INNER_PRODUCT
     binary = untyped_faiss.IndexBinaryHNSWCagra(64, 32)
     assert binary.base_level_only is False
-    # Why the binary target gets base_level_only only after copyTo: copyTo adds through
-    # IndexBinaryHNSWCagra.add, which refuses it.
+    # With the flag set, add() refuses: the binary copyTo (Faiss >= 1.12) then fills storage
+    # and level 0 directly instead of adding, which is why the flag goes on before copyTo.
     binary.base_level_only = True
     with pytest.raises(RuntimeError, match="base_level_only"):
         binary.add(np.zeros((4, 8), dtype=np.uint8))
@@ -311,6 +313,25 @@ def test_conversion_target_api_exists_in_faiss() -> None:
     hnsw.add(np.zeros((4, 16), dtype=np.float32))
     with pytest.raises(RuntimeError, match="index must be empty"):
         faiss.IndexIDMap(hnsw)
+
+
+def test_set_refuses_a_field_the_faiss_struct_does_not_have() -> None:
+    # SWIG proxies of plain structs accept any attribute as a Python-only one; the CAGRA
+    # configs are such structs (checked on the real ones in test_gpu_wheel.py).
+    params = faiss.SearchParametersHNSW()
+    params.efSerch = 3  # the silent typo _set exists to catch
+    with pytest.raises(BuildError, match="SearchParametersHNSW has no field 'efSerch'"):
+        _set(params, efSerch=3)
+    _set(params, efSearch=33, check_relative_distance=False)
+    assert (params.efSearch, params.check_relative_distance) == (33, False)
+
+
+@pytest.mark.parametrize(("data_type", "space"), [("float", "l2"), ("binary", "hamming")])
+def test_conversion_target_has_base_level_only_before_copy_to(data_type: str, space: str) -> None:
+    params = cagra_params(make_request(data_type, space, dim=64, n=1000, m=8))
+    target = _hnsw_target(params)
+    assert target.base_level_only and target.ntotal == 0
+    assert target.hnsw.nb_neighbors(0) == 2 * params.hnsw_m == params.graph_degree
 
 
 def test_id_map_made_empty_then_given_ids_serves_doc_ids_and_owns_its_inner_index() -> None:

@@ -20,8 +20,9 @@ from remote_vector_index_builder.app.jobs import Clock, JobStore
 from remote_vector_index_builder.app.metrics import HttpMetricsMiddleware, Metrics, Nvml
 from remote_vector_index_builder.app.runner import MemoryBudget, Runner, RunnerConfig
 from remote_vector_index_builder.app.settings import Settings
-from remote_vector_index_builder.core.builder import IndexBuilder, choose_builder
-from remote_vector_index_builder.core.errors import RvibError
+from remote_vector_index_builder.core import gpu_probe
+from remote_vector_index_builder.core.builder import Device, IndexBuilder, choose_builder
+from remote_vector_index_builder.core.errors import GpuUnavailableError, RvibError
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore, make_s3_client
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,15 @@ def default_workers(builder: IndexBuilder) -> int:
     return 1 if builder.name == "gpu" else 2
 
 
-def gpu_memory_bytes() -> int:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return 0
+def gpu_memory_bytes(probe: gpu_probe.GpuProbe) -> int:
+    """The GPU's memory as the start-up probe read it (NVML); unknown stops the start-up,
+    since a 0 limit would answer every build with 507."""
+    if probe.memory_total_bytes is None:
+        raise GpuUnavailableError(
+            f"cannot read GPU {probe.device}'s memory through NVML (nvidia-ml-py, gpu extra): "
+            "set GPU_MEMORY_LIMIT to the bytes GPU builds may use"
+        )
+    return probe.memory_total_bytes
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
@@ -78,7 +76,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         faiss.omp_set_num_threads(settings.effective_omp_threads())
-        builder = seams.builder or choose_builder(settings.builder_options())
+        probe = gpu_probe.skipped() if settings.device is Device.CPU else gpu_probe.probe_gpu()
+        builder = seams.builder or choose_builder(settings.builder_options(), probe)
         workers = settings.max_workers or default_workers(builder)
         s3_config = settings.s3_config()
         store = seams.object_store or S3ObjectStore(
@@ -90,7 +89,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         on_gpu = builder.name == "gpu"
         budget = MemoryBudget(
             settings.effective_cpu_memory_limit(),
-            settings.gpu_memory_limit or (gpu_memory_bytes() if on_gpu else 0),
+            settings.gpu_memory_limit or (gpu_memory_bytes(probe) if on_gpu else 0),
         )
         metrics = Metrics()
         runner = Runner(
@@ -113,6 +112,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         )
         nvml = Nvml() if on_gpu else None
         metrics.watch(runner, nvml.sample if nvml is not None else None)
+        metrics.report_gpu_probe(probe)
+        app.state.gpu_probe = probe
         app.state.metrics = metrics
         app.state.settings = settings
         app.state.jobs = jobs

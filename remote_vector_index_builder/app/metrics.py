@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remote_vector_index_builder.app.jobs import JobState
 from remote_vector_index_builder.core.errors import CancelledError, RvibError
+from remote_vector_index_builder.core.gpu_probe import GpuProbe
 from remote_vector_index_builder.core.params import DataType
 from remote_vector_index_builder.core.workflow import Stage
 
@@ -164,6 +165,19 @@ class Metrics:
     def watch(self, runner: Runner, gpu: GpuSampler | None = None) -> None:
         """Export the runner's queue, memory budget and device (and GPUs) at scrape time."""
         self.registry.register(_StateCollector(runner, gpu))
+
+    def report_gpu_probe(self, probe: GpuProbe) -> None:
+        """The start-up GPU probe's verdict (core/gpu_probe.py); fixed for the process."""
+        state = Gauge(
+            "rvib_device_probe_info",
+            "The start-up GPU probe's state (usable, no_gpu, aborted, ...)",
+            ["state"],
+            registry=self.registry,
+        )
+        state.labels(probe.state.value).set(1)
+        Gauge(
+            "rvib_device_probe_gpus", "GPUs Faiss counted at start-up", registry=self.registry
+        ).set(probe.gpus)
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape body and its content type (OpenMetrics when the scraper asks)."""

@@ -208,7 +208,7 @@ def metrics(request: Request, metrics: MetricsDep) -> Response:
 
 
 @router.get("/_heart_beat")
-async def heart_beat(runner: RunnerDep) -> dict[str, Any]:
+async def heart_beat(runner: RunnerDep, request: Request) -> dict[str, Any]:
     """Liveness (always 200 while the process serves) plus readiness facts."""
     budget = runner.budget
     ready = runner.accepting and not runner.unhealthy.is_set()
@@ -224,6 +224,7 @@ async def heart_beat(runner: RunnerDep) -> dict[str, Any]:
             "gpu_limit_bytes": budget.gpu_limit,
             "gpu_reserved_bytes": budget.gpu_reserved,
         },
+        "gpu": request.app.state.gpu_probe.summary(),  # the start-up probe, core/gpu_probe.py
     }
 
 

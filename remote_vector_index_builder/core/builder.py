@@ -16,6 +16,7 @@ import faiss
 
 from remote_vector_index_builder.core.dataset import Dataset
 from remote_vector_index_builder.core.errors import BuildError, GpuUnavailableError
+from remote_vector_index_builder.core.gpu_probe import GpuProbe, ProbeState, probe_gpu
 from remote_vector_index_builder.core.params import BuildRequest, SpaceType
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,11 @@ def faiss_metric(space_type: SpaceType) -> int:
 
 
 def gpu_available() -> bool:
-    """True only when Faiss sees a GPU and was compiled with CAGRA (cuVS)."""
+    """True only when Faiss sees a GPU and was compiled with CAGRA (cuVS).
+
+    In-process: call it only where the start-up probe (core/gpu_probe.py) already ran
+    ``get_num_gpus`` without aborting, or with faiss-cpu (tests).
+    """
     get_num_gpus = getattr(faiss, "get_num_gpus", None)
     if get_num_gpus is None or not hasattr(faiss, "GpuIndexCagra"):
         return False
@@ -85,20 +90,26 @@ def gpu_available() -> bool:
         return False
 
 
-def choose_builder(options: BuilderOptions) -> IndexBuilder:
-    """Pick the builder for ``options.device``; ``auto`` means GPU when usable."""
+def choose_builder(options: BuilderOptions, probe: GpuProbe | None = None) -> IndexBuilder:
+    """Pick the builder for ``options.device``; ``auto`` means GPU when the probe says usable.
+
+    ``probe`` is the start-up probe's verdict; without one it is taken here.
+    """
     from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 
     cpu = CpuBuilder(add_batch_rows=options.add_batch_rows)
     if options.device is Device.CPU:
         return cpu
-    if not gpu_available():
+    probe = probe or probe_gpu()
+    if not probe.usable:
         if options.device is Device.GPU:
             raise GpuUnavailableError(
-                "device gpu was requested but Faiss reports no GPU with CAGRA support; "
-                "install the gpu extra on a CUDA host or use device cpu/auto"
+                f"device gpu was requested but no GPU with CAGRA support is usable: "
+                f"{probe.reason}; install the gpu extra on a CUDA host or use device cpu/auto"
             )
-        log.info("no GPU with CAGRA support found: building on the CPU")
+        # faiss-cpu is the ordinary CPU install; anything else means a GPU host that failed.
+        level = logging.INFO if probe.state is ProbeState.NO_CAGRA else logging.WARNING
+        log.log(level, "building on the CPU: %s", probe.reason)
         return cpu
     from remote_vector_index_builder.core.gpu_builder import GpuBuilder
 

@@ -8,6 +8,14 @@
     Index[Binary]IDMap           doc ids in blob order
 
 When the GPU build raises and a fallback builder is given, that builder builds instead.
+Calls that abort the process instead of raising (``GpuIndexBinaryCagra`` on a device Faiss
+cannot use) are guarded here by a device check and probed once at start-up in a child
+process (core/gpu_probe.py).
+
+Choices taken from the reference service (opensearch-project/remote-vector-index-builder,
+``faiss_gpu_index_cagra_builder.py`` and ``ivf_pq_build_cagra_config.py``): ``store_dataset``
+off, ``noTempMemory()``, IVF-PQ ``force_random_rotation`` and ``conservative_memory_allocation``
+on; each is explained where it is set.
 """
 
 from __future__ import annotations
@@ -82,6 +90,12 @@ class CagraParams:
     nn_descent_niter: int = 20
     # No upper HNSW levels: search starts from random level-0 entry points (IHc2/IBHc flag).
     base_level_only: bool = True
+    # How many random level-0 vectors a base-level-only search samples for its entry point;
+    # written into IHc2/IBHc and used by the data node. Faiss's default moved from 32 to 256
+    # in IndexHNSWCagra (faiss-cpu/faiss-gpu-cuvs 1.15.1; IndexBinaryHNSWCagra stays 32), so
+    # leaving it to Faiss makes the file depend on the release pip resolved. 32 is what the
+    # reference service's Faiss (0ca9df47, June 2026) and every release up to 1.15.0 write.
+    base_level_search_entrypoints: int = 32
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -153,14 +167,28 @@ def _api(name: str) -> Any:
 
 
 def _set(obj: Any, **fields: Any) -> None:
+    """Set fields of a Faiss config struct, refusing names the struct does not have.
+
+    SWIG proxies of plain structs (``GpuIndexCagraConfig``, ``IVFPQBuildCagraConfig``, ...)
+    accept any attribute as a Python-only one that Faiss never reads; only index classes
+    refuse unknown names. A SWIG field is a ``property`` of the proxy class, so that is what
+    is checked, and scalar values are read back to catch silent narrowing.
+    """
+    kind = type(obj).__name__
     for name, value in fields.items():
-        try:
-            setattr(obj, name, value)  # SWIG proxies refuse unknown fields with AttributeError
-        except AttributeError as exc:
+        if not isinstance(getattr(type(obj), name, None), property):
             raise BuildError(
-                f"this Faiss build's {type(obj).__name__} has no field {name!r}; "
-                "it predates the CAGRA options this service sets"
-            ) from exc
+                f"this Faiss build's {kind} has no field {name!r}; install the Faiss release "
+                "pinned in the gpu extra"
+            )
+        try:
+            setattr(obj, name, value)
+        except (TypeError, OverflowError) as exc:  # SWIG's conversions of wrong values
+            raise BuildError(f"{kind}.{name} cannot hold {value!r}: {exc}") from exc
+        if isinstance(value, bool | int | float):
+            back = getattr(obj, name)
+            if not math.isclose(float(back), float(value), rel_tol=1e-6):
+                raise BuildError(f"{kind}.{name} was set to {value!r} but reads {back!r}")
 
 
 def _host_rows(params: CagraParams, dataset: Dataset) -> np.ndarray:
@@ -206,7 +234,14 @@ class _CagraSession:
         self._index: Any = None
 
     def __enter__(self) -> _CagraSession:
-        self._resources = _api("StandardGpuResources")()
+        resources = _api("StandardGpuResources")()
+        # cuVS allocates through RMM, not Faiss's temporary stack: without these Faiss would
+        # reserve up to 1.5 GiB of GPU memory and 256 MiB of pinned host memory that the CAGRA
+        # build never touches (StandardGpuResources.cpp: kMaxTempMem,
+        # kDefaultPinnedMemoryAllocation). The reference service calls noTempMemory() too.
+        resources.noTempMemory()
+        resources.setPinnedMemory(0)
+        self._resources = resources
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -215,23 +250,49 @@ class _CagraSession:
         self._held.clear()
 
     def train(self, params: CagraParams, rows: np.ndarray) -> None:
+        config = self.config(params)
+        self._held.append(rows)
+        if params.ivf_pq is None:
+            # GpuIndexBinaryCagra's constructor enters the device before any check, and a
+            # device CUDA cannot use aborts the process there (DeviceScope -> CUDA_VERIFY);
+            # GpuIndexCagra's raises "Invalid GPU device" first. Check it the same way here.
+            visible = int(_api("get_num_gpus")())
+            if self.device >= visible:
+                raise GpuUnavailableError(
+                    f"Invalid GPU device {self.device}: Faiss sees {visible} GPU(s)"
+                )
+            self._index = _api("GpuIndexBinaryCagra")(self._resources, params.dimension, config)
+            self._index.train(rows)
+            return
+        self._index = _api("GpuIndexCagra")(
+            self._resources, params.dimension, params.metric, config
+        )
+        if params.numeric_type is NumericType.FLOAT32:
+            self._index.train(rows)
+        else:
+            self._index.train(rows, numeric_type=_api(params.numeric_type.value))
+
+    def config(self, params: CagraParams) -> Any:
+        """The ``GpuIndexCagraConfig`` (with its IVF-PQ sub-configs) that ``train`` uses."""
         config = _api("GpuIndexCagraConfig")()
-        self._held += [rows, config]
+        self._held.append(config)
         _set(
             config,
             device=self.device,
             graph_degree=params.graph_degree,
             intermediate_graph_degree=params.intermediate_graph_degree,
+            # Binary CAGRA honours this too: NN-descent with nn_descent_niter iterations and
+            # both degrees verbatim (BinaryCuvsCagra::train; it maps IVF-PQ to NN-descent).
             build_algo=_api(params.build_algo.value),
             nn_descent_niter=params.nn_descent_niter,
+            # copyTo reads the vectors from the host rows given to train; attaching them to the
+            # cuVS index as well would copy the whole dataset onto the GPU for nothing. The
+            # reference service sets store_dataset False for the same reason.
+            store_dataset=False,
         )
-        if params.ivf_pq is None:
-            # Faiss's binary CAGRA builds its kNN graph with cuVS's iterative search whatever
-            # build_algo says (Hamming supports nothing else); NN-descent is recorded for intent.
-            self._index = _api("GpuIndexBinaryCagra")(self._resources, params.dimension, config)
-            self._index.train(rows)
-            return
         pq = params.ivf_pq
+        if pq is None:
+            return config
         build, search = _api("IVFPQBuildCagraConfig")(), _api("IVFPQSearchCagraConfig")()
         self._held += [build, search]
         _set(
@@ -241,16 +302,17 @@ class _CagraSession:
             pq_bits=pq.pq_bits,
             kmeans_n_iters=pq.kmeans_n_iters,
             kmeans_trainset_fraction=pq.kmeans_trainset_fraction,
+            # Both as in the reference service's IVFPQBuildCagraConfig defaults. A random
+            # rotation spreads variance over the PQ subspaces when dimension is a multiple of
+            # pq_dim (otherwise cuVS rotates anyway), which is always the case at pq_dim =
+            # dimension / 4; conservative allocation sizes the IVF lists exactly instead of
+            # padding them for later extends, which this one-shot build never does.
+            force_random_rotation=True,
+            conservative_memory_allocation=True,
         )
         _set(search, n_probes=pq.n_probes)
         _set(config, ivf_pq_params=build, ivf_pq_search_params=search, refine_rate=pq.refine_rate)
-        self._index = _api("GpuIndexCagra")(
-            self._resources, params.dimension, params.metric, config
-        )
-        if params.numeric_type is NumericType.FLOAT32:
-            self._index.train(rows)
-        else:
-            self._index.train(rows, numeric_type=_api(params.numeric_type.value))
+        return config
 
     def copy_to(self, target: FaissIndex) -> None:
         self._index.copyTo(target)
@@ -258,18 +320,19 @@ class _CagraSession:
 
 def _hnsw_target(params: CagraParams) -> FaissIndex:
     if params.ivf_pq is None:
-        return _api("IndexBinaryHNSWCagra")(params.dimension, params.hnsw_m)
-    target = _api("IndexHNSWCagra")(params.dimension, params.hnsw_m, params.metric)
-    # Before copyTo: it then copies level 0 only instead of inserting every vector on the CPU,
-    # and fp16/int8 conversions accept nothing else.
+        target = _api("IndexBinaryHNSWCagra")(params.dimension, params.hnsw_m)
+    else:
+        target = _api("IndexHNSWCagra")(params.dimension, params.hnsw_m, params.metric)
+    # Before copyTo, for both kinds: copyTo then fills storage and copies the CAGRA graph into
+    # level 0 only. Unset, it inserts every vector through add() on the CPU, building upper
+    # levels no base-level search uses (binary: since Faiss 1.12 its copyTo honours the flag;
+    # fp16/int8 conversions refuse to run without it).
     target.base_level_only = params.base_level_only
     return target
 
 
 def _finish_hnsw(inner: FaissIndex, params: CagraParams) -> None:
-    # Binary: only now, because the binary copyTo adds through IndexBinaryHNSWCagra.add, which
-    # refuses base_level_only (that copyTo also inserts upper levels on the CPU, unused).
-    inner.base_level_only = params.base_level_only
+    inner.num_base_level_search_entrypoints = params.base_level_search_entrypoints
     inner.hnsw.efConstruction = params.ef_construction
     inner.hnsw.efSearch = params.ef_search
 
@@ -280,6 +343,12 @@ def _id_map(inner: FaissIndex, binary: bool) -> FaissIndex:
     index.own_fields = True
     inner.thisown = False
     return index
+
+
+def _finish(index: FaissIndex, inner: FaissIndex, params: CagraParams, ids: np.ndarray) -> None:
+    """What follows ``copyTo``: search settings on the HNSW, then the doc ids on its ID map."""
+    _finish_hnsw(inner, params)
+    _attach_ids(index, ids)
 
 
 def _attach_ids(index: FaissIndex, ids: np.ndarray) -> None:
@@ -338,8 +407,7 @@ class GpuBuilder:
                 inner = _hnsw_target(params)
                 index = _id_map(inner, binary)
                 session.copy_to(inner)
-            _finish_hnsw(inner, params)
-            _attach_ids(index, ids_as_int64(dataset.doc_ids))
+            _finish(index, inner, params, ids_as_int64(dataset.doc_ids))
         except (RuntimeError, MemoryError) as exc:
             raise BuildError(
                 f"Faiss CAGRA failed on GPU {self.device} for {request.doc_count} x "
