@@ -194,8 +194,8 @@ def run(
             "S3_ENDPOINT_URL": ctx.endpoint,
             "RVIB_S3_PATH_STYLE": "true",
             "RVIB_DEVICE": "cpu",
-            "RVIB_HOST": "127.0.0.1",
-            "RVIB_PORT": str(port),
+            "RVIB_LISTEN_HOST": "127.0.0.1",
+            "RVIB_LISTEN_PORT": str(port),
             "LOG_LEVEL": "WARNING",
             "RVIB_SHUTDOWN_GRACE_SECONDS": "1",
         }

@@ -36,8 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP service (POST /_build, GET /_status)")
-    serve.add_argument("--host", help="address to bind (default from RVIB_HOST or 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="port (default from RVIB_PORT or 1025)")
+    serve.add_argument("--host", help="address to bind (default from RVIB_LISTEN_HOST or 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (default from RVIB_LISTEN_PORT or 1025)")
 
     demo = sub.add_parser(
         "demo", help="local S3 + service + a real build of the shipped sample, with a report"
