@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import logging.handlers
 import os
 import re
 from pathlib import Path
@@ -10,7 +9,12 @@ from pathlib import Path
 import pytest
 from pydantic import AliasChoices
 
-from remote_vector_index_builder.app.logs import configure_logging, job_context, parse_levels
+from remote_vector_index_builder.app.logs import (
+    HourlyFileHandler,
+    configure_logging,
+    job_context,
+    parse_levels,
+)
 from remote_vector_index_builder.app.settings import Settings, usable_cpus
 from remote_vector_index_builder.core.builder import Device
 from remote_vector_index_builder.core.index_io import SerializationMode
@@ -73,13 +77,13 @@ def test_logs_go_to_an_hourly_file_with_the_job_id(tmp_path: Path) -> None:
         for handler in root.handlers:
             handler.flush()
         files = list(tmp_path.iterdir())
-        assert [f.name for f in files] == ["remote-vector-index-builder.log"]
+        assert len(files) == 1
+        assert re.fullmatch(
+            r"remote-vector-index-builder\.log\.\d{4}-\d\d-\d\d-\d\d", files[0].name
+        )
         text = files[0].read_text()
         assert "stage done" in text and "[job job-42]" in text
-        rolling = [
-            h for h in root.handlers if isinstance(h, logging.handlers.TimedRotatingFileHandler)
-        ]
-        assert rolling and rolling[0].when == "H"
+        assert any(isinstance(h, HourlyFileHandler) for h in root.handlers)
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)
