@@ -28,15 +28,10 @@ from typing import Any
 import psutil
 
 from benchmarks.common import ROOT, Context, child_env, fmt_count, percentile, say
+from remote_vector_index_builder.local_s3 import free_port
 
 TARGET_P99_S = 0.020
 _NOT_RUNNING = {"queued", "completed", "failed", "cancelled"}
-
-
-def _free_port() -> int:
-    from remote_vector_index_builder.demo import free_port
-
-    return free_port()
 
 
 def _http(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -188,7 +183,7 @@ def run(
     for stem in stems:
         ctx.store.upload_file("rvib-bench", stem + ".knnvec", blobs.vector_file)
         ctx.store.upload_file("rvib-bench", stem + ".knndid", blobs.doc_id_file)
-    port = _free_port()
+    port = free_port()
     env = child_env(
         {
             "S3_ENDPOINT_URL": ctx.endpoint,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from remote_vector_index_builder.cli import ProgressBar
+from remote_vector_index_builder.build_command import ProgressBar
 from remote_vector_index_builder.core import workflow
 from remote_vector_index_builder.core.builder import FaissIndex, Progress
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
