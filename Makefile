@@ -23,7 +23,8 @@ lint: $(STAMP)
 	$(VENV)/bin/hadolint --ignore DL3008 --ignore DL3013 base_image/Dockerfile Dockerfile.api Dockerfile.cpu
 
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	$(VENV)/bin/pytest -q -p no:cacheprovider --cov=remote_vector_index_builder --cov-report=term \
+	  $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 test: lint unit

@@ -22,8 +22,7 @@ from remote_vector_index_builder.app.logs import (
     TextFormatter,
 )
 from test_remote_vector_index_builder.data import clustered
-from test_remote_vector_index_builder.test_app import upload, wait_terminal
-from test_remote_vector_index_builder.test_progress import fast_body
+from test_remote_vector_index_builder.support import Clock, fast_body, upload, wait_terminal
 
 PACKAGE = "remote_vector_index_builder"
 
@@ -114,14 +113,6 @@ STEM = "remote-vector-index-builder.log"
 BEFORE_HOUR = datetime(2026, 12, 1, 15, 59, 59, tzinfo=UTC).timestamp()
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def write(handler: logging.Handler, message: str) -> None:
     handler.handle(logging.makeLogRecord({"msg": message, "levelno": logging.INFO}))
     handler.flush()
@@ -170,26 +161,25 @@ OTHER_REPLICA = textwrap.dedent("""
 
 
 def test_two_processes_sharing_the_directory_never_write_one_file(tmp_path: Path) -> None:
-    other = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", OTHER_REPLICA, str(tmp_path), str(BEFORE_HOUR)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert other.stdout is not None and other.stdin is not None
-        assert other.stdout.readline().strip() == f"{STEM}.2026-12-01-15"
-        ours = HourlyFileHandler(tmp_path, clock=Clock(BEFORE_HOUR))
-        write(ours, "from this replica")
-        assert ours.path.name == f"{STEM}.2026-12-01-15.1"
-        other.stdin.close()
-        assert other.wait(timeout=60) == 0
-        write(ours, "this replica again")
-        ours.close()
-    finally:
-        if other.poll() is None:
-            other.kill()
-            other.wait()
+    ) as other:
+        try:
+            assert other.stdout is not None and other.stdin is not None
+            assert other.stdout.readline().strip() == f"{STEM}.2026-12-01-15"
+            ours = HourlyFileHandler(tmp_path, clock=Clock(BEFORE_HOUR))
+            write(ours, "from this replica")
+            assert ours.path.name == f"{STEM}.2026-12-01-15.1"
+            other.stdin.close()
+            assert other.wait(timeout=60) == 0
+            write(ours, "this replica again")
+            ours.close()
+        finally:
+            if other.poll() is None:
+                other.kill()
     assert (tmp_path / f"{STEM}.2026-12-01-15").read_text() == (
         "from the other replica\nother replica stops\n"
     )
