@@ -36,7 +36,8 @@ deploy-check: $(STAMP)
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose.yml
 
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	$(VENV)/bin/pytest -q -p no:cacheprovider --cov=remote_vector_index_builder --cov-report=term \
+	  $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 test: lint unit

@@ -1,6 +1,6 @@
 """``python -m benchmarks.run``: every benchmark section against a local S3 server.
 
-Starts SeaweedFS on 127.0.0.1 (``remote_vector_index_builder.demo.LocalS3``),
+Starts SeaweedFS on 127.0.0.1 (``remote_vector_index_builder.local_s3.LocalS3``),
 writes seeded Gaussian-mixture blobs in the k-NN format, runs the sections
 (each measurement in a fresh child process), prints markdown tables and
 writes ``<out>/bench-<time>.json``, ``.md`` and ``.png`` (also as ``latest.*``).
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         S3ObjectStore,
         make_s3_client,
     )
-    from remote_vector_index_builder.demo import LocalS3, free_port
+    from remote_vector_index_builder.local_s3 import LocalS3, free_port
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="rvib-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -28,15 +28,10 @@ from typing import Any
 import psutil
 
 from benchmarks.common import ROOT, Context, child_env, fmt_count, percentile, say
+from remote_vector_index_builder.local_s3 import free_port
 
 TARGET_P99_S = 0.020
 _NOT_RUNNING = {"queued", "completed", "failed", "cancelled"}
-
-
-def _free_port() -> int:
-    from remote_vector_index_builder.demo import free_port
-
-    return free_port()
 
 
 def _http(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -188,14 +183,14 @@ def run(
     for stem in stems:
         ctx.store.upload_file("rvib-bench", stem + ".knnvec", blobs.vector_file)
         ctx.store.upload_file("rvib-bench", stem + ".knndid", blobs.doc_id_file)
-    port = _free_port()
+    port = free_port()
     env = child_env(
         {
             "S3_ENDPOINT_URL": ctx.endpoint,
             "RVIB_S3_PATH_STYLE": "true",
             "RVIB_DEVICE": "cpu",
-            "RVIB_HOST": "127.0.0.1",
-            "RVIB_PORT": str(port),
+            "RVIB_LISTEN_HOST": "127.0.0.1",
+            "RVIB_LISTEN_PORT": str(port),
             "LOG_LEVEL": "WARNING",
             "RVIB_SHUTDOWN_GRACE_SECONDS": "1",
         }

@@ -1,10 +1,12 @@
-"""Shared fixtures, one section per external component; add new sections below."""
+"""Shared fixtures, one section per external component; add new sections below.
+
+Helpers that are not fixtures live in ``support.py``: import them from there.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,7 +17,6 @@ from fastapi.testclient import TestClient
 from moto.server import ThreadedMotoServer
 
 from remote_vector_index_builder.app.main import Overrides, create_app
-from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.builder import IndexBuilder
 from remote_vector_index_builder.core.object_store import (
     MIB,
@@ -24,6 +25,8 @@ from remote_vector_index_builder.core.object_store import (
     S3ObjectStore,
     make_s3_client,
 )
+from remote_vector_index_builder.local_s3 import free_port
+from test_remote_vector_index_builder.support import Clock, make_settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -43,12 +46,6 @@ _FAKE_AWS_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
 _UNSET_AWS_ENV = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -113,28 +110,6 @@ def bucket(s3_client: S3Client) -> str:
 # --------------------------------------------------------------------------------------
 # The service: the real app with its lifespan, on the local S3 server
 # --------------------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_settings(s3_config: S3Config, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "s3_endpoint_url": s3_config.endpoint_url,
-        "s3_path_style": True,
-        "s3_part_size": s3_config.part_size,
-        "device": "cpu",
-        "max_workers": 2,
-        "shutdown_grace_seconds": 5,
-        "omp_threads": 2,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
 
 
 @pytest.fixture

@@ -6,11 +6,10 @@ dimensions has no meaningful neighbours, so recall on it says nothing.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from remote_vector_index_builder.core.quality import exact_neighbours, recall_at_k
+from remote_vector_index_builder.demo import SAMPLE_DIR
 
 __all__ = ["exact_neighbours", "recall_at_k"]
 
@@ -18,7 +17,7 @@ __all__ = ["exact_neighbours", "recall_at_k"]
 ID_MAP_HEADER = 37  # "IxMp" + d, ntotal, 2 dummies, is_trained, metric
 BINARY_ID_MAP_HEADER = 25  # "IBMp" + d, code_size, ntotal, is_trained, metric
 
-SHARED_SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "cohere-1k-768"
+SHARED_SAMPLE = SAMPLE_DIR
 
 
 def clustered(n: int, dim: int, *, clusters: int = 32, seed: int = 0) -> np.ndarray:

@@ -18,91 +18,25 @@ from fastapi.testclient import TestClient
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core import index_io
 from remote_vector_index_builder.core.object_store import (
-    ObjectInfo,
     ObjectStore,
     S3Config,
     S3ObjectStore,
-    Upload,
 )
-from test_remote_vector_index_builder.conftest import Clock, make_settings
 from test_remote_vector_index_builder.data import (
     clustered,
-    doc_id_blob,
     normalized,
     recall_at_k,
     to_binary,
     to_int8,
-    vector_blob,
 )
-
-STATUS_KEYS = {"task_status", "file_name", "error_message"}
-
-
-class GatedStore:
-    """The real S3 store, with a gate that holds downloads until a test opens it."""
-
-    def __init__(self, inner: S3ObjectStore) -> None:
-        self.inner = inner
-        self.gate = threading.Event()
-        self.waiting = threading.Semaphore(0)
-
-    def download(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        self.waiting.release()
-        assert self.gate.wait(timeout=30), "test never opened the gate"
-        return self.inner.download(*args, **kwargs)
-
-    def head(self, bucket: str, key: str) -> ObjectInfo:
-        return self.inner.head(bucket, key)
-
-    def exists(self, bucket: str, key: str) -> bool:
-        return self.inner.exists(bucket, key)
-
-    def open_upload(self, *args: Any, **kwargs: Any) -> Upload:
-        return self.inner.open_upload(*args, **kwargs)
-
-    def upload_file(self, *args: Any, **kwargs: Any) -> int:
-        return self.inner.upload_file(*args, **kwargs)
-
-
-def upload(s3_client: Any, bucket: str, stem: str, vectors: np.ndarray) -> None:
-    ids = np.arange(len(vectors), dtype=np.int32) * 2 + 1
-    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knnvec", Body=vector_blob(vectors))
-    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knndid", Body=doc_id_blob(ids))
-
-
-def build_body(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "repository_type": "s3",
-        "container_name": bucket,
-        "vector_path": f"{stem}.knnvec",
-        "doc_id_path": f"{stem}.knndid",
-        "tenant_id": "cluster-a",
-        "dimension": dim,
-        "doc_count": n,
-        "data_type": "float",
-        "engine": "faiss",
-        "index_parameters": {
-            "space_type": "l2",
-            "algorithm": "hnsw",
-            "algorithm_parameters": {"ef_construction": 100, "m": 16, "ef_search": 100},
-        },
-    }
-    body.update(kw)
-    return body
-
-
-def wait_terminal(client: TestClient, job_id: str, polls: int = 3000) -> dict[str, Any]:
-    ticker = threading.Event()
-    for _ in range(polls):
-        response = client.get(f"/_status/{job_id}")
-        assert response.status_code == 200, response.text
-        status: dict[str, Any] = response.json()
-        assert set(status) == STATUS_KEYS
-        if status["task_status"] != "RUNNING_INDEX_BUILD":
-            return status
-        ticker.wait(0.01)
-    raise AssertionError(f"job {job_id} did not finish")
-
+from test_remote_vector_index_builder.support import (
+    Clock,
+    GatedStore,
+    build_body,
+    make_settings,
+    upload,
+    wait_terminal,
+)
 
 CASES = [("float", "l2"), ("half_float", "innerproduct"), ("byte", "l2"), ("binary", "hamming")]
 

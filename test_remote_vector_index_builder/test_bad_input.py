@@ -10,8 +10,6 @@ request the service sends to S3: all of them must address the requested bucket.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from remote_vector_index_builder.core import index_io
 from remote_vector_index_builder.core.object_store import S3Config, S3ObjectStore, make_s3_client
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 from test_remote_vector_index_builder.faultproxy import FaultProxy
-from test_remote_vector_index_builder.test_app import build_body, wait_terminal
+from test_remote_vector_index_builder.support import build_body, wait_idle, wait_terminal
 
 FAST = {"space_type": "l2", "algorithm_parameters": {"m": 8, "ef_construction": 32}}
 N, DIM = 200, 8
@@ -41,12 +39,9 @@ def keys(s3_client: Any, bucket: str) -> set[str]:
     return {item["Key"] for item in listing.get("Contents", [])}
 
 
-def wait_idle(client: TestClient) -> None:
-    runner = client.app.state.runner  # type: ignore[attr-defined]
-    tick = threading.Event()
-    deadline = time.monotonic() + 10
-    while runner.busy() and time.monotonic() < deadline:
-        tick.wait(0.01)
+def assert_idle(client: TestClient) -> None:
+    """No build left and nothing reserved: a hostile input leaked no memory."""
+    wait_idle(client)
     beat = client.get("/_heart_beat").json()
     assert beat["jobs_in_flight"] == 0 and beat["memory"]["host_reserved_bytes"] == 0
 
@@ -195,7 +190,7 @@ def test_malformed_blob(
         for fragment in blob.message:
             assert fragment in status["error_message"]
         assert f"{KEY}.faiss" not in keys(s3_client, bucket)
-    wait_idle(client)
+    assert_idle(client)
 
 
 @pytest.mark.parametrize(
@@ -291,4 +286,4 @@ def test_hostile_paths_stay_in_the_bucket_and_temp_dir(
     # Every request the service sent addressed this bucket (path-style: /<bucket>/...).
     assert proxy.seen and all(s.target.startswith(f"/{bucket}/") for s in proxy.seen)
     assert list(tmp_path.iterdir()) == []
-    wait_idle(client)
+    assert_idle(client)

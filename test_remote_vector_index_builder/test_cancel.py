@@ -12,8 +12,14 @@ from fastapi.testclient import TestClient
 from remote_vector_index_builder.core.object_store import S3ObjectStore, Upload
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import clustered
-from test_remote_vector_index_builder.test_app import GatedStore, upload, wait_terminal
-from test_remote_vector_index_builder.test_progress import GatedBuilder, fast_body
+from test_remote_vector_index_builder.support import (
+    GatedBuilder,
+    GatedStore,
+    fast_body,
+    upload,
+    wait_idle,
+    wait_terminal,
+)
 
 CANCELLED = {
     "task_status": "FAILED_INDEX_BUILD",
@@ -44,17 +50,6 @@ class UploadGatedStore(GatedStore):
 def faiss_keys(s3_client: Any, bucket: str) -> list[str]:
     listing = s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])
     return [item["Key"] for item in listing if item["Key"].endswith(".faiss")]
-
-
-def wait_idle(client: TestClient) -> None:
-    """Until no build thread is left (a cancelled one ends at its next batch)."""
-    runner = client.app.state.runner  # type: ignore[attr-defined]
-    tick = threading.Event()
-    for _ in range(3000):
-        if runner.busy() == 0:
-            return
-        tick.wait(0.01)
-    raise AssertionError("a build thread is still running")
 
 
 def host_reserved(client: TestClient) -> int:

@@ -7,19 +7,11 @@ from remote_vector_index_builder.core import dataset
 from remote_vector_index_builder.core.errors import DatasetError
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, to_binary, vector_blob
+from test_remote_vector_index_builder.support import required_body
 
 
 def request(**kw: object) -> BuildRequest:
-    body: dict[str, object] = {
-        "repository_type": "s3",
-        "container_name": "b",
-        "vector_path": "v.knnvec",
-        "doc_id_path": "v.knndid",
-        "dimension": 16,
-        "doc_count": 50,
-    }
-    body.update(kw)
-    return BuildRequest.model_validate(body)
+    return BuildRequest.model_validate(required_body("b", "v", 16, 50, **kw))
 
 
 def as_buffer(data: bytes) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,12 +33,17 @@ from remote_vector_index_builder.core.object_store import S3Config, S3ObjectStor
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
-from test_remote_vector_index_builder.test_app import build_body, upload, wait_terminal
+from test_remote_vector_index_builder.support import (
+    FAST,
+    build_body,
+    upload,
+    wait_idle,
+    wait_terminal,
+)
 
 ATTEMPTS = 3
 READ_TIMEOUT_S = 1.0
 # Small HNSW parameters: these tests are about transfers, not recall.
-FAST = {"space_type": "l2", "algorithm_parameters": {"m": 8, "ef_construction": 16}}
 STEM = "idx/u1_vectors/r_my.field_0"
 # Small: every transfer is one request. Large (2,700 x 512 floats, 5.3 MiB): the
 # vectors download in two ranges and the 5.5 MiB index uploads in two parts.
@@ -76,16 +80,6 @@ def proxied_store(s3_config: S3Config, url: str, sleep: Sleeps) -> S3ObjectStore
         }
     )
     return S3ObjectStore(make_s3_client(config), config, sleep=sleep)
-
-
-def wait_idle(client: TestClient, timeout_s: float = 10.0) -> None:
-    """The worker returned: the job's outcome is recorded before its memory is released."""
-    runner = client.app.state.runner  # type: ignore[attr-defined]
-    tick = threading.Event()
-    deadline = time.monotonic() + timeout_s
-    while runner.busy() and time.monotonic() < deadline:
-        tick.wait(0.01)
-    assert runner.busy() == 0
 
 
 def assert_healthy(client: TestClient, s3_client: Any, bucket: str, tmp_dir: Path) -> None:
@@ -269,24 +263,16 @@ def test_object_store_fault(
     if case.reopen_on_retry:
         sleeps.hooks.append(proxy.accept)
 
-    started = time.monotonic()
     job_id = client.post("/_build", json=body).json()["job_id"]
+    # Bounded by the poll budget: every stall ends at the read timeout, attempts are
+    # capped and backoffs are recorded, not slept (counted below).
     status = wait_terminal(client, job_id)
-    elapsed = time.monotonic() - started
-
-    # Bounded: at most ATTEMPTS x read timeout per request that stalls, and no real backoff.
-    assert elapsed < 15, f"{case.name} took {elapsed:.1f} s"
     assert all(fault.hits > 0 for fault in faults), "a fault never fired"
     assert all(0 <= delay <= 10 for delay in sleeps.delays)
     if case.backoffs is not None:
         assert len(sleeps.delays) == case.backoffs
     else:
         assert sleeps.delays
-    print(
-        f"\n{case.name}: {status['task_status']} in {elapsed:.2f} s after "
-        f"{sum(f.hits for f in faults)} injected fault(s) and {len(sleeps.delays)} "
-        f"backoff(s); {status['error_message']}"
-    )
     if case.completes:
         assert status["task_status"] == "COMPLETED_INDEX_BUILD", status
         assert index_exists(s3_client, bucket)

@@ -1,20 +1,28 @@
-"""Logs of a real job run through the app: JSON lines carry job id, stage and durations."""
+"""Logs: JSON and text lines of a real job through the app; the hourly log files."""
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from remote_vector_index_builder.app.logs import ContextFilter, JsonFormatter, TextFormatter
+from remote_vector_index_builder.app.logs import (
+    ContextFilter,
+    HourlyFileHandler,
+    JsonFormatter,
+    TextFormatter,
+)
 from test_remote_vector_index_builder.data import clustered
-from test_remote_vector_index_builder.test_app import upload, wait_terminal
-from test_remote_vector_index_builder.test_progress import fast_body
+from test_remote_vector_index_builder.support import Clock, fast_body, upload, wait_terminal
 
 PACKAGE = "remote_vector_index_builder"
 
@@ -96,3 +104,87 @@ def test_text_lines_name_the_job(
     job_id = run_job(service, s3_client, bucket, "idx/text")
     build_done = [line for line in lines.lines if "stage build done" in line]
     assert build_done and all(line.endswith(f"[job {job_id}]") for line in build_done)
+
+
+# --- hourly files (RVIB_LOGS_DIR_PATH) --------------------------------------------------
+
+STEM = "remote-vector-index-builder.log"
+# 2026-12-01 15:59:59 UTC: the next second is in the next hour.
+BEFORE_HOUR = datetime(2026, 12, 1, 15, 59, 59, tzinfo=UTC).timestamp()
+
+
+def write(handler: logging.Handler, message: str) -> None:
+    handler.handle(logging.makeLogRecord({"msg": message, "levelno": logging.INFO}))
+    handler.flush()
+
+
+def test_each_hour_has_its_own_file_named_with_the_hour(tmp_path: Path) -> None:
+    clock = Clock(BEFORE_HOUR)
+    handler = HourlyFileHandler(tmp_path, clock=clock)
+    try:
+        write(handler, "last line of 15h")
+        clock.now += 1
+        write(handler, "first line of 16h")
+        assert handler.path.name == f"{STEM}.2026-12-01-16"
+    finally:
+        handler.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{STEM}.2026-12-01-15",
+        f"{STEM}.2026-12-01-16",
+    ]
+    assert (tmp_path / f"{STEM}.2026-12-01-15").read_text() == "last line of 15h\n"
+    assert (tmp_path / f"{STEM}.2026-12-01-16").read_text() == "first line of 16h\n"
+
+
+def test_a_restart_appends_to_the_file_of_the_hour(tmp_path: Path) -> None:
+    for message in ("before the restart", "after the restart"):
+        handler = HourlyFileHandler(tmp_path, clock=Clock(BEFORE_HOUR))
+        write(handler, message)
+        handler.close()
+    assert [p.name for p in tmp_path.iterdir()] == [f"{STEM}.2026-12-01-15"]
+    assert handler.path.read_text() == "before the restart\nafter the restart\n"
+
+
+# A second process writing to the same directory, until its stdin closes.
+OTHER_REPLICA = textwrap.dedent("""
+    import logging, sys
+    from pathlib import Path
+    from remote_vector_index_builder.app.logs import HourlyFileHandler
+    handler = HourlyFileHandler(Path(sys.argv[1]), clock=lambda: float(sys.argv[2]))
+    handler.handle(logging.makeLogRecord({"msg": "from the other replica"}))
+    handler.flush()
+    print(handler.path.name, flush=True)
+    sys.stdin.read()
+    handler.handle(logging.makeLogRecord({"msg": "other replica stops"}))
+    handler.close()
+    """)
+
+
+def test_two_processes_sharing_the_directory_never_write_one_file(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", OTHER_REPLICA, str(tmp_path), str(BEFORE_HOUR)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as other:
+        try:
+            assert other.stdout is not None and other.stdin is not None
+            assert other.stdout.readline().strip() == f"{STEM}.2026-12-01-15"
+            ours = HourlyFileHandler(tmp_path, clock=Clock(BEFORE_HOUR))
+            write(ours, "from this replica")
+            assert ours.path.name == f"{STEM}.2026-12-01-15.1"
+            other.stdin.close()
+            assert other.wait(timeout=60) == 0
+            write(ours, "this replica again")
+            ours.close()
+        finally:
+            if other.poll() is None:
+                other.kill()
+    assert (tmp_path / f"{STEM}.2026-12-01-15").read_text() == (
+        "from the other replica\nother replica stops\n"
+    )
+    assert ours.path.read_text() == "from this replica\nthis replica again\n"
+    # The other replica is gone: its file is free again for whoever starts next.
+    restarted = HourlyFileHandler(tmp_path, clock=Clock(BEFORE_HOUR))
+    restarted.close()
+    assert restarted.path.name == f"{STEM}.2026-12-01-15"

@@ -11,8 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from remote_vector_index_builder.app.metrics import GpuSample, Metrics, Nvml
 from test_remote_vector_index_builder.data import clustered
-from test_remote_vector_index_builder.test_app import GatedStore, upload, wait_terminal
-from test_remote_vector_index_builder.test_progress import fast_body
+from test_remote_vector_index_builder.support import GatedStore, fast_body, upload, wait_terminal
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

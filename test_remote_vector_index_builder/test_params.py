@@ -6,19 +6,11 @@ import pytest
 
 from remote_vector_index_builder.core.errors import InvalidRequestError
 from remote_vector_index_builder.core.params import BuildRequest, DataType, SpaceType, parse_request
+from test_remote_vector_index_builder.support import required_body
 
 
 def body(**overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "repository_type": "s3",
-        "container_name": "bucket",
-        "vector_path": "idx/uuid_vectors/abc_my.field_0.knnvec",
-        "doc_id_path": "idx/uuid_vectors/abc_my.field_0.knndid",
-        "dimension": 768,
-        "doc_count": 1000,
-    }
-    base.update(overrides)
-    return base
+    return required_body("bucket", "idx/uuid_vectors/abc_my.field_0", 768, 1000, **overrides)
 
 
 def test_defaults_follow_the_wire_contract() -> None:

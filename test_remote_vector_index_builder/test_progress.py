@@ -11,59 +11,22 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from remote_vector_index_builder.cli import ProgressBar
+from remote_vector_index_builder.build_command import ProgressBar
 from remote_vector_index_builder.core import workflow
-from remote_vector_index_builder.core.builder import FaissIndex, Progress
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
-from remote_vector_index_builder.core.dataset import Dataset
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.params import BuildRequest
-from test_remote_vector_index_builder.conftest import Clock
 from test_remote_vector_index_builder.data import clustered
-from test_remote_vector_index_builder.test_app import build_body, upload, wait_terminal
+from test_remote_vector_index_builder.support import (
+    Clock,
+    GatedBuilder,
+    build_body,
+    fast_body,
+    upload,
+    wait_terminal,
+)
 
 STAGE_ORDER = ["download", "parse", "build", "serialize", "upload"]
-# Small graphs build fast on a busy 2-core machine; the code paths are the same.
-FAST = {"space_type": "l2", "algorithm_parameters": {"m": 8, "ef_construction": 16}}
-
-
-def fast_body(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> dict[str, Any]:
-    return build_body(bucket, stem, dim, n, index_parameters=FAST, **kw)
-
-
-class GatedBuilder:
-    """The real CPU builder, paused after ``pause_after`` batches until a test resumes it."""
-
-    name = "cpu"
-
-    def __init__(self, add_batch_rows: int = 1000, pause_after: int = 2) -> None:
-        self.inner = CpuBuilder(add_batch_rows=add_batch_rows)
-        self.pause_after = pause_after
-        self.paused = threading.Event()
-        self.resume = threading.Event()
-
-    def prepare(self, request: BuildRequest) -> Any:
-        return self.inner.prepare(request)
-
-    def build(
-        self,
-        request: BuildRequest,
-        dataset: Dataset,
-        progress: Progress | None = None,
-        prepared: Any = None,
-    ) -> FaissIndex:
-        batches = 0
-
-        def report(added: int) -> None:
-            nonlocal batches
-            batches += 1
-            if batches == self.pause_after + 1:
-                self.paused.set()
-                assert self.resume.wait(timeout=30), "test never resumed the build"
-            if progress is not None:
-                progress(added)
-
-        return self.inner.build(request, dataset, report, prepared)
 
 
 def test_progress_of_a_running_build_has_percent_eta_and_stage_times(

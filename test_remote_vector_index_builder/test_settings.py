@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import fnmatch
 import logging
-import logging.handlers
+import os
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import AliasChoices
 
-from remote_vector_index_builder.app.logs import configure_logging, job_context, parse_levels
-from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.app.logs import (
+    HourlyFileHandler,
+    configure_logging,
+    job_context,
+    parse_levels,
+)
+from remote_vector_index_builder.app.settings import Settings, usable_cpus
 from remote_vector_index_builder.core.builder import Device
 from remote_vector_index_builder.core.index_io import SerializationMode
 
@@ -69,13 +77,13 @@ def test_logs_go_to_an_hourly_file_with_the_job_id(tmp_path: Path) -> None:
         for handler in root.handlers:
             handler.flush()
         files = list(tmp_path.iterdir())
-        assert [f.name for f in files] == ["remote-vector-index-builder.log"]
+        assert len(files) == 1
+        assert re.fullmatch(
+            r"remote-vector-index-builder\.log\.\d{4}-\d\d-\d\d-\d\d", files[0].name
+        )
         text = files[0].read_text()
         assert "stage done" in text and "[job job-42]" in text
-        rolling = [
-            h for h in root.handlers if isinstance(h, logging.handlers.TimedRotatingFileHandler)
-        ]
-        assert rolling and rolling[0].when == "H"
+        assert any(isinstance(h, HourlyFileHandler) for h in root.handlers)
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)
@@ -83,3 +91,120 @@ def test_logs_go_to_an_hourly_file_with_the_job_id(tmp_path: Path) -> None:
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+
+
+# --- exactly the README's variables configure the service ------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_variables() -> set[str]:
+    """Every variable name in the first column of the README's settings table."""
+    text = README.read_text()
+    section = text.split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([A-Z][A-Z0-9_]*\*?)`", line.split("|")[1]))
+    return names
+
+
+def setting_variables() -> dict[str, str]:
+    """Environment variable -> the setting it configures."""
+    names: dict[str, str] = {}
+    for field_name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        for choice in choices:
+            assert isinstance(choice, str), f"{field_name}: give its variable with env(...)"
+            names[choice] = field_name
+    return names
+
+
+def test_every_readme_variable_is_a_setting_and_every_setting_is_in_the_readme() -> None:
+    documented = readme_variables()
+    patterns = {name for name in documented if name.endswith("*")}  # AWS_*: boto3's chain
+    assert patterns == {"AWS_*"}
+    read = setting_variables()
+    assert sorted(documented - patterns - set(read)) == [], "README rows no setting reads"
+    undocumented = [
+        name
+        for name in read
+        if name not in documented and not any(fnmatch.fnmatch(name, p) for p in patterns)
+    ]
+    assert undocumented == [], "settings missing from the README's table"
+    assert {"RVIB_LISTEN_HOST", "RVIB_LISTEN_PORT"} <= set(read)
+
+
+def test_no_setting_uses_a_name_kubernetes_injects_for_a_service_named_rvib() -> None:
+    # For a Service "rvib" Kubernetes sets RVIB_SERVICE_HOST, RVIB_SERVICE_PORT[_<port name>],
+    # RVIB_PORT and RVIB_PORT_<port>_TCP[_PROTO|_PORT|_ADDR] in every pod of the namespace.
+    clashes = [n for n in setting_variables() if re.match(r"RVIB_(SERVICE_|PORT($|_))", n)]
+    assert clashes == []
+
+
+def test_only_the_documented_names_are_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    defaults = Settings(_env_file=None)
+    kubernetes = {
+        "RVIB_PORT": "tcp://10.0.0.1:1025",
+        "RVIB_SERVICE_HOST": "10.0.0.1",
+        "RVIB_SERVICE_PORT": "1025",
+        "RVIB_PORT_1025_TCP": "tcp://10.0.0.1:1025",
+        "RVIB_PORT_1025_TCP_PROTO": "tcp",
+        "RVIB_PORT_1025_TCP_PORT": "1025",
+        "RVIB_PORT_1025_TCP_ADDR": "10.0.0.1",
+        # The names the service had before RVIB_LISTEN_*:
+        "RVIB_HOST": "1.2.3.4",
+    }
+    for name, value in kubernetes.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HOST", "1.2.3.4")
+    monkeypatch.setenv("DEVICE", "gpu")
+    # Every field's own name, in both cases, with a value no field accepts unchanged
+    # (unless that name is also the documented one, as for MAX_WORKERS).
+    documented = setting_variables()
+    for field_name in Settings.model_fields:
+        for name in (field_name.upper(), field_name):
+            if name not in documented and name not in ("HOST", "DEVICE"):
+                monkeypatch.setenv(name, "not-a-setting-value")
+    assert os.environ["PORT"] == "not-a-setting-value"
+    assert Settings(_env_file=None).model_dump() == defaults.model_dump()
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("HOST=1.2.3.4\nport=9\nTMP_DIR=/nowhere\nAUTH_PASSWORD=secret\n")
+    assert Settings(_env_file=dotenv).model_dump() == defaults.model_dump()
+
+
+def test_listen_address_from_its_documented_names_and_init_by_field_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RVIB_PORT", "tcp://10.0.0.1:1025")  # Kubernetes: must not matter
+    monkeypatch.setenv("RVIB_LISTEN_HOST", "127.0.0.1")
+    monkeypatch.setenv("RVIB_LISTEN_PORT", "8080")
+    settings = Settings(_env_file=None)
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+    assert Settings(_env_file=None, port=9000, host="::1").port == 9000
+    monkeypatch.delenv("RVIB_LISTEN_PORT")
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("RVIB_LISTEN_PORT=8081\nRVIB_TMP_DIR=/var/tmp\n")
+    from_file = Settings(_env_file=dotenv)
+    assert from_file.port == 8081 and from_file.tmp_dir == Path("/var/tmp")
+
+
+# --- OpenMP threads from the CPUs this process may use ---------------------------------
+
+
+def test_threads_follow_the_cgroup_cpu_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == affinity
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: round up, OpenMP wants whole threads
+    assert usable_cpus(cpu_max) == min(affinity, 2)
+    cpu_max.write_text("10000 100000\n")  # a tenth of a CPU still gets one thread
+    assert usable_cpus(cpu_max) == 1
+    cpu_max.write_text(f"{(affinity + 8) * 100000} 100000\n")  # quota above affinity
+    assert usable_cpus(cpu_max) == affinity
+    assert usable_cpus(tmp_path / "missing") == affinity
+    assert Settings(_env_file=None, omp_threads=3).effective_omp_threads() == 3

@@ -2,20 +2,25 @@
 
 ``RVIB_DEBUG_LOGS=debug,botocore=warning`` sets the root level to debug and
 botocore's to warning: the first bare level applies to the root logger, each
-``name=level`` to that logger. ``RVIB_LOGS_DIR_PATH`` adds a file handler that
-rolls every hour. Each record carries the job id and stage of the build that
-the logging thread is running (set by the runner through ``job_context``).
+``name=level`` to that logger. ``RVIB_LOGS_DIR_PATH`` adds hourly files, named
+as the S3 connector names its own: ``remote-vector-index-builder.log.2026-12-01-15``
+holds the lines of that hour (UTC). Each record carries the job id and stage of
+the build that the logging thread is running (set by the runner through
+``job_context``).
 """
 
 from __future__ import annotations
 
 import contextvars
+import fcntl
 import json
 import logging
-import logging.handlers
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
 
 from remote_vector_index_builder.app.settings import Settings
 
@@ -70,6 +75,68 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+LOG_FILE_STEM = "remote-vector-index-builder.log"
+
+
+class HourlyFileHandler(logging.StreamHandler[TextIO]):
+    """Appends each record to the file of its hour: ``<stem>.<YYYY-MM-DD-HH>`` (UTC).
+
+    A restart within the hour appends to that hour's file. Processes sharing the
+    directory (replicas on one volume) never write the same file: each holds an
+    exclusive ``flock`` on the file it writes, and one that finds a file locked
+    takes the next free name of that hour (``<stem>.<hour>.1``, ``.2``, ...). The
+    kernel drops the lock when its process dies, so a crash leaves no stale lock
+    to clear (a lock *file* created with O_EXCL would) and the restarted process
+    gets its file back; a pid or host name in the name could not be found again
+    by the restarted process.
+    """
+
+    def __init__(
+        self, directory: Path, stem: str = LOG_FILE_STEM, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.directory = directory
+        self.stem = stem
+        self.clock = clock
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hour = self._hour(clock())
+        self.path, stream = self._open(self.hour)
+        super().__init__(stream)
+
+    @staticmethod
+    def _hour(timestamp: float) -> str:
+        return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d-%H")
+
+    def _open(self, hour: str) -> tuple[Path, TextIO]:
+        n = 0
+        while True:
+            path = self.directory / f"{self.stem}.{hour}{f'.{n}' if n else ''}"
+            stream = path.open("a", encoding="utf-8")
+            try:
+                fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                stream.close()  # another process writes this one
+                n += 1
+                continue
+            return path, stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Handler.handle holds self.lock around emit: one thread rolls over.
+        hour = self._hour(self.clock())
+        if hour != self.hour:
+            self.stream.close()
+            self.hour = hour
+            self.path, self.stream = self._open(hour)
+        super().emit(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self.stream.close()  # releases the flock
+        finally:
+            self.release()
+            super().close()
+
+
 def parse_levels(spec: str) -> dict[str, int]:
     """``"debug,botocore=warning"`` -> ``{"": DEBUG, "botocore": WARNING}``."""
     levels: dict[str, int] = {}
@@ -101,15 +168,7 @@ def configure_logging(settings: Settings) -> None:
     )
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if settings.logs_dir_path is not None:
-        settings.logs_dir_path.mkdir(parents=True, exist_ok=True)
-        handlers.append(
-            logging.handlers.TimedRotatingFileHandler(
-                settings.logs_dir_path / "remote-vector-index-builder.log",
-                when="H",
-                utc=True,
-                encoding="utf-8",
-            )
-        )
+        handlers.append(HourlyFileHandler(settings.logs_dir_path))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -1,125 +1,177 @@
 """All configuration, read once from the environment (and ``.env``), passed down.
 
-This is the only module that reads the environment. Names follow the reference
-service where it had one (``MAX_WORKERS``, ``S3_ENDPOINT_URL``, ...); settings
-of our own start with ``RVIB_``. AWS credentials and region are read by boto3's
+This is the only module that reads the environment. Exactly the variables of
+the README's settings table configure the service: each field names its one
+variable with ``env(...)``, and neither the field's own name (``HOST``,
+``DEVICE``, ...) nor anything else in the environment is read. Code builds
+settings with the field names (``Settings(port=8080)``). Names follow the
+reference service where it had one (``MAX_WORKERS``, ``S3_ENDPOINT_URL``, ...);
+settings of our own start with ``RVIB_`` but never ``RVIB_PORT`` or
+``RVIB_SERVICE_``: Kubernetes sets those for a Service named ``rvib``
+(``RVIB_PORT=tcp://10.0.0.1:1025``). AWS credentials are read by boto3's
 standard chain, not here.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import psutil
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from remote_vector_index_builder.core.builder import BuilderOptions, Device
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import MIB, S3Config
 
+# cgroup v2: "<quota> <period>" in microseconds, or "max <period>" for no limit.
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
-def _env(*names: str) -> AliasChoices:
-    return AliasChoices(*names)
+
+def env(names: str | tuple[str, ...], default: Any, **constraints: Any) -> Any:
+    """A setting read from the environment variable ``names`` (the first found of several).
+
+    ``constraints`` are pydantic's (``gt=0``, ...). The name must be in the
+    README's settings table (test_settings checks both ways).
+    """
+    alias = names if isinstance(names, str) else AliasChoices(*names)
+    return Field(default, validation_alias=alias, **constraints)
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: its affinity mask, capped by the cgroup CPU quota.
+
+    A container limited to 2 CPUs on a 64-core host sees 64 in ``os.cpu_count()``;
+    64 OpenMP threads there spend their time descheduled by the quota.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU controller here (or an unreadable file): affinity alone
+    return cpus
+
+
+def variable_names(settings_cls: type[BaseSettings]) -> frozenset[str]:
+    """The environment variables the fields name with ``env(...)``."""
+    names: set[str] = set()
+    for field in settings_cls.model_fields.values():
+        alias = field.validation_alias
+        names.update(
+            str(choice)
+            for choice in (alias.choices if isinstance(alias, AliasChoices) else [alias])
+        )
+    return frozenset(names)
+
+
+class _DocumentedOnly(PydanticBaseSettingsSource):
+    """What another source found, kept only where it was found under a documented name."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        source: PydanticBaseSettingsSource,
+        names: frozenset[str],
+    ) -> None:
+        super().__init__(settings_cls)
+        self.source = source
+        self.names = names
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ is the whole source
+
+    def __call__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.source().items() if key in self.names}
 
 
 class Settings(BaseSettings):
+    # populate_by_name: code passes field names; the environment sources are kept
+    # from reading those (settings_customise_sources). case_sensitive: the documented
+    # spelling only (pydantic-settings would take max_workers for MAX_WORKERS).
     model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", populate_by_name=True, frozen=True
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+        case_sensitive=True,
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # With populate_by_name pydantic-settings also reads a field's own name from
+        # the environment (HOST would set host), and a .env file passes every line on.
+        # Keep what those two sources found under a documented name only.
+        names = variable_names(settings_cls)
+        return (
+            init_settings,
+            _DocumentedOnly(settings_cls, env_settings, names),
+            _DocumentedOnly(settings_cls, dotenv_settings, names),
+            file_secret_settings,
+        )
+
     # Service
-    host: str = Field("0.0.0.0", validation_alias=_env("RVIB_HOST", "host"))
-    port: int = Field(1025, validation_alias=_env("RVIB_PORT", "port"))
-    max_workers: int | None = Field(None, gt=0, validation_alias=_env("MAX_WORKERS", "max_workers"))
-    request_store_max_size: int = Field(
-        10000, gt=0, validation_alias=_env("REQUEST_STORE_MAX_SIZE", "request_store_max_size")
-    )
-    request_store_ttl_seconds: float = Field(
-        7200,
-        gt=0,
-        validation_alias=_env("REQUEST_STORE_TTL_SECONDS", "request_store_ttl_seconds"),
-    )
-    cpu_memory_limit: int | None = Field(
-        None, gt=0, validation_alias=_env("CPU_MEMORY_LIMIT", "cpu_memory_limit")
-    )
-    gpu_memory_limit: int | None = Field(
-        None, gt=0, validation_alias=_env("GPU_MEMORY_LIMIT", "gpu_memory_limit")
-    )
-    shutdown_grace_seconds: float = Field(
-        30.0, ge=0, validation_alias=_env("RVIB_SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds")
-    )
+    host: str = env("RVIB_LISTEN_HOST", "0.0.0.0")
+    port: int = env("RVIB_LISTEN_PORT", 1025, ge=0, le=65535)
+    max_workers: int | None = env("MAX_WORKERS", None, gt=0)
+    request_store_max_size: int = env("REQUEST_STORE_MAX_SIZE", 10000, gt=0)
+    request_store_ttl_seconds: float = env("REQUEST_STORE_TTL_SECONDS", 7200, gt=0)
+    cpu_memory_limit: int | None = env("CPU_MEMORY_LIMIT", None, gt=0)
+    gpu_memory_limit: int | None = env("GPU_MEMORY_LIMIT", None, gt=0)
+    shutdown_grace_seconds: float = env("RVIB_SHUTDOWN_GRACE_SECONDS", 30.0, ge=0)
     # Builds (and their transfer and OpenMP threads) run this much nicer than the
     # event loop, so /_status answers promptly while builds hold every core
     # (benchmarks/README.md, section 5). 0 runs them at the service's priority.
-    build_nice: int = Field(10, ge=0, le=19, validation_alias=_env("RVIB_BUILD_NICE", "build_nice"))
-    job_time_limit_seconds: float | None = Field(
-        None, gt=0, validation_alias=_env("RVIB_JOB_TIME_LIMIT_SECONDS", "job_time_limit_seconds")
-    )
-    auth_username: str | None = Field(
-        None, validation_alias=_env("RVIB_AUTH_USERNAME", "auth_username")
-    )
-    auth_password: SecretStr | None = Field(
-        None, validation_alias=_env("RVIB_AUTH_PASSWORD", "auth_password")
-    )
-    auth_file: Path | None = Field(None, validation_alias=_env("RVIB_AUTH_FILE", "auth_file"))
-    allowed_buckets: Annotated[frozenset[str], NoDecode] = Field(
-        frozenset(), validation_alias=_env("RVIB_ALLOWED_BUCKETS", "allowed_buckets")
-    )
-    metrics_require_auth: bool = Field(
-        True, validation_alias=_env("RVIB_METRICS_REQUIRE_AUTH", "metrics_require_auth")
-    )
+    build_nice: int = env("RVIB_BUILD_NICE", 10, ge=0, le=19)
+    job_time_limit_seconds: float | None = env("RVIB_JOB_TIME_LIMIT_SECONDS", None, gt=0)
+    auth_username: str | None = env("RVIB_AUTH_USERNAME", None)
+    auth_password: SecretStr | None = env("RVIB_AUTH_PASSWORD", None)
+    auth_file: Path | None = env("RVIB_AUTH_FILE", None)
+    allowed_buckets: Annotated[frozenset[str], NoDecode] = env("RVIB_ALLOWED_BUCKETS", frozenset())
+    metrics_require_auth: bool = env("RVIB_METRICS_REQUIRE_AUTH", True)
 
     # Build
-    device: Device = Field(Device.AUTO, validation_alias=_env("RVIB_DEVICE", "device"))
-    omp_threads: int | None = Field(
-        None, gt=0, validation_alias=_env("RVIB_OMP_THREADS", "omp_threads")
+    device: Device = env("RVIB_DEVICE", Device.AUTO)
+    omp_threads: int | None = env("RVIB_OMP_THREADS", None, gt=0)
+    add_batch_rows: int = env("RVIB_ADD_BATCH_ROWS", 32768, gt=0)
+    index_serialization_mode: SerializationMode = env(
+        "INDEX_SERIALIZATION_MODE", SerializationMode.MEMORY
     )
-    add_batch_rows: int = Field(
-        32768, gt=0, validation_alias=_env("RVIB_ADD_BATCH_ROWS", "add_batch_rows")
-    )
-    index_serialization_mode: SerializationMode = Field(
-        SerializationMode.MEMORY,
-        validation_alias=_env("INDEX_SERIALIZATION_MODE", "index_serialization_mode"),
-    )
-    tmp_dir: Path | None = Field(None, validation_alias=_env("RVIB_TMP_DIR", "tmp_dir"))
+    tmp_dir: Path | None = env("RVIB_TMP_DIR", None)
 
     # S3
-    s3_endpoint_url: str | None = Field(
-        None, validation_alias=_env("S3_ENDPOINT_URL", "s3_endpoint_url")
-    )
-    s3_region: str | None = Field(
-        None, validation_alias=_env("AWS_REGION", "AWS_DEFAULT_REGION", "s3_region")
-    )
-    s3_path_style: bool = Field(False, validation_alias=_env("RVIB_S3_PATH_STYLE", "s3_path_style"))
-    s3_unsigned: bool = Field(False, validation_alias=_env("RVIB_S3_UNSIGNED", "s3_unsigned"))
-    s3_throughput_target_gbps: float = Field(
-        10.0,
-        gt=0,
-        validation_alias=_env("RVIB_S3_THROUGHPUT_TARGET_GBPS", "s3_throughput_target_gbps"),
-    )
-    s3_part_size: int = Field(16 * MIB, validation_alias=_env("RVIB_S3_PART_SIZE", "s3_part_size"))
-    s3_max_attempts: int = Field(
-        5, gt=0, validation_alias=_env("RVIB_S3_MAX_ATTEMPTS", "s3_max_attempts")
-    )
-    s3_connect_timeout_s: float = Field(
-        10.0, gt=0, validation_alias=_env("RVIB_S3_CONNECT_TIMEOUT", "s3_connect_timeout_s")
-    )
-    s3_read_timeout_s: float = Field(
-        60.0, gt=0, validation_alias=_env("RVIB_S3_READ_TIMEOUT", "s3_read_timeout_s")
-    )
+    s3_endpoint_url: str | None = env("S3_ENDPOINT_URL", None)
+    s3_region: str | None = env(("AWS_REGION", "AWS_DEFAULT_REGION"), None)
+    s3_path_style: bool = env("RVIB_S3_PATH_STYLE", False)
+    s3_unsigned: bool = env("RVIB_S3_UNSIGNED", False)
+    s3_throughput_target_gbps: float = env("RVIB_S3_THROUGHPUT_TARGET_GBPS", 10.0, gt=0)
+    s3_part_size: int = env("RVIB_S3_PART_SIZE", 16 * MIB)
+    s3_max_attempts: int = env("RVIB_S3_MAX_ATTEMPTS", 5, gt=0)
+    s3_connect_timeout_s: float = env("RVIB_S3_CONNECT_TIMEOUT", 10.0, gt=0)
+    s3_read_timeout_s: float = env("RVIB_S3_READ_TIMEOUT", 60.0, gt=0)
 
     # Logs
-    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL", "log_level"))
-    log_format: Literal["text", "json"] = Field(
-        "text", validation_alias=_env("LOG_FORMAT", "log_format")
-    )
-    debug_logs: str | None = Field(None, validation_alias=_env("RVIB_DEBUG_LOGS", "debug_logs"))
-    logs_dir_path: Path | None = Field(
-        None, validation_alias=_env("RVIB_LOGS_DIR_PATH", "logs_dir_path")
-    )
+    log_level: str = env("LOG_LEVEL", "INFO")
+    log_format: Literal["text", "json"] = env("LOG_FORMAT", "text")
+    debug_logs: str | None = env("RVIB_DEBUG_LOGS", None)
+    logs_dir_path: Path | None = env("RVIB_LOGS_DIR_PATH", None)
 
     @field_validator("allowed_buckets", mode="before")
     @classmethod
@@ -145,7 +197,8 @@ class Settings(BaseSettings):
         return BuilderOptions(device=self.device, add_batch_rows=self.add_batch_rows)
 
     def effective_omp_threads(self) -> int:
-        return self.omp_threads or os.cpu_count() or 1
+        """Faiss OpenMP threads: ``RVIB_OMP_THREADS``, else the CPUs this process may use."""
+        return self.omp_threads or usable_cpus()
 
     def effective_cpu_memory_limit(self) -> int:
         """Bytes of host memory builds may reserve (default: what the machine has)."""

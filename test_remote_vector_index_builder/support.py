@@ -1,0 +1,202 @@
+"""What the tests share to drive the service: settings, a clock, request bodies, uploads,
+waits and gated components. Test modules import from here (and from ``data.py`` for
+seeded blobs, ``faultproxy.py`` for the fault proxy), never from each other or conftest.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.core.builder import FaissIndex, Progress
+from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+from remote_vector_index_builder.core.dataset import Dataset
+from remote_vector_index_builder.core.object_store import (
+    ObjectInfo,
+    S3Config,
+    S3ObjectStore,
+    Upload,
+)
+from remote_vector_index_builder.core.params import BuildRequest
+from test_remote_vector_index_builder.data import doc_id_blob, vector_blob
+
+STATUS_KEYS = {"task_status", "file_name", "error_message"}
+# Small graphs build fast on a busy 2-core machine; the code paths are the same.
+FAST = {"space_type": "l2", "algorithm_parameters": {"m": 8, "ef_construction": 16}}
+# Polls of 10 ms: a generous bound for a small build on a loaded 2-core machine.
+POLLS = 3000
+TICK_S = 0.01
+
+
+class Clock:
+    """A clock that moves only when a test sets ``now``."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_settings(s3_config: S3Config, **overrides: Any) -> Settings:
+    """Settings for a service on the test S3 server (no .env file, CPU, 2 workers)."""
+    values: dict[str, Any] = {
+        "s3_endpoint_url": s3_config.endpoint_url,
+        "s3_path_style": True,
+        "s3_part_size": s3_config.part_size,
+        "device": "cpu",
+        "max_workers": 2,
+        "shutdown_grace_seconds": 5,
+        "omp_threads": 2,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def build_body(
+    bucket: str, stem: str, dim: int, n: int, *, fast: bool = False, **kw: Any
+) -> dict[str, Any]:
+    """A ``POST /_build`` body as the k-NN client sends it; ``fast``: a small graph."""
+    body: dict[str, Any] = {
+        "repository_type": "s3",
+        "container_name": bucket,
+        "vector_path": f"{stem}.knnvec",
+        "doc_id_path": f"{stem}.knndid",
+        "tenant_id": "cluster-a",
+        "dimension": dim,
+        "doc_count": n,
+        "data_type": "float",
+        "engine": "faiss",
+        "index_parameters": (
+            FAST
+            if fast
+            else {
+                "space_type": "l2",
+                "algorithm": "hnsw",
+                "algorithm_parameters": {"ef_construction": 100, "m": 16, "ef_search": 100},
+            }
+        ),
+    }
+    body.update(kw)
+    return body
+
+
+# The keys the k-NN client's contract requires; the rest have defaults.
+REQUIRED_KEYS = (
+    "repository_type",
+    "container_name",
+    "vector_path",
+    "doc_id_path",
+    "dimension",
+    "doc_count",
+)
+
+
+def required_body(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> dict[str, Any]:
+    """``build_body`` with only the required keys (defaults apply to the rest), plus ``kw``."""
+    full = build_body(bucket, stem, dim, n)
+    return {**{key: full[key] for key in REQUIRED_KEYS}, **kw}
+
+
+def fast_body(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> dict[str, Any]:
+    return build_body(bucket, stem, dim, n, fast=True, **kw)
+
+
+def upload(s3_client: Any, bucket: str, stem: str, vectors: np.ndarray) -> None:
+    """Both blobs of ``stem`` (doc ids 1, 3, 5, ...: not the row numbers)."""
+    ids = np.arange(len(vectors), dtype=np.int32) * 2 + 1
+    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knnvec", Body=vector_blob(vectors))
+    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knndid", Body=doc_id_blob(ids))
+
+
+def wait_terminal(client: TestClient, job_id: str, polls: int = POLLS) -> dict[str, Any]:
+    """Polls ``/_status`` (checking its keys) until the job is no longer running."""
+    ticker = threading.Event()
+    for _ in range(polls):
+        response = client.get(f"/_status/{job_id}")
+        assert response.status_code == 200, response.text
+        status: dict[str, Any] = response.json()
+        assert set(status) == STATUS_KEYS
+        if status["task_status"] != "RUNNING_INDEX_BUILD":
+            return status
+        ticker.wait(TICK_S)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def wait_idle(service: TestClient | FastAPI, polls: int = POLLS) -> None:
+    """Until no build thread is left: the worker recorded the outcome and released its
+    memory (a cancelled build ends at its next batch). ``service``: a TestClient or an app."""
+    app: Any = service.app if isinstance(service, TestClient) else service
+    runner = app.state.runner
+    tick = threading.Event()
+    for _ in range(polls):
+        if runner.busy() == 0:
+            return
+        tick.wait(TICK_S)
+    raise AssertionError("a build thread is still running")
+
+
+class GatedStore:
+    """The real S3 store, with a gate that holds downloads until a test opens it."""
+
+    def __init__(self, inner: S3ObjectStore) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.waiting = threading.Semaphore(0)
+
+    def download(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        self.waiting.release()
+        assert self.gate.wait(timeout=30), "test never opened the gate"
+        return self.inner.download(*args, **kwargs)
+
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        return self.inner.head(bucket, key)
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return self.inner.exists(bucket, key)
+
+    def open_upload(self, *args: Any, **kwargs: Any) -> Upload:
+        return self.inner.open_upload(*args, **kwargs)
+
+    def upload_file(self, *args: Any, **kwargs: Any) -> int:
+        return self.inner.upload_file(*args, **kwargs)
+
+
+class GatedBuilder:
+    """The real CPU builder, paused after ``pause_after`` batches until a test resumes it."""
+
+    name = "cpu"
+
+    def __init__(self, add_batch_rows: int = 1000, pause_after: int = 2) -> None:
+        self.inner = CpuBuilder(add_batch_rows=add_batch_rows)
+        self.pause_after = pause_after
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+
+    def prepare(self, request: BuildRequest) -> Any:
+        return self.inner.prepare(request)
+
+    def build(
+        self,
+        request: BuildRequest,
+        dataset: Dataset,
+        progress: Progress | None = None,
+        prepared: Any = None,
+    ) -> FaissIndex:
+        batches = 0
+
+        def report(added: int) -> None:
+            nonlocal batches
+            batches += 1
+            if batches == self.pause_after + 1:
+                self.paused.set()
+                assert self.resume.wait(timeout=30), "test never resumed the build"
+            if progress is not None:
+                progress(added)
+
+        return self.inner.build(request, dataset, report, prepared)
