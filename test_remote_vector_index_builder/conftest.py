@@ -17,13 +17,8 @@ from moto.server import ThreadedMotoServer
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.builder import IndexBuilder
-from remote_vector_index_builder.core.object_store import (
-    MIB,
-    ObjectStore,
-    S3Config,
-    S3ObjectStore,
-    make_s3_client,
-)
+from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
+from remote_vector_index_builder.core.s3_calls import MIB, S3Config, make_s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -17,13 +17,8 @@ from fastapi.testclient import TestClient
 
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core import index_io
-from remote_vector_index_builder.core.object_store import (
-    ObjectInfo,
-    ObjectStore,
-    S3Config,
-    S3ObjectStore,
-    Upload,
-)
+from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore, Upload
+from remote_vector_index_builder.core.s3_calls import ObjectInfo, S3Config
 from test_remote_vector_index_builder.conftest import Clock, make_settings
 from test_remote_vector_index_builder.data import (
     clustered,

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from remote_vector_index_builder.core.builder import BuilderOptions, Device
 from remote_vector_index_builder.core.index_io import SerializationMode
-from remote_vector_index_builder.core.object_store import MIB, S3Config
+from remote_vector_index_builder.core.s3_calls import MIB, S3Config
 
 
 def _env(*names: str) -> AliasChoices:
