@@ -18,7 +18,12 @@ from remote_vector_index_builder import __version__
 from remote_vector_index_builder.app import routes
 from remote_vector_index_builder.app.jobs import Clock, JobStore
 from remote_vector_index_builder.app.metrics import HttpMetricsMiddleware, Metrics, Nvml
-from remote_vector_index_builder.app.runner import MemoryBudget, Runner, RunnerConfig
+from remote_vector_index_builder.app.runner import (
+    LocalJobService,
+    MemoryBudget,
+    Runner,
+    RunnerConfig,
+)
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.builder import IndexBuilder, choose_builder
 from remote_vector_index_builder.core.errors import RvibError
@@ -112,10 +117,11 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             metrics,
         )
         nvml = Nvml() if on_gpu else None
-        metrics.watch(runner, nvml.sample if nvml is not None else None)
+        metrics.watch(runner.state, nvml.sample if nvml is not None else None)
         app.state.metrics = metrics
         app.state.settings = settings
         app.state.jobs = jobs
+        app.state.job_service = LocalJobService(jobs, runner)
         app.state.runner = runner
         app.state.credentials = load_credentials(settings)
         log.info(
