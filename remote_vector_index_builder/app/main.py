@@ -98,6 +98,12 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             settings.gpu_memory_limit or (gpu_memory_bytes() if on_gpu else 0),
         )
         metrics = Metrics()
+        fleet = None
+        if settings.redis_url is not None:
+            # Only here: one process never imports redis.
+            from remote_vector_index_builder.app.fleet import Fleet
+
+            fleet = Fleet(settings, metrics.registry, seams.clock)
         runner = Runner(
             RunnerConfig(
                 max_workers=workers,
@@ -109,19 +115,20 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 time_limit_s=settings.job_time_limit_seconds,
                 build_nice=settings.build_nice,
             ),
-            jobs,
+            jobs if fleet is None else fleet.jobs,
             store,
             builder,
             budget,
             seams.clock,
             metrics,
+            on_slot_free=None if fleet is None else fleet.wake.set,
         )
         nvml = Nvml() if on_gpu else None
         metrics.watch(runner.state, nvml.sample if nvml is not None else None)
         app.state.metrics = metrics
         app.state.settings = settings
         app.state.jobs = jobs
-        app.state.job_service = LocalJobService(jobs, runner)
+        app.state.job_service = LocalJobService(jobs, runner) if fleet is None else fleet.service
         app.state.runner = runner
         app.state.credentials = load_credentials(settings)
         log.info(
@@ -130,11 +137,17 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             builder.name,
             budget.host_limit / 2**30,
         )
+        if fleet is not None:
+            fleet.start(runner)
         try:
             yield
         finally:
             log.info("shutting down: %d builds in flight", runner.busy())
+            if fleet is not None:
+                fleet.stop_claiming()
             runner.shutdown(settings.shutdown_grace_seconds)
+            if fleet is not None:
+                await fleet.close()
             if nvml is not None:
                 nvml.close()
 

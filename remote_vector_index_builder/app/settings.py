@@ -9,6 +9,7 @@ standard chain, not here.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -109,6 +110,26 @@ class Settings(BaseSettings):
     )
     s3_read_timeout_s: float = Field(
         60.0, gt=0, validation_alias=_env("RVIB_S3_READ_TIMEOUT", "s3_read_timeout_s")
+    )
+
+    # Fleet: replicas sharing jobs through Redis (RVIB_REDIS_URL unset: one process, no Redis)
+    redis_url: SecretStr | None = Field(None, validation_alias=_env("RVIB_REDIS_URL", "redis_url"))
+    replica_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        validation_alias=_env("RVIB_REPLICA_ID", "replica_id"),
+    )
+    lease_seconds: float = Field(
+        20.0, gt=0, validation_alias=_env("RVIB_LEASE_SECONDS", "lease_seconds")
+    )
+    heartbeat_seconds: float = Field(
+        2.0, gt=0, validation_alias=_env("RVIB_HEARTBEAT_SECONDS", "heartbeat_seconds")
+    )
+    max_attempts: int = Field(3, ge=1, validation_alias=_env("RVIB_MAX_ATTEMPTS", "max_attempts"))
+    redis_retry_after_seconds: int = Field(
+        10,
+        ge=1,
+        validation_alias=_env("RVIB_REDIS_RETRY_AFTER_SECONDS", "redis_retry_after_seconds"),
     )
 
     # Logs
