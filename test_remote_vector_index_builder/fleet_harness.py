@@ -216,6 +216,11 @@ def request(
     return response.status, found, parsed
 
 
+class _Server(ThreadingHTTPServer):
+    # The default backlog (5) resets a burst of concurrent clients.
+    request_queue_size = 128
+
+
 class RoundRobinProxy:
     """``http://127.0.0.1:port`` forwarding each request to the next backend in turn."""
 
@@ -260,7 +265,7 @@ class RoundRobinProxy:
 
             do_GET = do_POST = do_DELETE = _forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
