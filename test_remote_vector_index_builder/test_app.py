@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -363,3 +364,53 @@ def test_builds_run_nicer_than_the_event_loop(
     assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
     service_nice = os.getpriority(os.PRIO_PROCESS, 0)
     assert store.nice == [min(19, service_nice + build_nice)] * 2  # vectors, then doc ids
+
+
+class ExplodingBuilder:
+    """The real CPU builder's set-up, then a bug in ``build`` (an unexpected error)."""
+
+    name = "cpu"
+
+    def prepare(self, request: Any) -> None:
+        return None
+
+    def build(self, request: Any, dataset: Any, progress: Any = None, prepared: Any = None) -> Any:
+        raise_a_bug()
+
+
+def raise_a_bug() -> None:
+    raise ZeroDivisionError("a bug deep in the build")
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_unexpected_failure_is_logged_with_its_traceback(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str
+) -> None:
+    client = service(builder=ExplodingBuilder())
+    upload(s3_client, bucket, "idx/bug", clustered(300, 16))
+    # On the runner's own logger: other tests may have configured the package's
+    # loggers (levels, propagation) for their own capture.
+    logger = logging.getLogger("remote_vector_index_builder.app.runner")
+    handler = Records()
+    logger.addHandler(handler)
+    try:
+        job_id = client.post("/_build", json=build_body(bucket, "idx/bug", 16, 300)).json()
+        status = wait_terminal(client, job_id["job_id"])
+    finally:
+        logger.removeHandler(handler)
+    expected = "unexpected error (ZeroDivisionError): a bug deep in the build"
+    assert status["error_message"] == expected
+    [record] = [r for r in handler.records if job_id["job_id"] in r.getMessage()]
+    assert record.levelname == "ERROR" and record.exc_info is not None
+    assert record.exc_info[0] is ZeroDivisionError
+    # The formatted traceback names the frame that raised, not "NoneType: None".
+    text = logging.Formatter().format(record)
+    assert "raise_a_bug" in text and "NoneType: None" not in text

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import sys
 import threading
 from typing import Any
 
@@ -44,7 +46,7 @@ def test_active_jobs_never_expire_and_ttl_counts_from_finish() -> None:
     job, created = store.add_if_absent(request())
     assert created
     clock.now += 3600  # a build far longer than the TTL
-    assert store.get(job.id).task_status is TaskStatus.RUNNING
+    assert store.get(job.id).snapshot().task_status is TaskStatus.RUNNING
     store.finish(job, JobState.COMPLETED, file_name="seg.faiss")
     clock.now += 59
     assert store.get(job.id).status_body() == {
@@ -112,3 +114,63 @@ def test_concurrent_identical_requests_create_one_job() -> None:
     for t in threads:
         t.join()
     assert created.count(True) == 1 and len(store) == 1
+
+
+def test_snapshot_is_frozen_and_taken_whole() -> None:
+    store = JobStore(max_size=10, ttl_seconds=60, clock=FakeClock())
+    job, _ = store.add_if_absent(request())
+    job.begin(1001.0, "cpu", 4096)
+    snap = job.snapshot()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.state = JobState.COMPLETED  # type: ignore[misc]
+    store.finish(job, JobState.COMPLETED, file_name="seg.faiss", index_bytes=123)
+    # The old snapshot is unchanged; a new one sees every field of the outcome.
+    assert snap.state is JobState.QUEUED and snap.reserved_bytes == 4096
+    done = job.snapshot()
+    assert (done.state, done.file_name, done.index_bytes) == (
+        JobState.COMPLETED,
+        "seg.faiss",
+        123,
+    )
+    assert done.summary()["device"] == "cpu" and done.summary()["quality"] is None
+
+
+def test_status_is_never_completed_without_its_file_name() -> None:
+    """A reader racing the thread that records outcomes sees all of an outcome or none.
+
+    Before snapshots, ``status_body`` read the state twice and the file name without
+    the job's lock while ``end`` wrote them: a body could mix the state before the
+    outcome with the file name after it (or, with the writes reordered, COMPLETED
+    with ``file_name: null``).
+    """
+    whole = [
+        {"task_status": "RUNNING_INDEX_BUILD", "file_name": None, "error_message": None},
+        {"task_status": "COMPLETED_INDEX_BUILD", "file_name": "seg.faiss", "error_message": None},
+    ]
+    store = JobStore(max_size=100_000, ttl_seconds=600, clock=FakeClock())
+    current = [store.add_if_absent(request("idx/race"))[0]]
+    torn: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            body = current[0].status_body()
+            if body not in whole:
+                torn.append(body)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    try:
+        for reader in readers:
+            reader.start()
+        for i in range(5000):
+            job = store.add_if_absent(request(f"idx/race{i}"))[0]
+            current[0] = job
+            store.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join()
+        sys.setswitchinterval(interval)
+    assert torn == []

@@ -131,7 +131,7 @@ def test_gpu_gauges_come_from_nvml_samples(service: Callable[..., TestClient]) -
     client = service()
     metrics = Metrics()
     metrics.watch(
-        client.app.state.runner,  # type: ignore[attr-defined]
+        client.app.state.runner.state,  # type: ignore[attr-defined]
         lambda: [
             GpuSample(0, 3 * 1024**3, 16 * 1024**3, 0.75),
             GpuSample(1, 0, 16 * 1024**3, None),

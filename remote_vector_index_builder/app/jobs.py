@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from cachetools import TTLCache
 
@@ -64,8 +64,145 @@ class TaskStatus(StrEnum):
     FAILED = "FAILED_INDEX_BUILD"
 
 
+def status_body(state: JobState, file_name: str | None, error: str | None) -> dict[str, Any]:
+    """Exactly the keys of the wire contract's ``GET /_status`` body (every store uses this)."""
+    task = task_status(state)
+    return {
+        "task_status": task.value,
+        "file_name": file_name if state is JobState.COMPLETED else None,
+        "error_message": error if task is TaskStatus.FAILED else None,
+    }
+
+
+def task_status(state: JobState) -> TaskStatus:
+    if state is JobState.COMPLETED:
+        return TaskStatus.COMPLETED
+    if state in (JobState.FAILED, JobState.CANCELLED):
+        return TaskStatus.FAILED
+    return TaskStatus.RUNNING
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """One consistent, immutable view of a job: every response is built from one.
+
+    ``Job.snapshot`` takes it under the job's lock; the fleet's Redis store builds
+    the same type from the job's hash, so the endpoints cannot tell the stores apart.
+    """
+
+    id: str
+    request: BuildRequest
+    state: JobState
+    attempt: int
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    file_name: str | None = None
+    error: str | None = None
+    device: str | None = None
+    index_bytes: int | None = None
+    reserved_bytes: int = 0
+    stage_total: int = 0
+    stage_done: int = 0
+    stage_started_at: float | None = None
+    # Stage name -> start time, in the order the stages ran; stage name -> seconds.
+    stage_times: tuple[tuple[str, float], ...] = ()
+    stage_seconds: tuple[tuple[str, float], ...] = ()
+    cancel_requested: bool = False
+    # Recall of the built index, when the build measured it (``BuildResult.quality``).
+    quality: dict[str, Any] | None = None
+    # Fleet mode: the replica that holds the job and when its lease runs out.
+    owner: str | None = None
+    lease_expires_at: float | None = None
+
+    @property
+    def task_status(self) -> TaskStatus:
+        return task_status(self.state)
+
+    def status_body(self) -> dict[str, Any]:
+        return status_body(self.state, self.file_name, self.error)
+
+    def summary(self) -> dict[str, Any]:
+        """What operators see in ``GET /_jobs``."""
+        r = self.request
+        return {
+            "task_status": self.task_status.value,
+            "state": self.state.value,
+            "attempt": self.attempt,
+            "tenant_id": r.tenant_id,
+            "bucket": r.container_name,
+            "vector_path": r.vector_path,
+            "data_type": r.data_type.value,
+            "dimension": r.dimension,
+            "doc_count": r.doc_count,
+            "vector_bytes": r.vector_blob_bytes,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "file_name": self.file_name,
+            "error_message": self.error,
+            "device": self.device,
+            "index_bytes": self.index_bytes,
+            "quality": self.quality,
+            "owner": self.owner,
+            "lease_expires_at": self.lease_expires_at,
+        }
+
+    def progress(self, now: float) -> dict[str, Any]:
+        """The current stage's progress; a completed job is at 100 %."""
+        state, done, total = self.state, self.stage_done, self.stage_total
+        last = self.stage_times[-1][0] if self.stage_times else None
+        stage = _STATE_STAGES.get(state) or (Stage(last) if last else None)
+        if stage is None:  # queued
+            return {
+                "stage": None,
+                "unit": None,
+                "done": 0,
+                "total": 0,
+                "percent": 0.0,
+                "eta_seconds": None,
+            }
+        if state is JobState.COMPLETED:
+            return {
+                "stage": stage.value,
+                "unit": stage_unit(stage),
+                "done": done,
+                "total": total,
+                "percent": 100.0,
+                "eta_seconds": 0.0,
+            }
+        started = self.stage_started_at
+        elapsed = now - started if started is not None else 0.0
+        view = StageProgress(stage, done, total, elapsed)
+        eta = view.eta_s if not state.terminal else None
+        return {
+            "stage": stage.value,
+            "unit": view.unit,
+            "done": done,
+            "total": total,
+            "percent": None if view.percent is None else round(view.percent, 2),
+            "eta_seconds": None if eta is None else round(eta, 1),
+        }
+
+    def detail(self, now: float) -> dict[str, Any]:
+        """What operators see in ``GET /_jobs/{job_id}``: the summary, progress and stages."""
+        seconds = dict(self.stage_seconds)
+        return {
+            "job_id": self.id,
+            **self.summary(),
+            "cancel_requested": self.cancel_requested,
+            "progress": self.progress(now),
+            "stages": {
+                name: {"started_at": started, "seconds": seconds.get(name)}
+                for name, started in self.stage_times
+            },
+        }
+
+
 @dataclass
 class Job:
+    """A job of this process. Its fields change under ``_lock`` only; read ``snapshot()``."""
+
     id: str
     request: BuildRequest
     submitted_at: float
@@ -77,8 +214,8 @@ class Job:
     error: str | None = None
     device: str | None = None
     index_bytes: int | None = None
-    # Progress of the current stage, in its own units (bytes or vectors); written
-    # by the build thread and read by the endpoints, both under ``_lock``.
+    quality: dict[str, Any] | None = None
+    # Progress of the current stage, in its own units (bytes or vectors).
     stage_total: int = 0
     stage_done: int = 0
     stage_started_at: float | None = None
@@ -87,6 +224,42 @@ class Job:
     reserved_bytes: int = 0
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def snapshot(self) -> JobSnapshot:
+        with self._lock:
+            return JobSnapshot(
+                id=self.id,
+                request=self.request,
+                state=self.state,
+                attempt=self.attempt,
+                submitted_at=self.submitted_at,
+                started_at=self.started_at,
+                finished_at=self.finished_at,
+                file_name=self.file_name,
+                error=self.error,
+                device=self.device,
+                index_bytes=self.index_bytes,
+                reserved_bytes=self.reserved_bytes,
+                stage_total=self.stage_total,
+                stage_done=self.stage_done,
+                stage_started_at=self.stage_started_at,
+                stage_times=tuple(self.stage_times.items()),
+                stage_seconds=tuple(self.stage_seconds.items()),
+                cancel_requested=self.cancel_requested.is_set(),
+                quality=None if self.quality is None else dict(self.quality),
+            )
+
+    def begin(self, now: float, device: str, reserved_bytes: int) -> None:
+        """The build got its memory and a thread: it starts now on ``device``."""
+        with self._lock:
+            self.started_at = now
+            self.device = device
+            self.reserved_bytes = reserved_bytes
+
+    def released(self) -> None:
+        """The build's memory reservation is back in the budget."""
+        with self._lock:
+            self.reserved_bytes = 0
 
     def start_stage(self, stage: Stage, total: int, now: float) -> bool:
         """Enter ``stage``; False if the job already ended (a stopped build must not revive it)."""
@@ -115,7 +288,17 @@ class Job:
             else:  # a builder that reports nothing (CAGRA builds in one call)
                 self.stage_done = self.stage_total
 
-    def end(self, state: JobState, file_name: str | None, error: str | None, now: float) -> bool:
+    def end(
+        self,
+        state: JobState,
+        file_name: str | None,
+        error: str | None,
+        now: float,
+        *,
+        index_bytes: int | None = None,
+        quality: dict[str, Any] | None = None,
+    ) -> bool:
+        """Record the outcome, all fields in one step; False if the job had already ended."""
         with self._lock:
             if self.state.terminal:
                 return False
@@ -123,98 +306,39 @@ class Job:
             self.file_name = file_name
             self.error = error
             self.finished_at = now
+            if index_bytes is not None:
+                self.index_bytes = index_bytes
+            if quality is not None:
+                self.quality = dict(quality)
             return True
 
-    @property
-    def task_status(self) -> TaskStatus:
-        if self.state is JobState.COMPLETED:
-            return TaskStatus.COMPLETED
-        if self.state in (JobState.FAILED, JobState.CANCELLED):
-            return TaskStatus.FAILED
-        return TaskStatus.RUNNING
+    def current_state(self) -> JobState:
+        with self._lock:
+            return self.state
 
     def status_body(self) -> dict[str, Any]:
-        """Exactly the keys of the wire contract's ``GET /_status`` body."""
-        return {
-            "task_status": self.task_status.value,
-            "file_name": self.file_name if self.state is JobState.COMPLETED else None,
-            "error_message": self.error if self.task_status is TaskStatus.FAILED else None,
-        }
+        return self.snapshot().status_body()
 
-    def summary(self) -> dict[str, Any]:
-        """What operators see in ``GET /_jobs``."""
-        r = self.request
-        return {
-            "task_status": self.task_status.value,
-            "state": self.state.value,
-            "attempt": self.attempt,
-            "tenant_id": r.tenant_id,
-            "bucket": r.container_name,
-            "vector_path": r.vector_path,
-            "data_type": r.data_type.value,
-            "dimension": r.dimension,
-            "doc_count": r.doc_count,
-            "vector_bytes": r.vector_blob_bytes,
-            "submitted_at": self.submitted_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "file_name": self.file_name,
-            "error_message": self.error,
-            "device": self.device,
-            "index_bytes": self.index_bytes,
-        }
 
-    def progress(self, now: float) -> dict[str, Any]:
-        """The current stage's progress; a completed job is at 100 %."""
-        with self._lock:
-            state, done, total = self.state, self.stage_done, self.stage_total
-            started = self.stage_started_at
-            last = next(reversed(self.stage_times), None)
-        stage = _STATE_STAGES.get(state) or (Stage(last) if last else None)
-        if stage is None:  # queued
-            return {
-                "stage": None,
-                "unit": None,
-                "done": 0,
-                "total": 0,
-                "percent": 0.0,
-                "eta_seconds": None,
-            }
-        if state is JobState.COMPLETED:
-            return {
-                "stage": stage.value,
-                "unit": stage_unit(stage),
-                "done": done,
-                "total": total,
-                "percent": 100.0,
-                "eta_seconds": 0.0,
-            }
-        elapsed = now - started if started is not None else 0.0
-        view = StageProgress(stage, done, total, elapsed)
-        eta = view.eta_s if not state.terminal else None
-        return {
-            "stage": stage.value,
-            "unit": view.unit,
-            "done": done,
-            "total": total,
-            "percent": None if view.percent is None else round(view.percent, 2),
-            "eta_seconds": None if eta is None else round(eta, 1),
-        }
+class JobService(Protocol):
+    """What the endpoints need of jobs: ``runner.LocalJobService`` or ``fleet.FleetJobService``.
 
-    def detail(self, now: float) -> dict[str, Any]:
-        """What operators see in ``GET /_jobs/{job_id}``: the summary, progress and stages."""
-        with self._lock:
-            starts, seconds = dict(self.stage_times), dict(self.stage_seconds)
-        return {
-            "job_id": self.id,
-            **self.summary(),
-            "cancel_requested": self.cancel_requested.is_set(),
-            "progress": self.progress(now),
-            "stages": {
-                name: {"started_at": started, "seconds": seconds.get(name)}
-                for name, started in starts.items()
-            },
-        }
+    Every read returns a ``JobSnapshot`` (or the status body built from one).
+    """
+
+    def now(self) -> float: ...
+
+    async def submit(self, request: BuildRequest) -> str:
+        """The job id; an identical request returns the existing job's id."""
+        ...
+
+    async def status(self, job_id: str) -> dict[str, Any]: ...
+
+    async def snapshot(self, job_id: str) -> JobSnapshot: ...
+
+    async def snapshots(self) -> list[JobSnapshot]: ...
+
+    async def cancel(self, job_id: str) -> JobSnapshot: ...
 
 
 class JobStore:
@@ -279,16 +403,33 @@ class JobStore:
         return job
 
     def finish(
-        self, job: Job, state: JobState, *, file_name: str | None = None, error: str | None = None
+        self,
+        job: Job,
+        state: JobState,
+        *,
+        file_name: str | None = None,
+        error: str | None = None,
+        index_bytes: int | None = None,
+        quality: dict[str, Any] | None = None,
     ) -> bool:
         """Record the outcome once; False if the job had already finished."""
         with self._lock:
-            if not job.end(state, file_name, error, self.clock()):
+            ended = job.end(
+                state, file_name, error, self.clock(), index_bytes=index_bytes, quality=quality
+            )
+            if not ended:
                 return False
             if self._active.get(job.id) is job:
                 del self._active[job.id]
                 self._finished[job.id] = job
             return True
+
+    def hand_back(self, job: Job) -> bool:
+        """One process has no other replica to give a job to."""
+        return False
+
+    def checkpoint(self, job: Job) -> None:
+        """Nothing but a cancel (which the runner checks itself) stops a build here."""
 
     def remove(self, job: Job) -> None:
         with self._lock:

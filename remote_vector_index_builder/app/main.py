@@ -18,7 +18,12 @@ from remote_vector_index_builder import __version__
 from remote_vector_index_builder.app import routes
 from remote_vector_index_builder.app.jobs import Clock, JobStore
 from remote_vector_index_builder.app.metrics import HttpMetricsMiddleware, Metrics, Nvml
-from remote_vector_index_builder.app.runner import MemoryBudget, Runner, RunnerConfig
+from remote_vector_index_builder.app.runner import (
+    LocalJobService,
+    MemoryBudget,
+    Runner,
+    RunnerConfig,
+)
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core import gpu_probe
 from remote_vector_index_builder.core.builder import Device, IndexBuilder, choose_builder
@@ -94,6 +99,12 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             settings.gpu_memory_limit or (gpu_memory_bytes(probe) if on_gpu else 0),
         )
         metrics = Metrics()
+        fleet = None
+        if settings.redis_url is not None:
+            # Only here: one process never imports redis.
+            from remote_vector_index_builder.app.fleet import Fleet
+
+            fleet = Fleet(settings, metrics.registry, seams.clock)
         runner = Runner(
             RunnerConfig(
                 max_workers=workers,
@@ -105,20 +116,22 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 time_limit_s=settings.job_time_limit_seconds,
                 build_nice=settings.build_nice,
             ),
-            jobs,
+            jobs if fleet is None else fleet.jobs,
             store,
             builder,
             budget,
             seams.clock,
             metrics,
+            on_slot_free=None if fleet is None else fleet.wake.set,
         )
         nvml = Nvml() if on_gpu else None
-        metrics.watch(runner, nvml.sample if nvml is not None else None)
+        metrics.watch(runner.state, nvml.sample if nvml is not None else None)
         metrics.report_gpu_probe(probe)
         app.state.gpu_probe = probe
         app.state.metrics = metrics
         app.state.settings = settings
         app.state.jobs = jobs
+        app.state.job_service = LocalJobService(jobs, runner) if fleet is None else fleet.service
         app.state.runner = runner
         app.state.credentials = load_credentials(settings)
         log.info(
@@ -127,11 +140,17 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             builder.name,
             budget.host_limit / 2**30,
         )
+        if fleet is not None:
+            fleet.start(runner)
         try:
             yield
         finally:
             log.info("shutting down: %d builds in flight", runner.busy())
+            if fleet is not None:
+                fleet.stop_claiming()
             runner.shutdown(settings.shutdown_grace_seconds)
+            if fleet is not None:
+                await fleet.close()
             if nvml is not None:
                 nvml.close()
 

@@ -3,8 +3,9 @@
 Counters and histograms are updated where things happen: the runner (jobs
 submitted and finished), its tracker (stage durations, bytes, vectors) and an
 ASGI middleware (HTTP requests). Gauges (queue, memory, device, GPU) are read
-from the live objects at scrape time, so they cannot drift from what
-``/_heart_beat`` and ``/_jobs`` say.
+at scrape time from the runner's one state snapshot, the same one
+``/_heart_beat`` and ``/_ready`` answer from, so they cannot drift apart. This
+module knows the runner only through ``RunnerView`` (the runner imports it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -21,14 +22,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from remote_vector_index_builder.app.jobs import JobState
-from remote_vector_index_builder.core.errors import CancelledError, RvibError
 from remote_vector_index_builder.core.gpu_probe import GpuProbe
 from remote_vector_index_builder.core.params import DataType
 from remote_vector_index_builder.core.workflow import Stage
-
-if TYPE_CHECKING:
-    from remote_vector_index_builder.app.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +36,27 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
-def failure_reason(exc: BaseException) -> str:
-    """The ``reason`` label of a failed job: the error class an operator can look up."""
-    if isinstance(exc, CancelledError):
-        return "cancelled"
-    if isinstance(exc, RvibError | MemoryError):
-        return type(exc).__name__
-    return "unexpected"
+class RunnerView(Protocol):
+    """What the gauges read of ``runner.RunnerState``."""
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def workers(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def host_limit(self) -> int: ...
+    @property
+    def host_reserved(self) -> int: ...
+    @property
+    def gpu_limit(self) -> int: ...
+    @property
+    def gpu_reserved(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -162,9 +172,9 @@ class Metrics:
             self.stage_seconds.labels(stage.value)
         ProcessCollector(registry=r)
 
-    def watch(self, runner: Runner, gpu: GpuSampler | None = None) -> None:
+    def watch(self, state: Callable[[], RunnerView], gpu: GpuSampler | None = None) -> None:
         """Export the runner's queue, memory budget and device (and GPUs) at scrape time."""
-        self.registry.register(_StateCollector(runner, gpu))
+        self.registry.register(_StateCollector(state, gpu))
 
     def report_gpu_probe(self, probe: GpuProbe) -> None:
         """The start-up GPU probe's verdict (core/gpu_probe.py); fixed for the process."""
@@ -191,45 +201,38 @@ class Metrics:
 
 
 class _StateCollector:
-    def __init__(self, runner: Runner, gpu: GpuSampler | None) -> None:
-        self.runner = runner
+    def __init__(self, state: Callable[[], RunnerView], gpu: GpuSampler | None) -> None:
+        self.state = state
         self.gpu = gpu
 
     def collect(self) -> Iterable[Metric]:
-        runner, budget = self.runner, self.runner.budget
-        active = [job.state for job in runner.jobs.active()]
-        queued = sum(1 for state in active if state is JobState.QUEUED)
-        yield _gauge("rvib_jobs_queued", "Jobs waiting for a worker or for memory", queued)
+        state = self.state()
+        yield _gauge("rvib_jobs_queued", "Jobs waiting for a worker or for memory", state.queued)
         yield _gauge(
-            "rvib_jobs_running",
-            "Jobs in a build stage (downloading ... uploading)",
-            sum(1 for state in active if state is not JobState.QUEUED and not state.terminal),
+            "rvib_jobs_running", "Jobs in a build stage (downloading ... uploading)", state.running
         )
-        yield _gauge(
-            "rvib_workers", "Concurrent builds allowed (MAX_WORKERS)", runner.config.max_workers
-        )
-        ready = runner.accepting and not runner.unhealthy.is_set()
-        yield _gauge("rvib_ready", "1 when builds are accepted (as GET /_ready)", int(ready))
+        yield _gauge("rvib_workers", "Concurrent builds allowed (MAX_WORKERS)", state.workers)
+        yield _gauge("rvib_ready", "1 when builds are accepted (as GET /_ready)", int(state.ready))
         device = GaugeMetricFamily(
             "rvib_build_device_info", "The device builds run on", labels=["device"]
         )
-        device.add_metric([runner.builder.name], 1)
+        device.add_metric([state.device], 1)
         yield device
         reserved = GaugeMetricFamily(
             "rvib_memory_reserved_bytes",
             "Memory reserved by admitted builds (admission control)",
             labels=["memory"],
         )
-        reserved.add_metric(["host"], budget.host_reserved)
-        reserved.add_metric(["gpu"], budget.gpu_reserved)
+        reserved.add_metric(["host"], state.host_reserved)
+        reserved.add_metric(["gpu"], state.gpu_reserved)
         yield reserved
         limit = GaugeMetricFamily(
             "rvib_memory_limit_bytes",
             "Memory builds may reserve (CPU_MEMORY_LIMIT, GPU_MEMORY_LIMIT)",
             labels=["memory"],
         )
-        limit.add_metric(["host"], budget.host_limit)
-        limit.add_metric(["gpu"], budget.gpu_limit)
+        limit.add_metric(["host"], state.host_limit)
+        limit.add_metric(["gpu"], state.gpu_limit)
         yield limit
         samples = self.gpu() if self.gpu is not None else []
         if samples:

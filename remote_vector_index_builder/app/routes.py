@@ -8,16 +8,16 @@ endpoints.
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.routing import Match
 
-from remote_vector_index_builder.app.jobs import JobStore, TaskStatus
+from remote_vector_index_builder.app.jobs import JobService, JobState, TaskStatus
 from remote_vector_index_builder.app.metrics import Metrics
 from remote_vector_index_builder.app.runner import Runner
 from remote_vector_index_builder.app.settings import Settings
@@ -46,6 +46,78 @@ class StatusResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class JobSummary(BaseModel):
+    """One job in ``GET /_jobs`` (``JobSnapshot.summary``)."""
+
+    task_status: TaskStatus
+    state: JobState
+    attempt: int
+    tenant_id: str
+    bucket: str
+    vector_path: str
+    data_type: str
+    dimension: int
+    doc_count: int
+    vector_bytes: int
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    file_name: str | None
+    error_message: str | None
+    device: str | None
+    index_bytes: int | None
+    quality: dict[str, Any] | None = None
+    # Fleet mode only (null in one process): the replica holding the job, its lease's end.
+    owner: str | None = None
+    lease_expires_at: float | None = None
+
+
+class StageProgressModel(BaseModel):
+    stage: str | None
+    unit: str | None
+    done: int
+    total: int
+    percent: float | None
+    eta_seconds: float | None
+
+
+class StageSpan(BaseModel):
+    started_at: float
+    seconds: float | None
+
+
+class JobDetail(JobSummary):
+    """``GET /_jobs/{job_id}`` and ``DELETE /_jobs/{job_id}`` (``JobSnapshot.detail``)."""
+
+    job_id: str
+    cancel_requested: bool
+    progress: StageProgressModel
+    stages: dict[str, StageSpan]
+
+
+class MemoryState(BaseModel):
+    host_limit_bytes: int
+    host_reserved_bytes: int
+    gpu_limit_bytes: int
+    gpu_reserved_bytes: int
+
+
+class HeartBeat(BaseModel):
+    # Other facts about the process (a GPU probe, the fleet) may join these keys.
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["alive"]
+    ready: bool
+    device: str
+    workers: int
+    jobs_in_flight: int
+    memory: MemoryState
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
 
 
 class FieldProblem(BaseModel):
@@ -80,8 +152,8 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def get_jobs(request: Request) -> JobStore:
-    jobs: JobStore = request.app.state.jobs
+async def get_jobs(request: Request) -> JobService:
+    jobs: JobService = request.app.state.job_service
     return jobs
 
 
@@ -96,7 +168,7 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-JobsDep = Annotated[JobStore, Depends(get_jobs)]
+JobsDep = Annotated[JobService, Depends(get_jobs)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
@@ -148,14 +220,7 @@ async def build(body: BuildRequest, settings: SettingsDep, jobs: JobsDep, runner
             "(RVIB_ALLOWED_BUCKETS)"
         )
     runner.admit(body)
-    job, created = jobs.add_if_absent(body)
-    if created:
-        try:
-            runner.submit(job)
-        except RvibError:
-            jobs.remove(job)
-            raise
-    return {"job_id": job.id}
+    return {"job_id": await jobs.submit(body)}
 
 
 @router.get(
@@ -165,34 +230,41 @@ async def build(body: BuildRequest, settings: SettingsDep, jobs: JobsDep, runner
     responses=_ERRORS,
 )
 async def status(job_id: str, jobs: JobsDep) -> Any:
-    return jobs.get(job_id).status_body()
+    return await jobs.status(job_id)
 
 
-@router.get("/_jobs", dependencies=[Authenticated], responses=_ERRORS)
-def list_jobs(jobs: JobsDep) -> dict[str, dict[str, Any]]:
+@router.get(
+    "/_jobs",
+    response_model=dict[str, JobSummary],
+    dependencies=[Authenticated],
+    responses=_ERRORS,
+)
+async def list_jobs(jobs: JobsDep) -> Any:
     """Every job the store holds, by id (a JSON object, encoded once)."""
-    return {job.id: job.summary() for job in jobs.jobs()}
+    return {snap.id: snap.summary() for snap in await jobs.snapshots()}
 
 
-@router.get("/_jobs/{job_id}", dependencies=[Authenticated], responses=_ERRORS)
-async def job_detail(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+@router.get(
+    "/_jobs/{job_id}", response_model=JobDetail, dependencies=[Authenticated], responses=_ERRORS
+)
+async def job_detail(job_id: str, jobs: JobsDep) -> Any:
     """One job: its summary, the current stage's percent and ETA, and per-stage timings."""
-    return jobs.get(job_id).detail(jobs.clock())
+    return (await jobs.snapshot(job_id)).detail(jobs.now())
 
 
-@router.delete("/_jobs/{job_id}", status_code=202, dependencies=[Authenticated], responses=_ERRORS)
-async def cancel_job(job_id: str, jobs: JobsDep, runner: RunnerDep) -> dict[str, Any]:
+@router.delete(
+    "/_jobs/{job_id}",
+    status_code=202,
+    response_model=JobDetail,
+    dependencies=[Authenticated],
+    responses=_ERRORS,
+)
+async def cancel_job(job_id: str, jobs: JobsDep) -> Any:
     """Cancel: a queued job leaves the queue, a running one stops at its next batch or stage.
 
     Either way it ends as ``FAILED_INDEX_BUILD`` "cancelled by operator" on ``/_status``.
     """
-    job = jobs.get(job_id)
-    if job.state.terminal:
-        raise JobConflictError(
-            f"job {job_id} already ended ({job.state.value}); there is nothing to cancel"
-        )
-    runner.cancel(job)
-    return job.detail(jobs.clock())
+    return (await jobs.cancel(job_id)).detail(jobs.now())
 
 
 @router.get(
@@ -207,37 +279,32 @@ def metrics(request: Request, metrics: MetricsDep) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/_heart_beat")
-async def heart_beat(runner: RunnerDep, request: Request) -> dict[str, Any]:
+@router.get("/_heart_beat", response_model=HeartBeat)
+async def heart_beat(runner: RunnerDep, request: Request) -> Any:
     """Liveness (always 200 while the process serves) plus readiness facts."""
-    budget = runner.budget
-    ready = runner.accepting and not runner.unhealthy.is_set()
+    state = runner.state()
     return {
         "status": "alive",
-        "ready": ready,
-        "device": runner.builder.name,
-        "workers": runner.config.max_workers,
-        "jobs_in_flight": runner.busy(),
+        "ready": state.ready,
+        "device": state.device,
+        "workers": state.workers,
+        "jobs_in_flight": state.busy,
         "memory": {
-            "host_limit_bytes": budget.host_limit,
-            "host_reserved_bytes": budget.host_reserved,
-            "gpu_limit_bytes": budget.gpu_limit,
-            "gpu_reserved_bytes": budget.gpu_reserved,
+            "host_limit_bytes": state.host_limit,
+            "host_reserved_bytes": state.host_reserved,
+            "gpu_limit_bytes": state.gpu_limit,
+            "gpu_reserved_bytes": state.gpu_reserved,
         },
         "gpu": request.app.state.gpu_probe.summary(),  # the start-up probe, core/gpu_probe.py
     }
 
 
-@router.get("/_ready", responses={503: {"model": ErrorResponse}})
-async def ready(runner: RunnerDep) -> dict[str, bool]:
+@router.get("/_ready", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}})
+async def ready(runner: RunnerDep) -> Any:
     """200 when builds can be accepted, 503 otherwise (for orchestrator probes)."""
-    if not runner.accepting:
-        raise ServiceUnavailableError("shutting down")
-    if runner.unhealthy.is_set():
-        raise ServiceUnavailableError(
-            "a build exceeded RVIB_JOB_TIME_LIMIT_SECONDS and its thread cannot be reclaimed; "
-            "restart this service"
-        )
+    reason = runner.state().unready_reason
+    if reason is not None:
+        raise ServiceUnavailableError(reason)
     return {"ready": True}
 
 
@@ -261,7 +328,8 @@ def error_response(request: Request, exc: Exception) -> Response:
     if code == 401:
         headers["WWW-Authenticate"] = 'Basic realm="remote-vector-index-builder"'
     elif code in (429, 503):
-        headers["Retry-After"] = "5"
+        retry_after = exc.retry_after_s if isinstance(exc, ServiceUnavailableError) else None
+        headers["Retry-After"] = str(retry_after or 5)
     return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
 

@@ -12,17 +12,22 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from remote_vector_index_builder.app.jobs import Clock, Job, JobState, JobStore
+import anyio.to_thread
+
+from remote_vector_index_builder.app.jobs import Clock, Job, JobSnapshot, JobState, JobStore
 from remote_vector_index_builder.app.logs import job_context, set_stage
-from remote_vector_index_builder.app.metrics import Metrics, failure_reason
+from remote_vector_index_builder.app.metrics import Metrics
 from remote_vector_index_builder.core import memory, workflow
 from remote_vector_index_builder.core.builder import IndexBuilder
 from remote_vector_index_builder.core.errors import (
     CancelledError,
     InsufficientMemoryError,
+    JobConflictError,
     RvibError,
     ServiceUnavailableError,
 )
@@ -35,6 +40,90 @@ log = logging.getLogger(__name__)
 
 CANCELLED_MESSAGE = "cancelled by operator"
 SHUTDOWN_MESSAGE = "the build service shut down before this build finished; submit the build again"
+SHUTTING_DOWN_MESSAGE = "the build service is shutting down; retry elsewhere"
+TIME_LIMIT_UNREADY = (
+    "a build exceeded RVIB_JOB_TIME_LIMIT_SECONDS and its thread cannot be reclaimed; "
+    "restart this service"
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an exception means for its job: the one classification of failures."""
+
+    state: JobState
+    message: str
+    # The ``reason`` label of ``rvib_jobs_failed``: the error class an operator can look up.
+    reason: str
+    # Not raised on purpose: a bug or a foreign error, logged with its traceback.
+    unexpected: bool
+
+
+def classify(exc: BaseException) -> Outcome:
+    if isinstance(exc, CancelledError):
+        return Outcome(JobState.CANCELLED, str(exc) or CANCELLED_MESSAGE, "cancelled", False)
+    if isinstance(exc, RvibError):
+        return Outcome(JobState.FAILED, str(exc), type(exc).__name__, False)
+    if isinstance(exc, MemoryError):
+        message = "the build ran out of host memory; lower MAX_WORKERS or CPU_MEMORY_LIMIT"
+        return Outcome(JobState.FAILED, message, type(exc).__name__, False)
+    message = f"unexpected error ({type(exc).__name__}): {exc}"
+    return Outcome(JobState.FAILED, message, "unexpected", True)
+
+
+@dataclass(frozen=True)
+class RunnerState:
+    """The runner at one moment: what /_heart_beat, /_ready and /metrics all report."""
+
+    accepting: bool
+    unhealthy: bool
+    device: str
+    workers: int
+    busy: int
+    queued: int
+    running: int
+    host_limit: int
+    host_reserved: int
+    gpu_limit: int
+    gpu_reserved: int
+
+    @property
+    def unready_reason(self) -> str | None:
+        """Why builds cannot be accepted now; None when they can (the readiness rule)."""
+        if not self.accepting:
+            return "shutting down"
+        if self.unhealthy:
+            return TIME_LIMIT_UNREADY
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return self.unready_reason is None
+
+
+class RunnerJobs(Protocol):
+    """Where the runner records outcomes: the in-memory store, or the fleet's Redis store."""
+
+    def finish(
+        self,
+        job: Job,
+        state: JobState,
+        *,
+        file_name: str | None = None,
+        error: str | None = None,
+        index_bytes: int | None = None,
+        quality: dict[str, Any] | None = None,
+    ) -> bool: ...
+
+    def active(self) -> list[Job]: ...
+
+    def checkpoint(self, job: Job) -> None:
+        """Between batches and parts: raise ``CancelledError`` if this build must stop."""
+        ...
+
+    def hand_back(self, job: Job) -> bool:
+        """Give a job this process cannot finish to another replica; False if there is none."""
+        ...
 
 
 class MemoryBudget:
@@ -75,6 +164,23 @@ class MemoryBudget:
                 self._cond.wait(timeout=0.5)
             return False
 
+    def try_acquire(self, need: memory.MemoryEstimate) -> bool:
+        """Reserve ``need`` if it fits now, without waiting (the fleet's claimer)."""
+        with self._cond:
+            if (
+                self.host_reserved + need.host_bytes <= self.host_limit
+                and self.gpu_reserved + need.gpu_bytes <= self.gpu_limit
+            ):
+                self.host_reserved += need.host_bytes
+                self.gpu_reserved += need.gpu_bytes
+                return True
+            return False
+
+    def usage(self) -> tuple[int, int, int, int]:
+        """``(host_limit, host_reserved, gpu_limit, gpu_reserved)`` read together."""
+        with self._cond:
+            return self.host_limit, self.host_reserved, self.gpu_limit, self.gpu_reserved
+
     def release(self, need: memory.MemoryEstimate) -> None:
         with self._cond:
             self.host_reserved -= need.host_bytes
@@ -87,10 +193,17 @@ class MemoryBudget:
 
 
 class _JobTracker(workflow.Tracker):
-    def __init__(self, job: Job, clock: Clock, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        clock: Clock,
+        metrics: Metrics | None = None,
+        checkpoint: Callable[[Job], None] | None = None,
+    ) -> None:
         self.job = job
         self.clock = clock
         self.metrics = metrics
+        self.checkpoint = checkpoint
         self._stage: workflow.Stage | None = None
 
     def stage(self, stage: workflow.Stage, total: int) -> None:
@@ -120,6 +233,8 @@ class _JobTracker(workflow.Tracker):
             self.metrics.stage_seconds.labels(stage.value).observe(timing.seconds)
 
     def _check(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint(self.job)
         if self.job.cancel_requested.is_set():
             raise CancelledError(CANCELLED_MESSAGE)
 
@@ -161,14 +276,17 @@ class Runner:
     def __init__(
         self,
         config: RunnerConfig,
-        jobs: JobStore,
+        jobs: RunnerJobs,
         store: ObjectStore,
         builder: IndexBuilder,
         budget: MemoryBudget,
         clock: Clock = time.time,
         metrics: Metrics | None = None,
+        on_slot_free: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        # Called when a build thread is free again (the fleet's claimer takes the next job).
+        self.on_slot_free = on_slot_free
         self.jobs = jobs
         self.store = store
         self.builder = builder
@@ -208,38 +326,39 @@ class Runner:
     def admit(self, request: BuildRequest) -> memory.MemoryEstimate:
         """Refuse what can never run; called before a job is created."""
         if not self.accepting:
-            raise ServiceUnavailableError("the build service is shutting down; retry elsewhere")
+            raise ServiceUnavailableError(SHUTTING_DOWN_MESSAGE)
         need = self.estimate(request)
         self.budget.check_fits(need)
         return need
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, reserved: memory.MemoryEstimate | None = None) -> None:
+        """Queue ``job`` for a build thread; ``reserved``: its memory is already held."""
         with self._lock:
             if not self.accepting:
-                raise ServiceUnavailableError("the build service is shutting down; retry elsewhere")
-            self._futures[job.id] = (job, self._pool.submit(self._run, job))
+                raise ServiceUnavailableError(SHUTTING_DOWN_MESSAGE)
+            self._futures[job.id] = (job, self._pool.submit(self._run, job, reserved))
         if self.metrics is not None:
             self.metrics.jobs_submitted.labels(job.request.data_type.value).inc()
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, reserved: memory.MemoryEstimate | None) -> None:
         with job_context(job.id):
             try:
-                self._run_admitted(job)
+                self._run_admitted(job, reserved)
             finally:
                 with self._lock:
                     entry = self._futures.get(job.id)
                     if entry is not None and entry[0] is job:
                         del self._futures[job.id]
                 set_stage(None)
+                if self.on_slot_free is not None:
+                    self.on_slot_free()
 
-    def _run_admitted(self, job: Job) -> None:
-        need = self.estimate(job.request)
-        if not self.budget.acquire(need, job.cancel_requested):
+    def _run_admitted(self, job: Job, reserved: memory.MemoryEstimate | None) -> None:
+        need = reserved or self.estimate(job.request)
+        if reserved is None and not self.budget.acquire(need, job.cancel_requested):
             self.record(job, CancelledError(CANCELLED_MESSAGE))
             return
-        job.reserved_bytes = need.host_bytes
-        job.started_at = self.clock()
-        job.device = self.builder.name
+        job.begin(self.clock(), self.builder.name, need.host_bytes)
         outcome: workflow.BuildResult | BaseException
         try:
             outcome = workflow.run(
@@ -248,7 +367,7 @@ class Runner:
                 self.builder,
                 mode=self.config.mode,
                 tmp_dir=self.config.tmp_dir,
-                tracker=_JobTracker(job, self.clock, self.metrics),
+                tracker=_JobTracker(job, self.clock, self.metrics, self.jobs.checkpoint),
             )
         except BaseException as exc:
             # The failed build's frames hold its buffers and index: free them with
@@ -258,15 +377,22 @@ class Runner:
         finally:
             # Released before the outcome is recorded: whoever sees the job
             # finished also sees its memory free for the next one.
-            job.reserved_bytes = 0
+            job.released()
             self.budget.release(need)
         if isinstance(outcome, BaseException):
             self.record(job, outcome)
             if not isinstance(outcome, Exception):
                 raise outcome
             return
-        job.index_bytes = outcome.index_bytes
-        if self._finish(job, JobState.COMPLETED, file_name=outcome.file_name):
+        finished = self._finish(
+            job,
+            JobState.COMPLETED,
+            file_name=outcome.file_name,
+            index_bytes=outcome.index_bytes,
+            # The recall report, where the build measured one (None until it does).
+            quality=getattr(outcome, "quality", None),
+        )
+        if finished:
             log.info(
                 "job %s completed: %s (%d bytes in %.2fs on %s)",
                 job.id,
@@ -284,10 +410,15 @@ class Runner:
         *,
         file_name: str | None = None,
         error: str | None = None,
+        index_bytes: int | None = None,
+        quality: dict[str, Any] | None = None,
         reason: str = "",
     ) -> bool:
         """``JobStore.finish`` plus the outcome counters; ``reason`` labels failures."""
-        if not self.jobs.finish(job, state, file_name=file_name, error=error):
+        recorded = self.jobs.finish(
+            job, state, file_name=file_name, error=error, index_bytes=index_bytes, quality=quality
+        )
+        if not recorded:
             return False
         if self.metrics is not None:
             data_type = job.request.data_type.value
@@ -299,23 +430,18 @@ class Runner:
 
     def record(self, job: Job, exc: BaseException) -> None:
         """The one place an exception becomes a job outcome."""
-        if isinstance(exc, CancelledError):
-            state, message = JobState.CANCELLED, str(exc) or CANCELLED_MESSAGE
-        elif isinstance(exc, RvibError):
-            state, message = JobState.FAILED, str(exc)
-        elif isinstance(exc, MemoryError):
-            state, message = JobState.FAILED, (
-                "the build ran out of host memory; lower MAX_WORKERS or CPU_MEMORY_LIMIT"
+        outcome = classify(exc)
+        if self._finish(job, outcome.state, error=outcome.message, reason=outcome.reason):
+            # Called after the ``except`` block has ended, so the traceback must be
+            # handed over explicitly: ``log.exception`` here would log "NoneType: None".
+            log.log(
+                logging.ERROR if outcome.unexpected else logging.WARNING,
+                "job %s %s: %s",
+                job.id,
+                outcome.state.value,
+                outcome.message,
+                exc_info=exc if outcome.unexpected else None,
             )
-        else:
-            state, message = JobState.FAILED, f"unexpected error ({type(exc).__name__}): {exc}"
-        if self._finish(job, state, error=message, reason=failure_reason(exc)):
-            log_method = (
-                log.exception
-                if state is JobState.FAILED and not isinstance(exc, RvibError)
-                else log.warning
-            )
-            log_method("job %s %s: %s", job.id, state.value, message)
 
     def cancel(self, job: Job) -> None:
         """Remove a queued job now; a running one stops at its next batch or stage boundary."""
@@ -336,11 +462,11 @@ class Runner:
         if limit is None:
             return []
         now = self.clock()
-        overdue = [
-            job
-            for job in self.jobs.active()
-            if job.started_at is not None and now - job.started_at > limit
-        ]
+        overdue = []
+        for job in self.jobs.active():
+            started = job.snapshot().started_at
+            if started is not None and now - started > limit:
+                overdue.append(job)
         for job in overdue:
             job.cancel_requested.set()
             message = (
@@ -360,8 +486,33 @@ class Runner:
         with self._lock:
             return len(self._futures)
 
+    def state(self) -> RunnerState:
+        host_limit, host_reserved, gpu_limit, gpu_reserved = self.budget.usage()
+        states = [job.current_state() for job in self.jobs.active()]
+        queued = sum(1 for state in states if state is JobState.QUEUED)
+        running = sum(1 for state in states if state is not JobState.QUEUED and not state.terminal)
+        with self._lock:
+            accepting, busy = self.accepting, len(self._futures)
+        return RunnerState(
+            accepting=accepting,
+            unhealthy=self.unhealthy.is_set(),
+            device=self.builder.name,
+            workers=self.config.max_workers,
+            busy=busy,
+            queued=queued,
+            running=running,
+            host_limit=host_limit,
+            host_reserved=host_reserved,
+            gpu_limit=gpu_limit,
+            gpu_reserved=gpu_reserved,
+        )
+
     def shutdown(self, grace_seconds: float) -> None:
-        """Stop accepting, let running builds finish within the grace period, fail the rest."""
+        """Stop accepting, let running builds finish within the grace period.
+
+        What is still running then is handed back to the fleet where there is one
+        (another replica takes it), and failed otherwise.
+        """
         self._stopping.set()
         with self._lock:
             self.accepting = False
@@ -382,6 +533,50 @@ class Runner:
             # Still running after the grace period: stop at the next batch, and
             # tell the client now rather than leave it polling a dead service.
             job.cancel_requested.set()
+            if self.jobs.hand_back(job):
+                log.info("job %s handed back to the fleet at shutdown", job.id)
+                continue
             self._finish(job, JobState.FAILED, error=SHUTDOWN_MESSAGE, reason="shutdown")
         self.budget.wake()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class LocalJobService:
+    """The endpoints' job service in one process: the in-memory store and this runner."""
+
+    def __init__(self, jobs: JobStore, runner: Runner) -> None:
+        self.jobs = jobs
+        self.runner = runner
+
+    def now(self) -> float:
+        return self.jobs.clock()
+
+    async def submit(self, request: BuildRequest) -> str:
+        job, created = self.jobs.add_if_absent(request)
+        if created:
+            try:
+                self.runner.submit(job)
+            except RvibError:
+                self.jobs.remove(job)
+                raise
+        return job.id
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        return self.jobs.get(job_id).status_body()
+
+    async def snapshot(self, job_id: str) -> JobSnapshot:
+        return self.jobs.get(job_id).snapshot()
+
+    async def snapshots(self) -> list[JobSnapshot]:
+        # Grows with the store: off the event loop.
+        return await anyio.to_thread.run_sync(lambda: [job.snapshot() for job in self.jobs.jobs()])
+
+    async def cancel(self, job_id: str) -> JobSnapshot:
+        job = self.jobs.get(job_id)
+        state = job.current_state()
+        if state.terminal:
+            raise JobConflictError(
+                f"job {job_id} already ended ({state.value}); there is nothing to cancel"
+            )
+        self.runner.cancel(job)
+        return job.snapshot()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -166,6 +167,16 @@ class Settings(BaseSettings):
     s3_max_attempts: int = env("RVIB_S3_MAX_ATTEMPTS", 5, gt=0)
     s3_connect_timeout_s: float = env("RVIB_S3_CONNECT_TIMEOUT", 10.0, gt=0)
     s3_read_timeout_s: float = env("RVIB_S3_READ_TIMEOUT", 60.0, gt=0)
+
+    # Fleet: replicas sharing jobs through Redis (RVIB_REDIS_URL unset: one process, no Redis)
+    redis_url: SecretStr | None = env("RVIB_REDIS_URL", None)
+    replica_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, validation_alias="RVIB_REPLICA_ID"
+    )
+    lease_seconds: float = env("RVIB_LEASE_SECONDS", 20.0, gt=0)
+    heartbeat_seconds: float = env("RVIB_HEARTBEAT_SECONDS", 2.0, gt=0)
+    max_attempts: int = env("RVIB_MAX_ATTEMPTS", 3, ge=1)
+    redis_retry_after_seconds: int = env("RVIB_REDIS_RETRY_AFTER_SECONDS", 10, ge=1)
 
     # Logs
     log_level: str = env("LOG_LEVEL", "INFO")

@@ -20,8 +20,9 @@
         ├── StoreFullError        job store full of active jobs (429)
         ├── InsufficientMemoryError  the job can never fit in the limits (507)
         └── ServiceUnavailableError  shutting down (503)
+            └── JobStoreUnavailableError  the fleet's Redis cannot be reached (503)
 
-Foreign exceptions (botocore, faiss) are translated once, where they are
+Foreign exceptions (botocore, faiss, redis) are translated once, where they are
 raised, with ``raise X(...) from exc``.
 """
 
@@ -101,4 +102,12 @@ class InsufficientMemoryError(ServiceError):
 
 
 class ServiceUnavailableError(ServiceError):
+    """``retry_after_s``: when the caller should try again (the 503's ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class JobStoreUnavailableError(ServiceUnavailableError):
     pass

@@ -1,0 +1,358 @@
+"""The fleet's scripts and stores against a real redis-server, in process (fast).
+
+The multi-process fleet (replicas killed, paused, Redis restarted) is in test_fleet.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from remote_vector_index_builder.app.fleet import (
+    AUDIT,
+    CHANNEL,
+    LEASES,
+    QUEUE,
+    FleetConfig,
+    FleetJobService,
+    FleetMetrics,
+    FleetStore,
+    Health,
+    StatusCache,
+    job_key,
+)
+from remote_vector_index_builder.app.jobs import JobState
+from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.core.errors import (
+    JobConflictError,
+    JobNotFoundError,
+    JobStoreUnavailableError,
+    StoreFullError,
+)
+from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.s3_calls import S3Config
+from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
+from test_remote_vector_index_builder.fleet_harness import RedisServer
+from test_remote_vector_index_builder.support import make_settings
+
+T = TypeVar("T")
+
+
+def build_request(path: str = "idx/seg", **kw: Any) -> BuildRequest:
+    return BuildRequest.model_validate(
+        {
+            "repository_type": "s3",
+            "container_name": "b",
+            "vector_path": f"{path}.knnvec",
+            "doc_id_path": f"{path}.knndid",
+            "dimension": 8,
+            "doc_count": 10,
+            **kw,
+        }
+    )
+
+
+def fleet_config(url: str, replica: str = "r1", **kw: Any) -> FleetConfig:
+    values: dict[str, Any] = {
+        "url": url,
+        "replica_id": replica,
+        "lease_s": 0.3,
+        "heartbeat_s": 0.05,
+        "max_attempts": 3,
+        "retry_after_s": 7,
+        "ttl_s": 60.0,
+        "max_active": 100,
+    }
+    values.update(kw)
+    return FleetConfig(**values)
+
+
+def sync_store(url: str, replica: str = "r1", **kw: Any) -> FleetStore:
+    config = fleet_config(url, replica, **kw)
+    health = Health(FleetMetrics(CollectorRegistry()))
+    return FleetStore(redis.Redis.from_url(url, decode_responses=True), config, health)
+
+
+def with_service(
+    url: str,
+    body: Callable[[FleetJobService], Awaitable[T]],
+    cache: StatusCache | None = None,
+    **config: Any,
+) -> T:
+    """Run ``body`` on a fresh service in its own event loop (the client belongs to it)."""
+
+    async def main() -> T:
+        client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        service = FleetJobService(
+            client,
+            fleet_config(url, **config),
+            cache or StatusCache(),
+            Health(FleetMetrics(CollectorRegistry())),
+            time.time,
+        )
+        try:
+            return await body(service)
+        finally:
+            await service.close()
+
+    return asyncio.run(main())
+
+
+def submit(url: str, request: BuildRequest) -> str:
+    return with_service(url, lambda s: s.submit(request))
+
+
+def status(url: str, job_id: str) -> dict[str, Any]:
+    return with_service(url, lambda s: s.status(job_id))
+
+
+def test_concurrent_duplicate_submits_create_one_job(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    request = build_request()
+
+    async def race(service: FleetJobService) -> list[str]:
+        return list(await asyncio.gather(*(service.submit(request) for _ in range(30))))
+
+    assert set(with_service(url, race)) == {request.job_id}
+    r = redis.Redis.from_url(url, decode_responses=True)
+    assert r.zrange(QUEUE, 0, -1) == [request.job_id]
+    assert r.hget(job_key(request.job_id), "attempt") == "0"
+    with pytest.raises(JobConflictError, match="different build parameters"):
+        submit(url, build_request(dimension=16))
+
+
+def test_store_full_of_active_jobs_refuses(redis_server: RedisServer) -> None:
+    url = redis_server.url
+
+    async def fill(service: FleetJobService) -> None:
+        await service.submit(build_request("idx/a"))
+        await service.submit(build_request("idx/b"))
+        with pytest.raises(StoreFullError, match="REQUEST_STORE_MAX_SIZE"):
+            await service.submit(build_request("idx/c"))
+
+    with_service(url, fill, max_active=2)
+
+
+def test_claim_lease_reclaim_and_fencing(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    a, b = sync_store(url, "r1"), sync_store(url, "r2")
+    job_id = submit(url, build_request())
+    assert [a.claim(job_id), b.claim(job_id)] == [1, 0]
+    assert b.renew([(job_id, 1, "", "{}", "cpu")]) == [(False, False)]
+    assert a.renew([(job_id, 1, "building", "{}", "cpu")]) == [(True, False)]
+    assert b.reclaim(job_id) == "alive"  # the lease has not run out on Redis's clock
+    time.sleep(0.4)
+    assert b.expired(10) == [job_id]
+    assert b.reclaim(job_id) == "queued"
+    assert status(url, job_id)["task_status"] == "RUNNING_INDEX_BUILD"
+    assert b.claim(job_id) == 2
+    # The old owner comes back: it can neither renew nor record.
+    assert a.renew([(job_id, 1, "", "{}", "cpu")]) == [(False, False)]
+    done: dict[str, Any] = {"device": "cpu", "index_bytes": 10, "quality": None, "progress": "{}"}
+    assert not a.complete(job_id, 1, JobState.COMPLETED, file_name="x", error=None, **done)
+    assert b.complete(job_id, 2, JobState.COMPLETED, file_name="seg.faiss", error=None, **done)
+    r: Any = redis.Redis.from_url(url, decode_responses=True)
+    assert 0 < r.pttl(job_key(job_id)) <= 60_000  # the finished TTL counts from now
+    assert r.zcard(LEASES) == 0 and r.zcard(QUEUE) == 0
+    assert status(url, job_id) == {
+        "task_status": "COMPLETED_INDEX_BUILD",
+        "file_name": "seg.faiss",
+        "error_message": None,
+    }
+    assert submit(url, build_request()) == job_id and r.zcard(QUEUE) == 0  # exists, not new
+    events = [(e["event"], e["attempt"], e["replica"]) for _, e in r.xrange(AUDIT)]
+    assert events == [
+        ("start", "1", "r1"),
+        ("reclaimed", "1", "r1"),
+        ("start", "2", "r2"),
+        ("end", "2", "r2"),
+    ]
+
+
+def test_a_job_interrupted_max_attempts_times_fails_with_that_message(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url
+    store = sync_store(url, lease_s=0.05, max_attempts=2)
+    job_id = submit(url, build_request())
+    outcomes = []
+    for attempt in (1, 2):
+        assert store.claim(job_id) == attempt
+        time.sleep(0.1)
+        outcomes.append(store.reclaim(job_id))
+    assert outcomes == ["queued", "failed"]
+    body = status(url, job_id)
+    assert body["task_status"] == "FAILED_INDEX_BUILD"
+    assert body["error_message"].startswith("the build was interrupted 2 times")
+    # A new request starts afresh, attempt numbers still climbing (they fence).
+    assert submit(url, build_request()) == job_id
+    assert store.claim(job_id) == 3
+
+
+def test_cancel_queued_and_owned_jobs(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    store = sync_store(url, lease_s=0.2)
+    queued = submit(url, build_request("idx/q"))
+    snap = with_service(url, lambda s: s.cancel(queued))
+    assert snap.state is JobState.CANCELLED and snap.error == "cancelled by operator"
+    assert status(url, queued)["error_message"] == "cancelled by operator"
+    with pytest.raises(JobConflictError, match="nothing to cancel"):
+        with_service(url, lambda s: s.cancel(queued))
+    with pytest.raises(JobNotFoundError):
+        with_service(url, lambda s: s.cancel("never-seen"))
+
+    owned = submit(url, build_request("idx/o"))
+    assert store.claim(owned) == 1
+    client: Any = redis.Redis.from_url(url, decode_responses=True)
+    events = client.pubsub(ignore_subscribe_messages=True)
+    events.subscribe(CHANNEL)
+    snap = with_service(url, lambda s: s.cancel(owned))
+    assert snap.cancel_requested and snap.owner == "r1" and not snap.state.terminal
+    message = None
+    for _ in range(50):
+        message = events.get_message(timeout=0.1)
+        if message is not None:
+            break
+    assert message is not None and message["data"] == f"cancel {owned}"
+    assert store.renew([(owned, 1, "", "{}", "cpu")]) == [(True, True)]  # the flag, too
+    time.sleep(0.3)  # the owner died: the reaper ends it as cancelled
+    assert store.reclaim(owned) == "cancelled"
+    assert status(url, owned)["error_message"] == "cancelled by operator"
+
+
+def test_release_hands_a_job_back_without_counting_an_interruption(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url
+    first, second = submit(url, build_request("idx/1")), submit(url, build_request("idx/2"))
+    store = sync_store(url)
+    assert store.claim(first) == 1
+    assert store.release(first, 1)
+    assert not store.release(first, 1)  # no longer its owner
+    assert store.queue_head(5) == [first, second]  # back in its old place
+    r = redis.Redis.from_url(url, decode_responses=True)
+    assert r.hget(job_key(first), "interrupted") == "0"
+    assert store.claim(first) == 2
+
+
+def test_scripts_survive_a_flushed_script_cache(redis_server: RedisServer) -> None:
+    """A Redis failover or restart forgets loaded scripts; redis-py loads them again."""
+    url = redis_server.url
+    store = sync_store(url)
+    job_id = submit(url, build_request())
+    redis.Redis.from_url(url).script_flush()
+    assert store.claim(job_id) == 1
+    redis.Redis.from_url(url).script_flush()
+    assert store.renew([(job_id, 1, "", "{}", "cpu")]) == [(True, False)]
+
+
+def test_status_while_redis_is_down_comes_from_the_cache_or_is_a_503(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url
+    cache = StatusCache()
+    job_id = submit(url, build_request())
+    assert with_service(url, lambda s: s.status(job_id), cache)["task_status"] == (
+        "RUNNING_INDEX_BUILD"
+    )
+    redis_server.kill()
+    cached = with_service(url, lambda s: s.status(job_id), cache)
+    assert cached["task_status"] == "RUNNING_INDEX_BUILD"
+    for call in (
+        lambda s: s.status("never-seen"),
+        lambda s: s.submit(build_request("idx/new")),
+    ):
+        with pytest.raises(JobStoreUnavailableError) as raised:
+            with_service(url, call, cache)
+        assert raised.value.retry_after_s == 7
+
+
+def test_one_replica_in_fleet_mode_builds_through_the_app(
+    s3_config: S3Config, s3_client: Any, bucket: str, redis_server: RedisServer
+) -> None:
+    vectors = clustered(500, 16)
+    s3_client.put_object(Bucket=bucket, Key="idx/f.knnvec", Body=vector_blob(vectors))
+    ids = np.arange(500, dtype=np.int32)
+    s3_client.put_object(Bucket=bucket, Key="idx/f.knndid", Body=doc_id_blob(ids))
+    settings = make_settings(
+        s3_config,
+        redis_url=redis_server.url,
+        replica_id="solo",
+        lease_seconds=2,
+        heartbeat_seconds=0.2,
+        max_workers=1,
+    )
+    body = {
+        "repository_type": "s3",
+        "container_name": bucket,
+        "vector_path": "idx/f.knnvec",
+        "doc_id_path": "idx/f.knndid",
+        "dimension": 16,
+        "doc_count": 500,
+    }
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/_build", json=body).json()["job_id"]
+        stop = threading.Event()
+        for _ in range(3000):
+            answer = client.get(f"/_status/{job_id}").json()
+            if answer["task_status"] != "RUNNING_INDEX_BUILD":
+                break
+            stop.wait(0.01)
+        assert answer == {
+            "task_status": "COMPLETED_INDEX_BUILD",
+            "file_name": "f.faiss",
+            "error_message": None,
+        }
+        listing = client.get("/_jobs").json()
+        assert listing[job_id]["owner"] == "solo" and listing[job_id]["attempt"] == 1
+        detail = client.get(f"/_jobs/{job_id}").json()
+        assert detail["progress"]["percent"] == 100.0 and detail["index_bytes"] > 0
+        assert set(detail["stages"]) == {"download", "parse", "build", "upload"}
+        assert client.delete(f"/_jobs/{job_id}").status_code == 409
+        assert client.get("/_status/never-seen").status_code == 404
+        metrics = client.get("/metrics").text
+        assert "rvib_fleet_replicas 1.0" in metrics
+        assert "rvib_fleet_jobs_claimed_total 1.0" in metrics
+        # Redis gone: the job's last-known body, a 503 for the rest; readiness unaffected.
+        redis_server.kill()
+        assert client.get(f"/_status/{job_id}").json()["task_status"] == "COMPLETED_INDEX_BUILD"
+        unknown = client.get("/_status/never-seen")
+        assert unknown.status_code == 503 and unknown.headers["retry-after"] == "10"
+        refused = client.post("/_build", json={**body, "vector_path": "idx/g.knnvec"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "10"
+        assert client.get("/_ready").status_code == 200
+
+
+def test_one_process_never_imports_redis() -> None:
+    """Without RVIB_REDIS_URL the service runs today's code path: redis is not even imported."""
+    script = """
+import sys
+from fastapi.testclient import TestClient
+from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.app.settings import Settings
+
+settings = Settings(_env_file=None, device="cpu", max_workers=1, omp_threads=1)
+with TestClient(create_app(settings)) as client:
+    assert client.get("/_status/x").status_code == 404
+    assert client.get("/_jobs").json() == {}
+loaded = sorted(m for m in sys.modules if m == "redis" or m.startswith("redis."))
+print("redis modules:", loaded)
+sys.exit(1 if loaded else 0)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "redis modules: []" in done.stdout
