@@ -58,6 +58,25 @@ def _data(n: int, dim: int, data_type: str) -> tuple[np.ndarray, np.ndarray]:
     return typed[:n], typed[n:]
 
 
+def _blobs(n: int, dim: int, data_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k-NN blobs as downloaded (writable bytes) and held-out queries; nothing else kept."""
+    rows, queries = _data(n, dim, data_type)
+    vector_blob = np.empty(rows.nbytes, dtype=np.uint8)
+    vector_blob[:] = np.ascontiguousarray(rows).view(np.uint8).ravel()
+    id_blob = np.empty(n * 4, dtype=np.uint8)
+    id_blob[:] = np.arange(n, dtype="<i4").view(np.uint8)
+    return vector_blob, id_blob, queries.copy()
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux: 5 to clear_refs); without it the peak includes setup."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
 class _GpuPeak:
     """Peak NVML memory-in-use of GPU ``device`` while the block runs, over its start."""
 
@@ -98,11 +117,11 @@ def child_build(n: int, dim: int, data_type: str, device: str) -> dict[str, Any]
     from remote_vector_index_builder.core.quality import recall_at_k
 
     request = _request(n, dim, data_type)
-    rows, queries = _data(n, dim, data_type)
-    vector_blob = np.frombuffer(bytearray(rows.tobytes()), dtype=np.uint8)
-    id_blob = np.frombuffer(bytearray(np.arange(n, dtype="<i4").tobytes()), dtype=np.uint8)
-    baseline = vm_rss_bytes() - vector_blob.nbytes - id_blob.nbytes  # the blobs are counted
+    vector_blob, id_blob, queries = _blobs(n, dim, data_type)
     data = dataset.parse(request, vector_blob, id_blob)
+    rows = data.vectors  # a view of the blob, as the builder gets it
+    _reset_peak_rss()  # data generation peaked higher than the service's download does
+    baseline = vm_rss_bytes() - vector_blob.nbytes - id_blob.nbytes  # the blobs are counted
     need = memory.estimate(request, upload_buffer_bytes=0, add_batch_rows=32768, gpu=True)
     builder: Any = GpuBuilder() if device == "gpu" else CpuBuilder()
     gpu_peak = 0
@@ -142,12 +161,8 @@ def child_binary_copy_to(n: int, dim: int) -> dict[str, Any]:
     )
 
     request = _request(n, dim, "binary")
-    rows, _ = _data(n, dim, "binary")
-    data = dataset.parse(
-        request,
-        np.frombuffer(bytearray(rows.tobytes()), dtype=np.uint8),
-        np.frombuffer(bytearray(np.arange(n, dtype="<i4").tobytes()), dtype=np.uint8),
-    )
+    vector_blob, id_blob, _ = _blobs(n, dim, "binary")
+    data = dataset.parse(request, vector_blob, id_blob)
     params = cagra_params(request)
     result: dict[str, Any] = {}
     with _CagraSession(0) as session:
