@@ -33,10 +33,13 @@ estimate; benchmarks/README.md has the table. The estimate is meant to be a
 slight over-estimate of the peak over the process's baseline, and
 ``test_memory`` checks that on a small build.
 
-The GPU path (``gpu_estimate``) is derived from the Faiss 1.15 / cuVS code paths
+The GPU path (``gpu_estimate``) is derived from the Faiss 1.15 / cuVS 26.06 code paths
 rather than measured (no GPU was lent where it was written; ``benchmarks/gpu_check.py``
-prints its peaks beside these numbers). Its host side assumes the blobs stay whole and
-peaks at one of
+prints its peaks beside these numbers): cuVS ``cagra::build`` (cagra_build.cuh) keeps
+the intermediate kNN graph and the pruned graph as host matrices while ``optimize``
+(graph_core.cuh) holds the intermediate graph and then a reverse graph on the device;
+Faiss's ``copyTo`` adds the storage, level 0 and ``get_knngraph``'s int64 copy.
+Its host side assumes the blobs stay whole and peaks at one of
 
 * **train**: the rows handed to the GPU (``half_float``: an fp16 copy of the
   fp32 rows) plus the kNN graph cuVS keeps on the host while it prunes: the
