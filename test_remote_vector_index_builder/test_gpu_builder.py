@@ -418,6 +418,8 @@ class TestOnGpu:
         assert isinstance(inner, untyped_faiss.IndexHNSWCagra)
         assert inner.base_level_only and inner.get_numeric_type() == numeric_type
         assert (inner.hnsw.efSearch, inner.hnsw.efConstruction) == (128, 100)
+        assert inner.hnsw.max_level == -1 and inner.hnsw.nb_neighbors(0) == 64  # level 0 only
+        assert inner.num_base_level_search_entrypoints == 32
         queries = rows[:100].astype(np.float32) + 0.01
         assert recall_at_k(index, rows, ids, queries, space) >= 0.9
         raw = serialized(index)
@@ -429,6 +431,13 @@ class TestOnGpu:
         rows, ids = rows_for("binary", "hamming", n, 256), doc_ids(n)
         index = GpuBuilder().build(request, make_dataset(request, rows, ids))
         assert isinstance(index, faiss.IndexBinaryIDMap) and index.ntotal == n
+        inner = faiss.downcast_IndexBinary(index.index)
+        assert isinstance(inner, untyped_faiss.IndexBinaryHNSWCagra) and inner.base_level_only
+        # The flag was set before copyTo: no upper levels were inserted on the CPU.
+        assert inner.hnsw.max_level == -1 and inner.num_base_level_search_entrypoints == 32
+        queries = rows[:50]  # one query per call (see test_gpu_replay.recall)
+        hits = [recall_at_k(index, rows, ids, q[None], "hamming") for q in queries]
+        assert float(np.mean(hits)) >= 0.9
         raw = io.BytesIO()
         index_io.write(index, raw)
         data = raw.getvalue()

@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 import pytest
 
-from remote_vector_index_builder.core import index_io
+from remote_vector_index_builder.core import index_io, memory
 from remote_vector_index_builder.core.gpu_builder import (
     CagraParams,
     NumericType,
@@ -28,6 +28,8 @@ from remote_vector_index_builder.core.gpu_builder import (
     _id_map,
     cagra_params,
 )
+from remote_vector_index_builder.core.multipart import UploadPlan
+from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,
     ID_MAP_HEADER,
@@ -36,6 +38,8 @@ from test_remote_vector_index_builder.data import (
 from test_remote_vector_index_builder.test_gpu_builder import doc_ids, make_request, rows_for
 
 untyped_faiss: Any = faiss
+
+PLAN = UploadPlan.of(S3Config())
 
 
 def cagra_like_graph(rows: np.ndarray, degree: int, binary: bool, metric: int | None) -> np.ndarray:
@@ -206,3 +210,52 @@ def test_replayed_copy_to_then_our_finishing_writes_the_contract_layout(
     assert back_inner.base_level_only
     assert back_inner.num_base_level_search_entrypoints == params.base_level_search_entrypoints
     assert recall(back, rows, ids, queries, space) >= 0.9
+
+
+@pytest.mark.parametrize(("data_type", "space", "tag"), CASES)
+def test_the_gpu_estimate_counts_the_converted_index_it_replays(
+    data_type: str, space: str, tag: bytes
+) -> None:
+    binary = data_type == "binary"
+    n, dim, m = 3000, 256 if binary else 96, 16
+    request = make_request(data_type, space, dim=dim, n=n, m=m)
+    params = cagra_params(request)
+    rows, ids = rows_for(data_type, space, n, dim), doc_ids(n)
+    inner = _hnsw_target(params)
+    index = _id_map(inner, binary)
+    graph = cagra_like_graph(rows, params.graph_degree, binary, params.metric)
+    replay_copy_to(inner, params, rows, graph)
+    _finish(index, inner, params, ids.astype(np.int64))
+    raw = io.BytesIO()
+    written = index_io.write(index, raw)  # the in-memory structures, byte for byte, + headers
+    estimated = memory.gpu_index_bytes(request)
+    assert written <= estimated <= 1.05 * written
+
+
+@pytest.mark.parametrize("data_type", ["float", "half_float", "byte", "binary"])
+def test_the_gpu_estimate_derives_the_parameters_the_builder_uses(data_type: str) -> None:
+    space = "hamming" if data_type == "binary" else "l2"
+    request = make_request(data_type, space, dim=256, n=123_456, m=12)
+    params = cagra_params(request)
+    intermediate, degree = memory._cagra_degrees(request)
+    assert (intermediate, degree) == (params.effective_intermediate_graph_degree, 48)
+    if params.ivf_pq is not None:
+        assert params.ivf_pq.kmeans_trainset_fraction == memory._KMEANS_TRAINSET_FRACTION
+        assert params.ivf_pq.n_lists == int(123_456**0.5) and params.ivf_pq.pq_dim == 64
+
+
+def test_half_float_host_peak_counts_the_fp16_copy_the_graphs_and_int64_graph() -> None:
+    # The moments at 10M x 768, m=16 (the issue's example): what the CPU-side structures weigh.
+    n, d = 10_000_000, 768
+    half = memory.gpu_estimate(
+        make_request("half_float", dim=d, n=n, m=16), upload=UploadPlan.of(S3Config())
+    )
+    blob, fp16, storage = n * d * 4, n * d * 2, n * d * 2
+    assert half.host_bytes >= blob + fp16 + storage + n * 64 * 4 + n * 64 * 8
+    floats = memory.gpu_estimate(
+        make_request("float", dim=d, n=n, m=16), upload=UploadPlan.of(S3Config())
+    )
+    # float's rows are the blob itself; its storage is fp32 (twice fp16's)
+    assert floats.host_bytes - half.host_bytes == (n * d * 4) - (fp16 + storage)
+    # device: the k-means train set (fp32, a tenth of the rows) dominates graph building
+    assert half.gpu_bytes >= n * 0.1 * d * 4 + memory.GPU_DEVICE_OVERHEAD

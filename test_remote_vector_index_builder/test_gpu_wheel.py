@@ -140,3 +140,10 @@ def test_with_a_pretended_device_the_real_constructors_fail_cleanly_into_the_cpu
     assert index.ntotal == n
     queries = rows[:40] if data_type == "binary" else rows[:40].astype(np.float32) + 0.01
     assert recall_at_k(index, rows, ids, queries, space) >= 0.8
+
+
+def test_a_probe_that_does_not_answer_in_time_is_a_state_not_a_hang() -> None:
+    # Importing the GPU wheel alone takes over a second: 50 ms cannot be met.
+    probe = probe_gpu(timeout_s=0.05)
+    assert probe.state is ProbeState.TIMED_OUT and not probe.usable
+    assert "took more than" in probe.reason

@@ -33,13 +33,33 @@ estimate; benchmarks/README.md has the table. The estimate is meant to be a
 slight over-estimate of the peak over the process's baseline, and
 ``test_memory`` checks that on a small build.
 
-The GPU estimate is coarser (CAGRA's working set is not documented in bytes):
-the dataset in its input type, the intermediate graph and the final graph in
-int32, and the IVF-PQ codes; its host side assumes the blobs stay whole.
+The GPU path (``gpu_estimate``) is derived from the Faiss 1.15 / cuVS 26.06 code paths
+rather than measured (no GPU was lent where it was written; ``benchmarks/gpu_check.py``
+prints its peaks beside these numbers): cuVS ``cagra::build`` (cagra_build.cuh) keeps
+the intermediate kNN graph and the pruned graph as host matrices while ``optimize``
+(graph_core.cuh) holds the intermediate graph and then a reverse graph on the device;
+Faiss's ``copyTo`` adds the storage, level 0 and ``get_knngraph``'s int64 copy.
+Its host side assumes the blobs stay whole and peaks at one of
+
+* **train**: the rows handed to the GPU (``half_float``: an fp16 copy of the
+  fp32 rows) plus the kNN graph cuVS keeps on the host while it prunes: the
+  intermediate graph and the pruned one, uint32;
+* **copyTo**: storage filled in its numeric type, HNSW level 0 at ``4 m`` int32
+  links (plus the few upper-level slots ``prepare_level_tab`` allocates and
+  leaves empty), and the temporary int64 copy of the graph ``get_knngraph``
+  returns, while the rows of the train moment are still held;
+* **upload**, as on the CPU.
+
+Its device side is the larger of the kNN-graph build (IVF-PQ: the k-means train
+set in fp32, the PQ codes and list ids; binary NN-descent: the packed rows and
+its candidate lists) and the pruning (intermediate + pruned + reverse graph),
+plus a fixed allowance for the CUDA context and cuVS workspaces. The dataset
+itself is not on the device: ``store_dataset`` is off and cuVS streams host rows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from remote_vector_index_builder.core.multipart import UploadPlan
@@ -133,28 +153,94 @@ def estimate(
     gpu: bool = False,
 ) -> MemoryEstimate:
     """``upload`` is the store's plan (``UploadPlan.of(s3_config)``)."""
-    n, d = request.doc_count, request.dimension
     if not gpu:
         host = cpu_host_bytes(request, upload=upload, add_batch_rows=add_batch_rows)
         return MemoryEstimate(host_bytes=host, gpu_bytes=0)
-    # Every connection busy plus the part filling: an upload of unknown size.
-    upload_buffer_bytes = upload.buffer_bytes(None)
-    blobs = request.vector_blob_bytes + request.doc_id_blob_bytes
-    index = index_bytes(request)
-    temporaries = n * 8  # int64 ids passed to add_with_ids
-    if request.data_type is DataType.BYTE:
-        temporaries += min(add_batch_rows, n) * d * 4
-    build_peak = blobs + index + temporaries
-    upload_peak = index + upload_buffer_bytes
-    host = max(build_peak, upload_peak) + FIXED_OVERHEAD
+    return gpu_estimate(request, upload=upload)
+
+
+# GPU path. cuVS and CUDA allocate outside Faiss's accounting: the CUDA context (about
+# 0.5 GiB on recent GPUs) and cuVS's batch workspaces on the device; the loaded CUDA
+# libraries' pages and handles on the host. Allowances, to be checked by gpu_check.py.
+GPU_DEVICE_OVERHEAD = 1024 * MIB
+GPU_HOST_OVERHEAD = 512 * MIB
+# gpu_builder.cagra_params's IVF-PQ choices (not imported: that module loads Faiss);
+# test_gpu_memory checks they agree.
+_KMEANS_TRAINSET_FRACTION = 0.1
+_NN_DESCENT_ROUND = 32  # cuVS NN-descent pads node degrees to a multiple of 32
+
+
+def _cagra_degrees(request: BuildRequest) -> tuple[int, int]:
+    """(intermediate degree cuVS uses, final degree): stock Faiss widens the intermediate
+    degree 1.5x on the IVF-PQ path when the two are equal (gpu_builder.CagraParams)."""
     degree = 4 * request.m
-    element = {DataType.HALF_FLOAT: 2, DataType.BINARY: 1 / 8}.get(request.data_type, 4)
-    if request.data_type is DataType.BYTE:
-        element = 1
-    dataset = n * d * element
-    graphs = n * (int(degree * 1.5) + degree) * 4
-    pq_codes = 0 if request.data_type is DataType.BINARY else n * max(1, d // 4)
-    gpu_bytes = int(dataset + graphs + pq_codes) + FIXED_OVERHEAD
-    # the host also holds the converted HNSW graph while the GPU index lives
-    host += n * degree * 4
-    return MemoryEstimate(host_bytes=int(host), gpu_bytes=gpu_bytes)
+    if request.data_type is DataType.BINARY:
+        return degree, degree
+    return int(1.5 * degree), degree
+
+
+def gpu_storage_bytes_per_vector(request: BuildRequest) -> float:
+    """What copyTo fills, by numeric type; skip_stored_vectors drops it only when writing."""
+    d = request.dimension
+    return {
+        DataType.FLOAT: 4.0 * d,
+        DataType.HALF_FLOAT: 2.0 * d,
+        DataType.BYTE: 1.0 * d,
+        DataType.BINARY: d / 8,
+    }[request.data_type]
+
+
+def gpu_graph_bytes_per_vector(request: BuildRequest) -> float:
+    """HNSW after copyTo: level 0 at 4 m links, the empty upper-level slots
+    ``prepare_level_tab`` allocates for the ~1/M vectors it draws above level 0, then each
+    vector's level (int32) and offset (int64)."""
+    degree = 4 * request.m
+    hnsw_m = degree // 2  # copyTo's M: level 0 holds 2 M = degree links
+    upper_slots = hnsw_m / (hnsw_m - 1) if hnsw_m > 1 else 1.0
+    return (degree + upper_slots) * 4 + 12
+
+
+def gpu_index_bytes(request: BuildRequest) -> int:
+    """The converted, ID-mapped index in memory (storage + graph + int64 doc ids)."""
+    per_vector = gpu_storage_bytes_per_vector(request) + gpu_graph_bytes_per_vector(request) + 8
+    return int(request.doc_count * per_vector)
+
+
+def gpu_estimate(request: BuildRequest, *, upload: UploadPlan) -> MemoryEstimate:
+    """Host and device peaks of one CAGRA build (module docstring, GPU path)."""
+    n, d = request.doc_count, request.dimension
+    intermediate, degree = _cagra_degrees(request)
+    blobs = request.vector_blob_bytes + request.doc_id_blob_bytes
+    fp16_rows = n * d * 2 if request.data_type is DataType.HALF_FLOAT else 0
+
+    graph_pv = gpu_graph_bytes_per_vector(request)
+    index = gpu_index_bytes(request)
+
+    train = blobs + fp16_rows + n * (intermediate + degree) * 4
+    copy = (
+        blobs
+        + fp16_rows
+        + n * gpu_storage_bytes_per_vector(request)
+        + n * graph_pv
+        + n * degree * 8  # get_knngraph's int64 graph
+    )
+    finish = blobs + index + 2 * n * 8  # int64 ids: the temporary and the id map
+    sending = index + upload_buffer_bytes(request, upload) + _WRITE_CHUNK
+    host = max(train, copy, finish, sending) + FIXED_OVERHEAD + GPU_HOST_OVERHEAD
+
+    if request.data_type is DataType.BINARY:
+        padded = -(-intermediate // _NN_DESCENT_ROUND) * _NN_DESCENT_ROUND
+        graph_build = n * d / 8 + 2 * n * padded * (4 + 4)  # rows; ids + distances, twice
+    else:
+        n_lists = max(1, int(math.sqrt(n)))
+        pq_dim = max(1, d // 4)
+        graph_build = (
+            n * _KMEANS_TRAINSET_FRACTION * d * 4  # k-means train set, fp32 whatever the input
+            + n * pq_dim  # PQ codes at 8 bits
+            + n * 8  # list ids
+            + n_lists * d * 4  # centres
+            + d * d * 4  # the rotation (force_random_rotation)
+        )
+    prune = n * intermediate * 4 + 2 * n * degree * 4  # input, output and reverse graphs
+    device = max(graph_build, prune) + GPU_DEVICE_OVERHEAD
+    return MemoryEstimate(host_bytes=int(host), gpu_bytes=int(device))
