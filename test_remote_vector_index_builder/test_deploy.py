@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from test_remote_vector_index_builder.support import readme_variables
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -51,17 +53,6 @@ def _k8s_objects() -> K8sObjects:
             if doc["kind"] != "Kustomization":
                 objects[(doc["kind"], doc["metadata"]["name"])] = doc
     return objects
-
-
-def _readme_settings() -> set[str]:
-    """Every name in the first column of the README's Configuration table."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    names: set[str] = set()
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            names.update(re.findall(r"`([A-Z][A-Z0-9_]*\*?)`", line.split("|")[1]))
-    return names
 
 
 def _documented(name: str, documented: set[str]) -> bool:
@@ -111,7 +102,7 @@ def _config(k8s: K8sObjects, container: dict[str, Any]) -> dict[str, str]:
 
 
 def test_readme_table_is_parsed() -> None:
-    names = _readme_settings()
+    names = readme_variables()
     assert {"RVIB_REDIS_URL", "RVIB_SHUTDOWN_GRACE_SECONDS", "AWS_*", "S3_ENDPOINT_URL"} <= names
     assert not _documented("RVIB_NO_SUCH_SETTING", names)
     assert _documented("AWS_SECRET_ACCESS_KEY", names)
@@ -218,7 +209,7 @@ def test_environment_names_are_documented(k8s: K8sObjects, compose: dict[str, An
         for line in (DEPLOY / "local-s3.env").read_text().splitlines()
         if line and not line.startswith("#")
     }
-    documented = _readme_settings()
+    documented = readme_variables()
     assert {n for n in used if not _documented(n, documented)} == set()
 
 
