@@ -209,6 +209,11 @@ def test_environment_names_are_documented(k8s: K8sObjects, compose: dict[str, An
         for line in (DEPLOY / "local-s3.env").read_text().splitlines()
         if line and not line.startswith("#")
     }
+    # What the images set, too (Python's own variables aside).
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.api"):
+        for line in (ROOT / dockerfile).read_text().splitlines():
+            if line.startswith("ENV "):
+                used |= {w.split("=", 1)[0] for w in line.split()[1:] if not w.startswith("PYTHON")}
     documented = readme_variables()
     assert {n for n in used if not _documented(n, documented)} == set()
 
