@@ -89,11 +89,8 @@ def _emit(result: dict[str, Any]) -> None:
 
 
 def _s3(endpoint: str) -> tuple[Any, Any]:
-    from remote_vector_index_builder.core.object_store import (
-        S3Config,
-        S3ObjectStore,
-        make_s3_client,
-    )
+    from remote_vector_index_builder.core.object_store import S3ObjectStore
+    from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
 
     config = S3Config(endpoint_url=endpoint, region=REGION, path_style=True)
     if os.environ.get("BENCH_PART_MIB"):  # for trying other part sizes by hand

@@ -27,13 +27,14 @@ def estimate_bytes(body: dict[str, Any], batch_rows: int = 0) -> int:
     """What admission control reserves for this request with the service's defaults."""
     from remote_vector_index_builder.core import memory
     from remote_vector_index_builder.core.builder import BuilderOptions
-    from remote_vector_index_builder.core.object_store import S3Config
+    from remote_vector_index_builder.core.multipart import UploadPlan
     from remote_vector_index_builder.core.params import parse_request
+    from remote_vector_index_builder.core.s3_calls import S3Config
 
     config = S3Config()
     need = memory.estimate(
         parse_request(body),
-        upload_buffer_bytes=config.part_size * (config.concurrency + 1),
+        upload=UploadPlan.of(config),
         add_batch_rows=batch_rows or BuilderOptions().add_batch_rows,
     )
     return need.host_bytes

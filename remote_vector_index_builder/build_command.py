@@ -154,8 +154,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from remote_vector_index_builder.core import workflow
     from remote_vector_index_builder.core.builder import choose_builder
-    from remote_vector_index_builder.core.object_store import S3ObjectStore, make_s3_client
+    from remote_vector_index_builder.core.object_store import S3ObjectStore
     from remote_vector_index_builder.core.params import parse_request
+    from remote_vector_index_builder.core.s3_calls import make_s3_client
 
     request = parse_request(request_body(args))
     faiss.omp_set_num_threads(settings.effective_omp_threads())

@@ -18,13 +18,8 @@ from moto.server import ThreadedMotoServer
 
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core.builder import IndexBuilder
-from remote_vector_index_builder.core.object_store import (
-    MIB,
-    ObjectStore,
-    S3Config,
-    S3ObjectStore,
-    make_s3_client,
-)
+from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
+from remote_vector_index_builder.core.s3_calls import MIB, S3Config, make_s3_client
 from remote_vector_index_builder.local_s3 import free_port
 from test_remote_vector_index_builder.support import Clock, make_settings
 

@@ -3,7 +3,9 @@
 It sits between a client and the local S3 server and forwards each request
 unchanged, except for the requests a ``Fault`` matches: those get an error
 status, a connection reset (mid request body or mid response body), a body cut
-short, or a stall longer than the client's read timeout. ``refuse()`` closes the
+short, a body with one bit flipped (its length and headers intact, as a
+corrupting network path or disk would leave it), or a stall longer than the
+client's read timeout. ``refuse()`` closes the
 listening socket so connections are refused, ``blackhole()`` makes them hang
 until the client's connect timeout; ``accept()`` opens the port again.
 
@@ -24,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-FaultKind = Literal["status", "reset", "truncate", "stall"]
+FaultKind = Literal["status", "reset", "truncate", "stall", "flip"]
 # Hop-by-hop headers are the proxy's own business, never forwarded.
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te"}
 _ERROR_MESSAGES = {
@@ -46,6 +48,8 @@ class Fault:
         body, then resets;
       * ``truncate``: forwards, sends the full ``Content-Length`` but half the
         body, then closes cleanly;
+      * ``flip``: forwards and sends the whole response with one bit of its body
+        inverted (bit 0 of the middle byte); the connection stays usable;
       * ``stall``: ``at="request"`` sends nothing for ``stall_s`` (not forwarded);
         ``at="response"`` forwards, sends the headers and half the body, then
         nothing for ``stall_s``; then the connection is closed.
@@ -154,6 +158,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(fault)
             return
         status, reason, headers, payload = self._forward(body)
+        if fault is not None and fault.kind == "flip":
+            if payload:
+                middle = len(payload) // 2
+                payload = payload[:middle] + bytes([payload[middle] ^ 1]) + payload[middle + 1 :]
+            fault = None  # otherwise a well-formed response
         self.send_response(status, reason)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":

@@ -18,13 +18,9 @@ from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.builder import FaissIndex, Progress
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.dataset import Dataset
-from remote_vector_index_builder.core.object_store import (
-    ObjectInfo,
-    S3Config,
-    S3ObjectStore,
-    Upload,
-)
+from remote_vector_index_builder.core.object_store import S3ObjectStore, Upload
 from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.s3_calls import ObjectInfo, S3Config
 from test_remote_vector_index_builder.data import doc_id_blob, vector_blob
 
 STATUS_KEYS = {"task_status", "file_name", "error_message"}

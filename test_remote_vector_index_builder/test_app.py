@@ -17,11 +17,8 @@ from fastapi.testclient import TestClient
 
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core import index_io
-from remote_vector_index_builder.core.object_store import (
-    ObjectStore,
-    S3Config,
-    S3ObjectStore,
-)
+from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
+from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import (
     clustered,
     normalized,

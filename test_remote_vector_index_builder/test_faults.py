@@ -13,7 +13,9 @@ the backoff instead of waiting it out, so every case takes about a second.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +28,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from remote_vector_index_builder.app.logs import ContextFilter, job_context, set_stage
 from remote_vector_index_builder.core.builder import FaissIndex
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.dataset import Dataset
-from remote_vector_index_builder.core.object_store import S3Config, S3ObjectStore, make_s3_client
+from remote_vector_index_builder.core.object_store import S3ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
 from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
 from test_remote_vector_index_builder.support import (
@@ -157,6 +161,12 @@ CASES = [
         backoffs=1,  # after the reset; NoSuchUpload is checked, not retried
     ),
     Case("503-on-index-put-once", (Fault("status", "PUT", ".faiss", 1),), True),
+    # A bit flipped in one ranged GET: the object's CRC32 (S3 stored it at upload)
+    # no longer matches, the vectors are downloaded again, and the job completes.
+    Case(
+        "bit-flip-in-one-range", (Fault("flip", "GET", ".knnvec", 1),), True, large=True, backoffs=0
+    ),
+    Case("bit-flip-in-the-only-get", (Fault("flip", "GET", ".knnvec", 1),), True),
     Case("refused-then-reopened", (), True, port="refuse", reopen_on_retry=True),
     Case("connect-timeout-then-reopened", (), True, port="blackhole", reopen_on_retry=True),
     # Persistent: FAILED_INDEX_BUILD naming operation, bucket, key and cause.
@@ -184,6 +194,15 @@ CASES = [
         (Fault("stall", "GET", ".knnvec", stall_s=3),),
         False,
         (f"download of {VECTORS}", "after 3 attempt(s)", "no data arrived within the read timeout"),
+    ),
+    Case(
+        # Never a wrong index: a flip in every download ends the job FAILED.
+        "bit-flip-in-every-range",
+        (Fault("flip", "GET", ".knnvec"),),
+        False,
+        (f"download of {VECTORS} failed", "arrived corrupt 2 times", "CRC32"),
+        large=True,
+        backoffs=0,
     ),
     Case(
         "refused",
@@ -380,3 +399,40 @@ def test_a_build_that_raises_fails_only_that_job(
 
 def index_exists_at(s3_client: Any, bucket: str, key: str) -> bool:
     return bool(s3_client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents"))
+
+
+# --------------------------------------------------------------------------------------
+# Transfer threads log in the job's context
+# --------------------------------------------------------------------------------------
+
+
+def test_retries_in_transfer_threads_log_the_job_and_stage(
+    proxy: FaultProxy,
+    s3_config: S3Config,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A retried part (s3-put thread) and a retried range (s3-get) carry job id and stage."""
+    store = proxied_store(s3_config, proxy.url, Sleeps())
+    data = np.random.default_rng(3).integers(0, 256, 11 * 2**20, dtype=np.uint8).tobytes()
+    proxy.add(Fault("status", "PUT", PART, times=1))
+    proxy.add(Fault("status", "GET", "blob.bin", times=1))
+    caplog.handler.addFilter(ContextFilter())
+    caplog.set_level(logging.INFO, logger="remote_vector_index_builder.core")
+
+    def job() -> None:
+        with job_context("job-7"):
+            set_stage("upload")
+            with store.open_upload(bucket, "blob.bin") as upload:
+                upload.write(data)
+            set_stage("download")
+            assert store.download(bucket, "blob.bin").tobytes() == data
+
+    contextvars.copy_context().run(job)
+
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    seen = {
+        (str(r.threadName).split("_")[0], getattr(r, "job_id", None), getattr(r, "stage", None))
+        for r in retries
+    }
+    assert seen == {("s3-put", "job-7", "upload"), ("s3-get", "job-7", "download")}, seen

@@ -18,8 +18,8 @@ from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.errors import GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import GpuBuilder
 from remote_vector_index_builder.core.gpu_probe import ProbeState, probe_gpu
-from remote_vector_index_builder.core.object_store import S3Config
-from test_remote_vector_index_builder.conftest import make_settings
+from remote_vector_index_builder.core.s3_calls import S3Config
+from test_remote_vector_index_builder.support import make_settings
 from test_remote_vector_index_builder.test_metrics import parse, value
 
 faiss_cpu = pytest.mark.skipif(

@@ -33,8 +33,8 @@ from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core.builder import FaissIndex
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.dataset import Dataset
-from remote_vector_index_builder.core.object_store import S3Config
 from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.s3_calls import S3Config
 from remote_vector_index_builder.local_s3 import free_port
 from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import build_body, make_settings, upload, wait_idle

@@ -8,18 +8,23 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 from remote_vector_index_builder.core import memory
-from remote_vector_index_builder.core.object_store import MIB, S3Config
+from remote_vector_index_builder.core.multipart import UploadPlan
+from remote_vector_index_builder.core.object_store import S3ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest, DataType
+from remote_vector_index_builder.core.s3_calls import MIB, S3Config
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
 ROOT = Path(__file__).resolve().parents[1]
-UPLOAD_BUFFERS = 26 * 16 * MIB  # the service's default: (25 + 1) parts of 16 MiB
+PLAN = UploadPlan.of(S3Config())  # the service's default: 16 MiB parts, 25 connections
 
 
 def request(n: int, d: int, data_type: str = "float", **extra: Any) -> BuildRequest:
@@ -38,8 +43,8 @@ def request(n: int, d: int, data_type: str = "float", **extra: Any) -> BuildRequ
     )
 
 
-def host(req: BuildRequest, upload: int = UPLOAD_BUFFERS, batch: int = 32768) -> int:
-    return memory.estimate(req, upload_buffer_bytes=upload, add_batch_rows=batch).host_bytes
+def host(req: BuildRequest, upload: UploadPlan = PLAN, batch: int = 32768) -> int:
+    return memory.estimate(req, upload=upload, add_batch_rows=batch).host_bytes
 
 
 def test_index_bytes_are_storage_graph_and_ids() -> None:
@@ -61,26 +66,34 @@ def test_estimate_grows_with_the_data_and_covers_index_and_blob(data_type: str) 
 
 
 def test_upload_buffers_count_only_up_to_the_index() -> None:
-    req = request(5_000, 64)  # an index of ~3 MB
-    assert host(req, upload=1024 * MIB) == host(req, upload=128 * MIB)
+    req = request(5_000, 64)  # an index of ~3 MB: one 5 MiB part, whatever the connections
+    assert host(req, UploadPlan(16 * MIB, 64)) == host(req, UploadPlan(16 * MIB, 8))
     big = request(500_000, 768)  # an index of ~1.6 GB
     # Up to a quarter of an index of known size is in flight, plus the part filling.
-    cap = memory.upload_buffers(memory.index_bytes(big), 16 * MIB)
-    assert host(big, upload=300 * MIB) - host(big, upload=256 * MIB) == 44 * MIB
-    assert host(big, upload=2048 * MIB) - host(big, upload=300 * MIB) == cap - 300 * MIB
-    assert host(big, upload=2048 * MIB) == host(big, upload=4096 * MIB)
+    quarter = memory.serialized_bytes(big) // (4 * 16 * MIB)
+    for connections in (quarter, 2 * quarter, 64):
+        counted = memory.upload_buffer_bytes(big, UploadPlan(16 * MIB, connections))
+        assert counted == (quarter + 1) * 16 * MIB
+    assert host(big, UploadPlan(16 * MIB, 64)) > host(big, UploadPlan(16 * MIB, 2))
 
 
-@pytest.mark.parametrize("size", [1, 5 * MIB, 24_800_000, 92_000_000, 322_433_319, 5 * 2**30])
-def test_upload_buffers_match_the_object_store(size: int) -> None:
-    from remote_vector_index_builder.core import multipart, object_store
-
-    config = object_store.S3Config()
-    expected = multipart.upload_buffer_bytes(config, size)
-    # The service passes (concurrency + 1) parts as upload_buffer_bytes, the other cap.
-    every_connection = config.part_size * (config.concurrency + 1)
-    assert min(memory.upload_buffers(size, config.part_size), every_connection) == expected
-    assert memory.UPLOAD_BUFFER_SHARE == multipart.UPLOAD_BUFFER_SHARE
+def test_estimate_follows_the_configured_part_size(
+    s3_client: S3Client, s3_config: S3Config, bucket: str
+) -> None:
+    """RVIB_S3_PART_SIZE=64 MiB holds more part buffers than 16 MiB, and admission knows."""
+    big = request(500_000, 768)
+    configs = {mib: s3_config.model_copy(update={"part_size": mib * MIB}) for mib in (16, 64)}
+    estimates = {mib: host(big, UploadPlan.of(config)) for mib, config in configs.items()}
+    assert estimates[64] > estimates[16]
+    for config in configs.values():
+        # The store's own upload of this index, as the workflow opens it.
+        store = S3ObjectStore(s3_client, config)
+        upload = store.open_upload(bucket, "index", size_hint=memory.serialized_bytes(big))
+        upload.abort()
+        held = upload.part_size * (upload.parts_in_flight + 1)
+        assert memory.upload_buffer_bytes(big, UploadPlan.of(config)) >= held
+    counted = {mib: memory.upload_buffer_bytes(big, UploadPlan.of(c)) for mib, c in configs.items()}
+    assert estimates[64] - estimates[16] == counted[64] - counted[16]
 
 
 def test_byte_estimate_holds_one_fp32_conversion_buffer() -> None:
@@ -88,16 +101,14 @@ def test_byte_estimate_holds_one_fp32_conversion_buffer() -> None:
 
     assert memory.CONVERT_ROWS == CONVERT_ROWS
     req = request(20_000, 8192, "byte")
-    small, large = host(req, upload=16 * MIB, batch=4096), host(req, upload=16 * MIB, batch=16384)
+    small, large = host(req, batch=4096), host(req, batch=16384)
     # The build moment dominates: one batch more of int8 rows held twice (in the blob and
     # the index), and an fp32 buffer that grows only up to CONVERT_ROWS rows.
     assert large - small == (16384 - 4096) * 8192 + (CONVERT_ROWS - 4096) * 8192 * 4
 
 
 def test_gpu_estimate_keeps_device_and_host_apart() -> None:
-    need = memory.estimate(
-        request(100_000, 768), upload_buffer_bytes=UPLOAD_BUFFERS, add_batch_rows=32768, gpu=True
-    )
+    need = memory.estimate(request(100_000, 768), upload=PLAN, add_batch_rows=32768, gpu=True)
     assert need.gpu_bytes > 100_000 * 768 * 4
     assert need.host_bytes > host(request(100_000, 768))
 
@@ -106,7 +117,7 @@ _CHILD = textwrap.dedent("""
     import json, sys
     from remote_vector_index_builder.core import workflow
     from remote_vector_index_builder.core.cpu_builder import CpuBuilder
-    from remote_vector_index_builder.core import object_store
+    from remote_vector_index_builder.core import object_store, s3_calls
     from remote_vector_index_builder.core.params import parse_request
 
     def status(field):
@@ -114,8 +125,8 @@ _CHILD = textwrap.dedent("""
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
 
-    config = object_store.S3Config.model_validate_json(sys.argv[1])
-    store = object_store.S3ObjectStore(object_store.make_s3_client(config), config)
+    config = s3_calls.S3Config.model_validate_json(sys.argv[1])
+    store = object_store.S3ObjectStore(s3_calls.make_s3_client(config), config)
     request = parse_request(json.loads(sys.argv[2]))
     store.head(request.container_name, request.vector_path)
     baseline = status("VmRSS")
@@ -156,7 +167,7 @@ def test_estimate_is_a_slight_over_estimate_of_a_measured_build(
     req = BuildRequest.model_validate(body)
     estimate = memory.estimate(
         req,
-        upload_buffer_bytes=s3_config.part_size * (s3_config.concurrency + 1),
+        upload=UploadPlan.of(s3_config),
         add_batch_rows=32768,
     ).host_bytes
     blob_and_index = req.vector_blob_bytes + measured["index"]

@@ -25,14 +25,9 @@ from remote_vector_index_builder.core.errors import (
     ObjectStoreError,
     TransientStoreError,
 )
-from remote_vector_index_builder.core.object_store import (
-    GIB,
-    MIB,
-    ObjectStore,
-    S3Config,
-    S3ObjectStore,
-    make_s3_client,
-)
+from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
+from remote_vector_index_builder.core.s3_calls import GIB, MIB, S3Config, make_s3_client
+from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -124,14 +119,13 @@ def test_part_size_grows_for_long_streams(
 
 
 def test_parts_follow_the_expected_size():
-    config = S3Config()  # 25 connections, 16 MiB parts
-    part_size, in_flight = multipart.upload_part_size, multipart.parts_in_flight
-    assert (part_size(config, None), in_flight(config, None)) == (16 * MIB, 25)
+    plan = multipart.UploadPlan.of(S3Config())  # 25 connections, 16 MiB parts
+    assert (plan.first_part(None), plan.in_flight(None)) == (16 * MIB, 25)
     # Parts of an eighth of the object, at least 5 MiB; a quarter of it in flight.
-    assert (part_size(config, 24 * MIB), in_flight(config, 24 * MIB)) == (5 * MIB, 1)
-    assert (part_size(config, 96 * MIB), in_flight(config, 96 * MIB)) == (12 * MIB, 2)
-    assert (part_size(config, 4 * GIB), in_flight(config, 4 * GIB)) == (16 * MIB, 25)
-    assert multipart.upload_buffer_bytes(config, 96 * MIB) == 3 * 12 * MIB
+    assert (plan.first_part(24 * MIB), plan.in_flight(24 * MIB)) == (5 * MIB, 1)
+    assert (plan.first_part(96 * MIB), plan.in_flight(96 * MIB)) == (12 * MIB, 2)
+    assert (plan.first_part(4 * GIB), plan.in_flight(4 * GIB)) == (16 * MIB, 25)
+    assert plan.buffer_bytes(96 * MIB) == 3 * 12 * MIB
 
 
 @pytest.mark.parametrize(("size_hint", "most"), [(12 * PART, 3), (None, 6)])
@@ -469,3 +463,24 @@ def test_unreachable_endpoint_is_transient(s3_server: str, s3_config: S3Config):
     store = _store_at(s3_config, f"http://127.0.0.1:{closed_port()}", sleeps, 1)
     with pytest.raises(TransientStoreError, match=r"download of s3://b/k failed .*retryable"):
         store.download("b", "k")
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_a_bit_flipped_in_a_range_of_a_multipart_object_is_caught(
+    object_store: S3ObjectStore, s3_server: str, s3_config: S3Config, bucket: str, every: bool
+):
+    """Our own multipart uploads carry a composite CRC32 (of the parts' CRC32s): a range
+    that arrives with one bit flipped is downloaded again, or fails the download."""
+    data = random_bytes(3 * PART + 7, seed=9)
+    upload_bytes(object_store, bucket, "parts.knnvec", data)
+    with FaultProxy(s3_server) as proxy:
+        config = s3_config.model_copy(update={"endpoint_url": proxy.url})
+        store = S3ObjectStore(make_s3_client(config), config)
+        proxy.add(Fault("flip", "GET", "parts.knnvec", times=None if every else 1))
+        if every:
+            with pytest.raises(IntegrityError, match="composite CRC32 of the 4 parts"):
+                store.download(bucket, "parts.knnvec")
+        else:
+            assert store.download(bucket, "parts.knnvec").tobytes() == data
+        ranged_gets = [s for s in proxy.seen if s.method == "GET"]
+        assert len(ranged_gets) == 2 * 4  # the object was downloaded twice, in 4 ranges

@@ -23,7 +23,9 @@ from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core import gpu_probe
 from remote_vector_index_builder.core.builder import Device, IndexBuilder, choose_builder
 from remote_vector_index_builder.core.errors import GpuUnavailableError, RvibError
-from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore, make_s3_client
+from remote_vector_index_builder.core.multipart import UploadPlan
+from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
+from remote_vector_index_builder.core.s3_calls import make_s3_client
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 max_workers=workers,
                 mode=settings.index_serialization_mode,
                 tmp_dir=str(settings.tmp_dir) if settings.tmp_dir else None,
-                upload_buffer_bytes=s3_config.part_size * (s3_config.concurrency + 1),
+                upload_plan=UploadPlan.of(s3_config),
                 add_batch_rows=settings.add_batch_rows,
                 on_gpu=on_gpu,
                 time_limit_s=settings.job_time_limit_seconds,

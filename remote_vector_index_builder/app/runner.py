@@ -27,6 +27,7 @@ from remote_vector_index_builder.core.errors import (
     ServiceUnavailableError,
 )
 from remote_vector_index_builder.core.index_io import SerializationMode
+from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest
 
@@ -128,7 +129,7 @@ class RunnerConfig:
     max_workers: int
     mode: SerializationMode
     tmp_dir: str | None
-    upload_buffer_bytes: int
+    upload_plan: UploadPlan
     add_batch_rows: int
     on_gpu: bool
     time_limit_s: float | None = None
@@ -199,7 +200,7 @@ class Runner:
     def estimate(self, request: BuildRequest) -> memory.MemoryEstimate:
         return memory.estimate(
             request,
-            upload_buffer_bytes=self.config.upload_buffer_bytes,
+            upload=self.config.upload_plan,
             add_batch_rows=self.config.add_batch_rows,
             gpu=self.config.on_gpu,
         )

@@ -31,7 +31,7 @@ from pydantic_settings import (
 
 from remote_vector_index_builder.core.builder import BuilderOptions, Device
 from remote_vector_index_builder.core.index_io import SerializationMode
-from remote_vector_index_builder.core.object_store import MIB, S3Config
+from remote_vector_index_builder.core.s3_calls import MIB, S3Config
 
 # cgroup v2: "<quota> <period>" in microseconds, or "max <period>" for no limit.
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")

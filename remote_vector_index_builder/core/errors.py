@@ -41,7 +41,11 @@ class DatasetError(RvibError):
 
 
 class ObjectStoreError(RvibError):
-    pass
+    """``code`` is S3's error code ("NoSuchUpload", "SlowDown", ...) when S3 answered one."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ObjectNotFoundError(ObjectStoreError):

@@ -12,10 +12,10 @@ The CPU path's host peak is the largest of three moments (``n`` vectors,
   twice (its vector grows by doubling), the int64 ids (a temporary and the id
   map) and, for ``byte``, the fp32 buffer int8 rows are converted through
   (``cpu_builder.CONVERT_ROWS`` rows);
-* **upload** (memory mode): the index plus the upload's part buffers (at most
-  ``upload_buffer_bytes``; for an object of known size a quarter of it in
-  flight plus the part filling, ``multipart.part_plan``) plus the
-  4 MiB Faiss writes at a time.
+* **upload** (memory mode): the index plus the upload's part buffers, as the
+  store's own ``multipart.UploadPlan`` cuts an upload of the index's size
+  (for an object of known size a quarter of it in flight plus the part
+  filling) plus the 4 MiB Faiss writes at a time.
   Disk mode peaks lower (the index is freed before its file is uploaded).
 
 ``index bytes = n * (storage per vector + graph per vector + 8)`` where the
@@ -42,8 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from remote_vector_index_builder.core.multipart import UPLOAD_BUFFER_SHARE as UPLOAD_BUFFER_SHARE
-from remote_vector_index_builder.core.multipart import planned_buffer_bytes
+from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest, DataType
 
 MIB = 1024**2
@@ -54,19 +53,8 @@ FIXED_OVERHEAD = 64 * MIB
 # Rows per ``dataset.check_values`` batch and bytes per value of its temporaries.
 _CHECK_ROWS = 16384
 _CHECK_BYTES_PER_VALUE = {DataType.FLOAT: 1, DataType.HALF_FLOAT: 6}
-# The upload's part size when the caller does not say (S3Config's default).
-_DEFAULT_PART_BYTES = 16 * MIB
 # Faiss hands the upload 4 MiB at a time (index_io's chunk).
 _WRITE_CHUNK = 4 * MIB
-
-
-def upload_buffers(index: int, part_bytes: int) -> int:
-    """The part buffers of an index upload of ``index`` bytes, before the connection cap.
-
-    The caller's ``upload_buffer_bytes`` (every connection busy) caps it, so the
-    plan here need not know the connection count.
-    """
-    return planned_buffer_bytes(index, part_bytes, concurrency=2**31)  # i.e. uncapped
 
 
 # cpu_builder.CONVERT_ROWS (not imported: this module must not load Faiss).
@@ -103,13 +91,20 @@ def index_bytes(request: BuildRequest) -> int:
     return int(request.doc_count * per_vector)
 
 
-def cpu_host_bytes(
-    request: BuildRequest,
-    *,
-    upload_buffer_bytes: int,
-    add_batch_rows: int,
-    part_bytes: int = _DEFAULT_PART_BYTES,
-) -> int:
+def serialized_bytes(request: BuildRequest) -> int:
+    """About the size of the index file: the size hint the index upload is planned for."""
+    size = index_bytes(request)
+    if request.skip_stored_vectors:
+        size -= int(request.doc_count * storage_bytes_per_vector(request))
+    return max(size, 1)
+
+
+def upload_buffer_bytes(request: BuildRequest, upload: UploadPlan) -> int:
+    """The part buffers of this request's index upload, as the store plans it."""
+    return upload.buffer_bytes(serialized_bytes(request))
+
+
+def cpu_host_bytes(request: BuildRequest, *, upload: UploadPlan, add_batch_rows: int) -> int:
     """The largest of the parse, build and upload moments (see the module docstring)."""
     n, d = request.doc_count, request.dimension
     vector_blob, doc_ids = request.vector_blob_bytes, request.doc_id_blob_bytes
@@ -126,23 +121,24 @@ def cpu_host_bytes(
     convert = min(batch, CONVERT_ROWS) * d * 4 if request.data_type is DataType.BYTE else 0
     build = max(vector_blob, storage) + overlap + convert + 2 * graph + 2 * n * 8 + doc_ids
 
-    upload = index + min(upload_buffer_bytes, upload_buffers(index, part_bytes)) + _WRITE_CHUNK
-    return int(max(parse, build, upload) + graph) + FIXED_OVERHEAD
+    sending = index + upload_buffer_bytes(request, upload) + _WRITE_CHUNK
+    return int(max(parse, build, sending) + graph) + FIXED_OVERHEAD
 
 
 def estimate(
     request: BuildRequest,
     *,
-    upload_buffer_bytes: int,
+    upload: UploadPlan,
     add_batch_rows: int,
     gpu: bool = False,
 ) -> MemoryEstimate:
+    """``upload`` is the store's plan (``UploadPlan.of(s3_config)``)."""
     n, d = request.doc_count, request.dimension
     if not gpu:
-        host = cpu_host_bytes(
-            request, upload_buffer_bytes=upload_buffer_bytes, add_batch_rows=add_batch_rows
-        )
+        host = cpu_host_bytes(request, upload=upload, add_batch_rows=add_batch_rows)
         return MemoryEstimate(host_bytes=host, gpu_bytes=0)
+    # Every connection busy plus the part filling: an upload of unknown size.
+    upload_buffer_bytes = upload.buffer_bytes(None)
     blobs = request.vector_blob_bytes + request.doc_id_blob_bytes
     index = index_bytes(request)
     temporaries = n * 8  # int64 ids passed to add_with_ids

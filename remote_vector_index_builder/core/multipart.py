@@ -2,8 +2,8 @@
 
 Writes fill one part buffer at a time; full parts go out in parallel, at most a
 bounded number in flight, so an upload holds a few parts in memory whatever the
-object's size. The part size and the parts in flight are chosen here too
-(``core.memory`` mirrors that choice for admission).
+object's size. The part size and the parts in flight are chosen here too, by
+``UploadPlan``, which ``core.memory`` reads for admission.
 """
 
 from __future__ import annotations
@@ -14,32 +14,27 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from botocore import exceptions as bce
 from zlib_ng import zlib_ng
 
 from remote_vector_index_builder.core.errors import ObjectStoreError
-from remote_vector_index_builder.core.s3_errors import code_of
+from remote_vector_index_builder.core.s3_calls import (
+    MAX_PART_SIZE,
+    MIN_PART_SIZE,
+    Progress,
+    S3Calls,
+    S3Config,
+    submit_in_context,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-    from remote_vector_index_builder.core.object_store import (
-        Progress,
-        S3Config,
-        S3ObjectStore,
-        _ReadInto,
-    )
-
 log = logging.getLogger(__name__)
 
-MIB = 1024**2
-GIB = 1024**3
-# S3's size limits for every multipart part but the last.
-MIN_PART_SIZE = 5 * MIB
-MAX_PART_SIZE = 5 * GIB
 # A streamed upload does not know its size: the part size doubles every
 # _PARTS_PER_SIZE_STEP parts, so 16 MiB parts reach ~960 GiB, not 156 GiB, within
 # S3's 10,000 parts, while small objects keep small parts.
@@ -52,35 +47,48 @@ UPLOAD_BUFFER_SHARE = 4
 _PARTS_PER_KNOWN_SIZE = 8
 
 
-def crc32_b64(data: bytes | bytearray) -> str:
+class ReadInto(Protocol):
+    # botocore-stubs types StreamingBody.readinto as taking IO[bytes]; it takes a buffer.
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def crc32_b64(data: bytes | bytearray | memoryview) -> str:
     """S3's ``ChecksumCRC32``: the big-endian CRC32 of ``data``, base64-encoded."""
     return base64.b64encode(zlib_ng.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
-def part_plan(size: int | None, part_size: int, concurrency: int) -> tuple[int, int]:
-    """(first part size, parts in flight) of an upload of ``size`` bytes (None: unknown)."""
-    if size is None:
-        return part_size, concurrency
-    part = min(part_size, max(MIN_PART_SIZE, size // _PARTS_PER_KNOWN_SIZE))
-    return part, max(1, min(concurrency, size // (UPLOAD_BUFFER_SHARE * part)))
+@dataclass(frozen=True)
+class UploadPlan:
+    """How uploads are cut into parts and how many are in flight.
 
+    One plan, derived from the S3 settings, is read both by the store
+    (``S3ObjectStore.open_upload``) and by admission (``core.memory.estimate``),
+    so the memory a job is admitted with is the memory its upload holds.
+    """
 
-def planned_buffer_bytes(size: int | None, part_size: int, concurrency: int) -> int:
-    """Most memory the part buffers of one upload hold: in flight plus the one filling."""
-    part, in_flight = part_plan(size, part_size, concurrency)
-    return part * (in_flight + 1)
+    part_size: int
+    concurrency: int
 
+    @classmethod
+    def of(cls, config: S3Config) -> UploadPlan:
+        return cls(config.part_size, config.concurrency)
 
-def upload_part_size(config: S3Config, size: int | None) -> int:
-    return part_plan(size, config.part_size, config.concurrency)[0]
+    def first_part(self, size: int | None) -> int:
+        """The (first) part size of an upload of ``size`` bytes (None: unknown)."""
+        if size is None:
+            return self.part_size
+        return min(self.part_size, max(MIN_PART_SIZE, size // _PARTS_PER_KNOWN_SIZE))
 
+    def in_flight(self, size: int | None) -> int:
+        """Parts sent at once by an upload of ``size`` bytes."""
+        if size is None:
+            return self.concurrency
+        part = self.first_part(size)
+        return max(1, min(self.concurrency, size // (UPLOAD_BUFFER_SHARE * part)))
 
-def parts_in_flight(config: S3Config, size: int | None) -> int:
-    return part_plan(size, config.part_size, config.concurrency)[1]
-
-
-def upload_buffer_bytes(config: S3Config, size: int | None) -> int:
-    return planned_buffer_bytes(size, config.part_size, config.concurrency)
+    def buffer_bytes(self, size: int | None) -> int:
+        """Most memory the part buffers of one upload hold: in flight plus the one filling."""
+        return self.first_part(size) * (self.in_flight(size) + 1)
 
 
 class MultipartUpload:
@@ -92,7 +100,7 @@ class MultipartUpload:
 
     def __init__(
         self,
-        store: S3ObjectStore,
+        s3: S3Calls,
         bucket: str,
         key: str,
         sse: str | None,
@@ -100,7 +108,7 @@ class MultipartUpload:
         part_size: int,
         slots: int,
     ) -> None:
-        self._store, self._client, self._config = store, store._client, store._config
+        self._s3, self._client = s3, s3.client
         self._report = report
         self._where = f"upload of s3://{bucket}/{key}"
         self._object: dict[str, Any] = {"Bucket": bucket, "Key": key}
@@ -118,6 +126,15 @@ class MultipartUpload:
         self._parts: list[Future[CompletedPartTypeDef]] = []
         self._failure: BaseException | None = None
         self._state = "open"  # -> "closed" | "aborted"
+
+    @property
+    def part_size(self) -> int:
+        """The first part's size (later parts of a long stream grow)."""
+        return self._part_size
+
+    @property
+    def parts_in_flight(self) -> int:
+        return self._slot_count
 
     def __enter__(self) -> MultipartUpload:
         return self
@@ -141,7 +158,7 @@ class MultipartUpload:
         self.bytes_written += done
         return done
 
-    def write_from(self, file: _ReadInto) -> None:
+    def write_from(self, file: ReadInto) -> None:
         while True:
             self._make_room()
             got = file.readinto(memoryview(self._buffer)[self._filled :])
@@ -161,7 +178,7 @@ class MultipartUpload:
     def _send_buffer(self) -> None:
         if self._upload_id is None:
             create = self._client.create_multipart_upload
-            self._upload_id = self._store._call(self._where, create, **self._create)["UploadId"]
+            self._upload_id = self._s3.call(self._where, create, **self._create)["UploadId"]
             self._pool = ThreadPoolExecutor(self._slot_count, thread_name_prefix="s3-put")
         assert self._pool is not None
         self._slots.acquire()  # blocks while `slots` parts are in flight
@@ -169,7 +186,8 @@ class MultipartUpload:
             self._slots.release()
             raise self._failure
         number = len(self._parts) + 1
-        self._parts.append(self._pool.submit(self._send_part, number, self._buffer, self._filled))
+        send = submit_in_context(self._pool, self._send_part, number, self._buffer, self._filled)
+        self._parts.append(send)
         size = min(MAX_PART_SIZE, self._part_size * 2 ** (number // _PARTS_PER_SIZE_STEP))
         self._buffer = self._spare.get_nowait() if not self._spare.empty() else bytearray(size)
         if len(self._buffer) != size:
@@ -182,7 +200,7 @@ class MultipartUpload:
         try:
             # zlib-ng releases the GIL: parts are checksummed in parallel, once, not per attempt.
             checksum = crc32_b64(body)
-            response = self._store._call(
+            response = self._s3.call(
                 f"{self._where} (part {number})",
                 self._client.upload_part,
                 **self._object,
@@ -217,7 +235,7 @@ class MultipartUpload:
                 put = self._client.put_object
                 checksum = crc32_b64(body)
                 create = {**self._create, "ChecksumCRC32": checksum}
-                self._store._call(self._where, put, **create, Body=body)
+                self._s3.call(self._where, put, **create, Body=body)
             else:
                 self._complete()
         except BaseException:
@@ -236,11 +254,9 @@ class MultipartUpload:
         complete = self._client.complete_multipart_upload
         upload = {"UploadId": self._upload_id, "MultipartUpload": {"Parts": parts}}
         try:
-            self._store._call(self._where, complete, **self._object, **upload)
+            self._s3.call(self._where, complete, **self._object, **upload)
         except ObjectStoreError as exc:
-            cause = exc.__cause__
-            lost = isinstance(cause, bce.ClientError) and code_of(cause) == "NoSuchUpload"
-            if not (lost and self._completed_as(parts)):
+            if not (exc.code == "NoSuchUpload" and self._completed_as(parts)):
                 raise
 
     def _completed_as(self, parts: list[CompletedPartTypeDef]) -> bool:
@@ -255,7 +271,7 @@ class MultipartUpload:
             return False  # a store whose part ETags are not MD5s: nothing to compare
         expected = f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
         try:
-            info = self._store._head("upload check", self._object["Bucket"], self._object["Key"])
+            info = self._s3.head("upload check", self._object["Bucket"], self._object["Key"])
         except ObjectStoreError:
             return False
         found = info.etag == expected and info.size == self.bytes_written
@@ -278,10 +294,9 @@ class MultipartUpload:
         try:
             # Retried like any call: a throttled abort would leave the parts behind.
             where = f"abort of {self._where}"
-            self._store._call(where, abort, **self._object, UploadId=self._upload_id)
+            self._s3.call(where, abort, **self._object, UploadId=self._upload_id)
         except ObjectStoreError as exc:
-            cause = exc.__cause__
-            if not (isinstance(cause, bce.ClientError) and code_of(cause) == "NoSuchUpload"):
+            if exc.code != "NoSuchUpload":
                 raise
 
     def _abort_quietly(self) -> None:

@@ -12,145 +12,49 @@ from __future__ import annotations
 import functools
 import http.client
 import logging
-import math
 import mmap
 import os
-import random
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-import boto3
 import numpy as np
-from botocore import UNSIGNED
-from botocore import exceptions as bce
-from botocore.config import Config
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from urllib3.exceptions import ProtocolError
+from zlib_ng import zlib_ng
 
-from remote_vector_index_builder.core import errors
-from remote_vector_index_builder.core.errors import DatasetError
-
-# Re-exported (``X as X``): app.settings, the tests and the benchmarks import them from here.
-from remote_vector_index_builder.core.multipart import GIB as GIB
-from remote_vector_index_builder.core.multipart import MAX_PART_SIZE as MAX_PART_SIZE
-from remote_vector_index_builder.core.multipart import MIB as MIB
-from remote_vector_index_builder.core.multipart import MIN_PART_SIZE as MIN_PART_SIZE
-from remote_vector_index_builder.core.multipart import (
-    UPLOAD_BUFFER_SHARE as UPLOAD_BUFFER_SHARE,
+from remote_vector_index_builder.core.errors import (
+    DatasetError,
+    IntegrityError,
+    ObjectNotFoundError,
+    ObjectStoreError,
 )
 from remote_vector_index_builder.core.multipart import (
     MultipartUpload,
-    parts_in_flight,
-    upload_part_size,
+    ReadInto,
+    UploadPlan,
+    crc32_b64,
 )
-from remote_vector_index_builder.core.s3_errors import (
-    BodyCut,
-    Corrupt,
-    bucket_missing,
-    code_of,
-    retryable,
-    translate,
+from remote_vector_index_builder.core.s3_calls import (
+    MIB,
+    ObjectInfo,
+    Progress,
+    S3Calls,
+    S3Config,
+    Sleep,
+    submit_in_context,
 )
+from remote_vector_index_builder.core.s3_errors import BodyCut, Corrupt
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
 
-# aws-c-s3 (the CRT transfer client) plans 10 connections per 4 Gbit/s S3 endpoint
-# address, i.e. 0.4 Gbit/s (50 MB/s) per connection; we size the pools the same way.
-GBPS_PER_CONNECTION = 0.4
-MIN_CONCURRENCY = 2
-MAX_CONCURRENCY = 64
-# HEADs and the multipart control calls run beside a full set of part transfers.
-_SPARE_CONNECTIONS = 4
 # Progress granularity inside a part; it also bounds urllib3's temporary copy.
 _READ_CHUNK = 1 * MIB
-# Full-jitter exponential backoff (AWS's advice for throttling): 0.5, 1, 2, ... s, at most 10.
-_BACKOFF_BASE_S = 0.25
-_BACKOFF_CAP_S = 10.0
-
-Progress = Callable[[int], None]
-Sleep = Callable[[float], None]
-_T = TypeVar("_T")
-
-
-class S3Config(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    path_style: bool = False
-    unsigned: bool = False
-    throughput_target_gbps: float = Field(10.0, gt=0)
-    # 16 MiB ranges halved the requests, and so the client's CPU, of 8 MiB ones:
-    # 0.55 vs 0.85 CPU-s per GiB downloaded (benchmarks/README.md, section 3).
-    part_size: int = 16 * MIB
-    max_attempts: int = Field(5, ge=1)
-    connect_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(60.0, gt=0)
-
-    @field_validator("part_size")
-    @classmethod
-    def _check_part_size(cls, value: int) -> int:
-        if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
-            raise ValueError(
-                f"part_size must be between 5 MiB ({MIN_PART_SIZE} bytes) and 5 GiB "
-                f"({MAX_PART_SIZE} bytes), S3's multipart limits; got {value}"
-            )
-        return value
-
-    @property
-    def concurrency(self) -> int:
-        wanted = math.ceil(self.throughput_target_gbps / GBPS_PER_CONNECTION)
-        return max(MIN_CONCURRENCY, min(MAX_CONCURRENCY, wanted))
-
-
-def make_s3_client(config: S3Config, concurrent_jobs: int = 1) -> S3Client:
-    """One client for the process; ``concurrent_jobs`` builds may transfer at once."""
-    extra: dict[str, Any] = {}
-    s3: dict[str, Any] = {}
-    if config.path_style:
-        s3["addressing_style"] = "path"
-    if config.endpoint_url is None or config.endpoint_url.lower().startswith("https:"):
-        # Uploads carry a CRC32 we compute as a signed header, so over TLS botocore need
-        # not hash each body again with SHA-256 (its own rule for TLS plus a checksum
-        # header); without a header it would stream the body through its aws-chunked
-        # trailer wrapper, which copies each 1 MiB chunk per 16 KiB read. Plain-HTTP
-        # endpoints keep signed payloads. benchmarks/README.md has the CPU-s per GiB.
-        s3["payload_signing_enabled"] = False
-    if s3:
-        extra["s3"] = s3
-    if config.unsigned:
-        extra["signature_version"] = UNSIGNED
-    botocore_config = Config(
-        # Each job's transfers open up to ``concurrency`` connections; a smaller pool
-        # makes urllib3 drop and re-open connections for the jobs that share it.
-        max_pool_connections=config.concurrency * concurrent_jobs + _SPARE_CONNECTIONS,
-        # One attempt per botocore call: ``S3ObjectStore._call`` owns every retry, so
-        # max_attempts bounds the attempts (botocore's retries inside ours multiplied
-        # them: 3 x 3 GETs for max_attempts 3) and all backoff goes through one sleep.
-        retries={"mode": "standard", "total_max_attempts": 1},
-        connect_timeout=config.connect_timeout_s,
-        read_timeout=config.read_timeout_s,
-        tcp_keepalive=True,
-        **extra,
-    )
-    # A session of its own: boto3's default session is not safe to share between threads.
-    session = boto3.session.Session(region_name=config.region)
-    return session.client("s3", endpoint_url=config.endpoint_url, config=botocore_config)
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    size: int
-    etag: str
-    sse_kms_key_id: str | None
+# Downloads of an object whose CRC32 does not match before the job fails: bits
+# flipped in transit heal on the next download; a damaged object does not.
+_DOWNLOAD_ROUNDS = 2
 
 
 class Upload(Protocol):
@@ -196,11 +100,6 @@ class ObjectStore(Protocol):
         progress: Progress | None = None,
     ) -> int: ...
     def exists(self, bucket: str, key: str) -> bool: ...
-
-
-class _ReadInto(Protocol):
-    # botocore-stubs types StreamingBody.readinto as taking IO[bytes]; it takes a buffer.
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 def _serialized(progress: Progress | None) -> Progress:
@@ -255,44 +154,15 @@ def _direct_reader(body: object) -> http.client.HTTPResponse | None:
 
 
 class S3ObjectStore:
-    def __init__(self, client: S3Client, config: S3Config, *, sleep: Sleep = time.sleep) -> None:
-        self._client = client
+    def __init__(self, client: S3Client, config: S3Config, *, sleep: Sleep | None = None) -> None:
+        self._s3 = (
+            S3Calls(client, config) if sleep is None else S3Calls(client, config, sleep=sleep)
+        )
         self._config = config
-        self._sleep = sleep
-
-    def _call(self, where: str, call: Callable[..., _T], **kwargs: Any) -> _T:
-        """``call(**kwargs)`` with bounded, jittered exponential backoff on transient errors.
-
-        botocore retries the request itself; this loop also covers what it cannot:
-        a body that breaks or ends early while we stream it.
-        """
-        attempts = self._config.max_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                return call(**kwargs)
-            except (bce.ClientError, bce.BotoCoreError, ProtocolError, OSError, Corrupt) as exc:
-                if attempt == attempts or not retryable(exc):
-                    raise translate(exc, where, attempt) from exc
-                log.info("%s: attempt %d failed (%s), retrying", where, attempt, exc)
-            self._sleep(random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt)))
-        raise AssertionError("unreachable")
+        self._plan = UploadPlan.of(config)
 
     def _head(self, op: str, bucket: str, key: str) -> ObjectInfo:
-        where = f"{op} of s3://{bucket}/{key}"
-        try:
-            response = self._call(where, self._client.head_object, Bucket=bucket, Key=key)
-        except errors.ObjectNotFoundError:
-            # HEAD has no body, so a missing bucket is a bare 404 too: ask the bucket.
-            try:
-                self._client.head_bucket(Bucket=bucket)
-            except bce.ClientError as exc:
-                if code_of(exc) in {"404", "NoSuchBucket"}:
-                    raise bucket_missing(where) from exc
-            except (bce.BotoCoreError, OSError):
-                pass  # the object is missing either way
-            raise
-        key_id = response.get("SSEKMSKeyId")
-        return ObjectInfo(response["ContentLength"], response["ETag"], key_id)
+        return self._s3.head(op, bucket, key)
 
     def head(self, bucket: str, key: str) -> ObjectInfo:
         return self._head("head", bucket, key)
@@ -300,7 +170,7 @@ class S3ObjectStore:
     def exists(self, bucket: str, key: str) -> bool:
         try:
             self._head("exists check", bucket, key)
-        except errors.ObjectNotFoundError:
+        except ObjectNotFoundError:
             return False
         return True
 
@@ -312,21 +182,95 @@ class S3ObjectStore:
         expected_size: int | None = None,
         progress: Progress | None = None,
     ) -> np.ndarray:
-        info = self._head("download", bucket, key)
+        where = f"download of s3://{bucket}/{key}"
+        info = self._s3.head("download", bucket, key, checksums=True)
         if expected_size is not None and info.size != expected_size:
             raise DatasetError(
                 f"object s3://{bucket}/{key} holds {info.size} bytes, expected {expected_size}"
             )
         buffer = _page_buffer(info.size)
+        stored = (info.checksums or {}).get("CRC32")
+        for round_ in range(1, _DOWNLOAD_ROUNDS + 1):
+            # A repeated download reports no progress: its bytes were counted once.
+            self._fetch(bucket, key, info, buffer, progress if round_ == 1 else None)
+            if stored is None:
+                return buffer  # nothing S3 can verify: sizes and the ETag (IfMatch) only
+            mismatch = self._crc32_mismatch(bucket, key, info, stored, buffer)
+            if mismatch is None:
+                return buffer
+            log.warning("%s: %s (download %d of %d)", where, mismatch, round_, _DOWNLOAD_ROUNDS)
+        raise IntegrityError(
+            f"{where} failed: the data arrived corrupt {_DOWNLOAD_ROUNDS} times ({mismatch}); "
+            "if the object itself is intact (the writer's checksum), retrying the build may "
+            "succeed, otherwise upload the vectors again"
+        )
+
+    def _crc32_mismatch(
+        self, bucket: str, key: str, info: ObjectInfo, stored: str, buffer: np.ndarray
+    ) -> str | None:
+        """How the buffer's CRC32 differs from the one S3 stored, or None if it does not.
+
+        A full-object checksum is the CRC32 of the object; a composite one (S3's
+        default for multipart uploads, "<base64>-<parts>") the CRC32 of the
+        parts' CRC32s, so it needs the part boundaries: the first part's size,
+        all parts but the last being equal (what SDKs upload), or else every
+        part's size. Some stores report neither the type nor the suffix (moto):
+        a multipart object is then checked both ways.
+        """
+        value, _, suffix = stored.partition("-")
+        etag_parts = info.etag.strip('"').rpartition("-")[2]
+        parts = int(suffix or (etag_parts if "-" in info.etag else 0) or 0)
+        full = crc32_b64(buffer.data)
+        if full == value and info.checksum_type != "COMPOSITE" and not suffix:
+            return None
+        if parts < 2 or info.checksum_type == "FULL_OBJECT":
+            return f"CRC32 of the object {full}, S3 stored {value}"
+        try:
+            composite = self._composite_crc32(bucket, key, info, parts, buffer, value)
+        except ObjectStoreError as exc:
+            # Not evidence of corruption: the store would not say where its parts are.
+            log.warning("%s: cannot check the composite CRC32 (%s)", key, exc)
+            return None
+        if composite == value:
+            return None
+        return f"composite CRC32 of the {parts} parts {composite}, S3 stored {value}"
+
+    def _composite_crc32(
+        self, bucket: str, key: str, info: ObjectInfo, parts: int, buffer: np.ndarray, value: str
+    ) -> str:
+        first = self._s3.head("checksum check", bucket, key, part=1).size
+        last = info.size - first * (parts - 1)
+        composite = _composite_crc32(buffer, [first] * (parts - 1) + [last])
+        if composite != value:
+            # Perhaps parts of different sizes: ask for each one's.
+            exact = [
+                self._s3.head("checksum check", bucket, key, part=number).size
+                for number in range(1, parts + 1)
+            ]
+            if sum(exact) == info.size:
+                composite = _composite_crc32(buffer, exact)
+        return composite
+
+    def _fetch(
+        self,
+        bucket: str,
+        key: str,
+        info: ObjectInfo,
+        buffer: np.ndarray,
+        progress: Progress | None,
+    ) -> None:
+        """Fill ``buffer`` with the object: one GET, or parallel ranged GETs."""
         target, report, stop = buffer.data, _serialized(progress), threading.Event()
         ranged = info.size > self._config.part_size
 
         def attempt(first: int, last: int, reported: list[int]) -> None:
             # A whole-object GET (no Range) lets botocore verify the stored CRC, if any.
             extra: dict[str, Any] = {"Range": f"bytes={first}-{last}"} if ranged else {}
-            response = self._client.get_object(Bucket=bucket, Key=key, IfMatch=info.etag, **extra)
+            response = self._s3.client.get_object(
+                Bucket=bucket, Key=key, IfMatch=info.etag, **extra
+            )
             direct = _direct_reader(response["Body"]) if ranged else None
-            body = direct or cast(_ReadInto, response["Body"])
+            body = direct or cast(ReadInto, response["Body"])
             part, filled = target[first : last + 1], 0
             try:
                 while filled < len(part) and not stop.is_set():
@@ -354,7 +298,7 @@ class S3ObjectStore:
         def fetch(first: int) -> None:
             last = min(first + self._config.part_size, info.size) - 1
             where = f"download of s3://{bucket}/{key} (bytes {first}-{last})"
-            self._call(where, attempt, first=first, last=last, reported=[0])
+            self._s3.call(where, attempt, first=first, last=last, reported=[0])
 
         starts = range(0, info.size, self._config.part_size)
         if len(starts) == 1:
@@ -362,7 +306,6 @@ class S3ObjectStore:
         elif ranged:
             tasks = [functools.partial(fetch, first) for first in starts]
             _run_all(tasks, stop, min(self._config.concurrency, len(tasks)))
-        return buffer
 
     def open_upload(
         self,
@@ -374,10 +317,9 @@ class S3ObjectStore:
         size_hint: int | None = None,
     ) -> MultipartUpload:
         """A streaming upload; ``size_hint`` (the expected size) bounds its buffers."""
-        part = upload_part_size(self._config, size_hint)
-        slots = parts_in_flight(self._config, size_hint)
+        part, slots = self._plan.first_part(size_hint), self._plan.in_flight(size_hint)
         return MultipartUpload(
-            self, bucket, key, sse_kms_key_id, _serialized(progress), part, slots
+            self._s3, bucket, key, sse_kms_key_id, _serialized(progress), part, slots
         )
 
     def upload_file(
@@ -399,6 +341,15 @@ class S3ObjectStore:
         return upload.bytes_written
 
 
+def _composite_crc32(buffer: np.ndarray, sizes: list[int]) -> str:
+    """S3's composite CRC32 (without "-<parts>") of ``buffer`` cut into parts of ``sizes``."""
+    view, digests, start = buffer.data.cast("B"), bytearray(), 0
+    for size in sizes:
+        digests += zlib_ng.crc32(view[start : start + size]).to_bytes(4, "big")
+        start += size
+    return crc32_b64(digests)
+
+
 def _run_all(tasks: list[functools.partial[None]], stop: threading.Event, workers: int) -> None:
     """Run tasks on a pool; the first failure stops the rest and is raised here."""
     failures: list[BaseException] = []
@@ -413,6 +364,7 @@ def _run_all(tasks: list[functools.partial[None]], stop: threading.Event, worker
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-get") as pool:
         for task in tasks:
-            pool.submit(run, task)
+            # In the caller's contextvars: retry lines carry the job id and stage.
+            submit_in_context(pool, run, task)
     if failures:
         raise failures[0]

@@ -56,7 +56,17 @@ def bucket_missing(where: str) -> errors.BucketNotFoundError:
 
 
 def translate(exc: Exception, where: str, attempts: int) -> ObjectStoreError:
-    """Our error for a botocore/urllib3 one; ``where`` reads "<op> of s3://b/k (detail)"."""
+    """Our error for a botocore/urllib3 one; ``where`` reads "<op> of s3://b/k (detail)".
+
+    The S3 error code, if S3 answered with one, is kept as the error's ``code``.
+    """
+    error = _translate(exc, where, attempts)
+    if isinstance(exc, bce.ClientError):
+        error.code = code_of(exc) or None
+    return error
+
+
+def _translate(exc: Exception, where: str, attempts: int) -> ObjectStoreError:
     if isinstance(exc, bce.ClientError):
         code = code_of(exc)
         if code == "NoSuchBucket":

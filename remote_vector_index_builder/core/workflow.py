@@ -104,10 +104,7 @@ class StageProgress:
 
 def serialized_bytes_estimate(request: BuildRequest) -> int:
     """About the size of the index file: the total of the serialize/upload progress."""
-    size = memory.index_bytes(request)
-    if request.skip_stored_vectors:
-        size -= int(request.doc_count * memory.storage_bytes_per_vector(request))
-    return max(size, 1)
+    return memory.serialized_bytes(request)
 
 
 class _ReportingSink:
