@@ -61,6 +61,14 @@ def _documented(name: str, documented: set[str]) -> bool:
     )
 
 
+def _check_fleet_timing(env: dict[str, str]) -> None:
+    """Several missed heartbeats before a lease expires; a Retry-After that outlasts a failover."""
+    assert float(env["RVIB_LEASE_SECONDS"]) >= 3 * float(env["RVIB_HEARTBEAT_SECONDS"])
+    assert float(env["RVIB_REDIS_RETRY_AFTER_SECONDS"]) >= 10
+    # Finished jobs outlive the client's 60-minute wait.
+    assert float(env["REQUEST_STORE_TTL_SECONDS"]) >= 3600
+
+
 def _has_flag(args: list[str], flag: str, value: str) -> bool:
     return any(a == flag and b == value for a, b in itertools.pairwise(args))
 
@@ -151,6 +159,7 @@ def test_kubernetes_probes_ports_and_environment(
     assert len(secrets) == 1
     config = _config(k8s, container)
     assert "RVIB_REDIS_URL" not in config and "RVIB_AUTH_PASSWORD" not in config
+    _check_fleet_timing(config)
 
 
 def test_kubernetes_memory_limit_leaves_room_above_the_build_budget(
@@ -228,6 +237,7 @@ def test_compose_replicas_are_distinct_and_share_redis(compose: dict[str, Any]) 
     host = re.fullmatch(r"rediss?://(?:[^@/]*@)?([^:/]+)(?::\d+)?(?:/\d+)?", url)
     assert host and host[1] in compose["services"]
     for svc in replicas.values():
+        _check_fleet_timing(svc["environment"])
         grace = float(svc["environment"]["RVIB_SHUTDOWN_GRACE_SECONDS"])
         assert _duration_s(svc["stop_grace_period"]) > grace
         assert any("/_ready" in part for part in svc["healthcheck"]["test"])
