@@ -5,7 +5,9 @@ seeded blobs, ``faultproxy.py`` for the fault proxy), never from each other or c
 
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -196,3 +198,17 @@ class GatedBuilder:
                 progress(added)
 
         return self.inner.build(request, dataset, report, prepared)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_variables() -> set[str]:
+    """Every variable name in the first column of the README's settings table."""
+    text = README.read_text()
+    section = text.split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([A-Z][A-Z0-9_]*\*?)`", line.split("|")[1]))
+    return names

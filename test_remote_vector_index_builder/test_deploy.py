@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from test_remote_vector_index_builder.support import readme_variables
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -53,21 +55,18 @@ def _k8s_objects() -> K8sObjects:
     return objects
 
 
-def _readme_settings() -> set[str]:
-    """Every name in the first column of the README's Configuration table."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    names: set[str] = set()
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            names.update(re.findall(r"`([A-Z][A-Z0-9_]*\*?)`", line.split("|")[1]))
-    return names
-
-
 def _documented(name: str, documented: set[str]) -> bool:
     return name in documented or any(
         d.endswith("*") and name.startswith(d[:-1]) for d in documented
     )
+
+
+def _check_fleet_timing(env: dict[str, str]) -> None:
+    """Several missed heartbeats before a lease expires; a Retry-After that outlasts a failover."""
+    assert float(env["RVIB_LEASE_SECONDS"]) >= 3 * float(env["RVIB_HEARTBEAT_SECONDS"])
+    assert float(env["RVIB_REDIS_RETRY_AFTER_SECONDS"]) >= 10
+    # Finished jobs outlive the client's 60-minute wait.
+    assert float(env["REQUEST_STORE_TTL_SECONDS"]) >= 3600
 
 
 def _has_flag(args: list[str], flag: str, value: str) -> bool:
@@ -111,7 +110,7 @@ def _config(k8s: K8sObjects, container: dict[str, Any]) -> dict[str, str]:
 
 
 def test_readme_table_is_parsed() -> None:
-    names = _readme_settings()
+    names = readme_variables()
     assert {"RVIB_REDIS_URL", "RVIB_SHUTDOWN_GRACE_SECONDS", "AWS_*", "S3_ENDPOINT_URL"} <= names
     assert not _documented("RVIB_NO_SUCH_SETTING", names)
     assert _documented("AWS_SECRET_ACCESS_KEY", names)
@@ -160,6 +159,7 @@ def test_kubernetes_probes_ports_and_environment(
     assert len(secrets) == 1
     config = _config(k8s, container)
     assert "RVIB_REDIS_URL" not in config and "RVIB_AUTH_PASSWORD" not in config
+    _check_fleet_timing(config)
 
 
 def test_kubernetes_memory_limit_leaves_room_above_the_build_budget(
@@ -218,7 +218,12 @@ def test_environment_names_are_documented(k8s: K8sObjects, compose: dict[str, An
         for line in (DEPLOY / "local-s3.env").read_text().splitlines()
         if line and not line.startswith("#")
     }
-    documented = _readme_settings()
+    # What the images set, too (Python's own variables aside).
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.api"):
+        for line in (ROOT / dockerfile).read_text().splitlines():
+            if line.startswith("ENV "):
+                used |= {w.split("=", 1)[0] for w in line.split()[1:] if not w.startswith("PYTHON")}
+    documented = readme_variables()
     assert {n for n in used if not _documented(n, documented)} == set()
 
 
@@ -232,6 +237,7 @@ def test_compose_replicas_are_distinct_and_share_redis(compose: dict[str, Any]) 
     host = re.fullmatch(r"rediss?://(?:[^@/]*@)?([^:/]+)(?::\d+)?(?:/\d+)?", url)
     assert host and host[1] in compose["services"]
     for svc in replicas.values():
+        _check_fleet_timing(svc["environment"])
         grace = float(svc["environment"]["RVIB_SHUTDOWN_GRACE_SECONDS"])
         assert _duration_s(svc["stop_grace_period"]) > grace
         assert any("/_ready" in part for part in svc["healthcheck"]["test"])

@@ -18,6 +18,7 @@ from remote_vector_index_builder.app.logs import (
 from remote_vector_index_builder.app.settings import Settings, usable_cpus
 from remote_vector_index_builder.core.builder import Device
 from remote_vector_index_builder.core.index_io import SerializationMode
+from test_remote_vector_index_builder.support import readme_variables
 
 
 def test_reference_service_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,19 +95,6 @@ def test_logs_go_to_an_hourly_file_with_the_job_id(tmp_path: Path) -> None:
 
 
 # --- exactly the README's variables configure the service ------------------------------
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_variables() -> set[str]:
-    """Every variable name in the first column of the README's settings table."""
-    text = README.read_text()
-    section = text.split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
-    names: set[str] = set()
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            names.update(re.findall(r"`([A-Z][A-Z0-9_]*\*?)`", line.split("|")[1]))
-    return names
 
 
 def setting_variables() -> dict[str, str]:
