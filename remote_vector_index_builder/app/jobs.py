@@ -134,7 +134,7 @@ class Job:
         return TaskStatus.RUNNING
 
     def status_body(self) -> dict[str, Any]:
-        """Exactly the keys of the wire contract's ``GET /_status`` body."""
+        """Exactly the keys of the client's ``GET /_status`` body (docs/knn-contract.md, 2)."""
         return {
             "task_status": self.task_status.value,
             "file_name": self.file_name if self.state is JobState.COMPLETED else None,
