@@ -57,7 +57,7 @@ _APP = create_app(
     ),
     _SEAMS,
 )
-# 507 is the one 5xx of the contract (API.md, wire contract section 3): "this build can
+# 507 is the one 5xx of the contract (API.md, docs/knn-contract.md section 3): "this build can
 # never fit in the memory limits", which the k-NN client must not retry. It is
 # declared on POST /_build, and the fuzzer reaches it with huge doc counts.
 CONFIG = schemathesis.Config.from_dict(
@@ -82,3 +82,25 @@ def running_app(object_store: S3ObjectStore) -> Iterator[None]:
 )
 def test_api_matches_its_schema(case: Any) -> None:
     case.call_and_validate(headers=CREDENTIALS, excluded_checks=EXCLUDED)
+
+
+# What API.md says needs no credentials when authentication is configured: the probes
+# and the API description. Everything else the schema declares needs them.
+OPEN = {("GET", "/_heart_beat"), ("GET", "/_ready"), ("GET", "/docs"), ("GET", "/openapi.json")}
+
+
+def test_only_the_probes_and_the_api_description_are_open() -> None:
+    client = TestClient(_APP)  # the module's lifespan (running_app) is already up
+    for method, path in sorted(OPEN):
+        assert client.request(method, path).status_code == 200, path
+    declared = {
+        (method.upper(), path)
+        for path, operations in client.get("/openapi.json").json()["paths"].items()
+        for method in operations
+    }
+    assert declared - OPEN, "the schema declares no protected operation"
+    for method, path in sorted(declared - OPEN):
+        url = path.replace("{job_id}", "unknown-job")
+        response = client.request(method, url, json={})
+        assert response.status_code == 401, (method, path, response.status_code)
+        assert client.request(method, url, json={}, headers=CREDENTIALS).status_code != 401

@@ -232,6 +232,18 @@ def test_invalid_requests_get_422_naming_the_field(
     assert client.get("/_jobs").json() == {}
 
 
+@pytest.mark.parametrize("content", [b"{not json", b'{"dimension": 16,', b"\xff\xfe"])
+def test_a_body_that_is_not_json_gets_400(
+    content: bytes, service: Callable[..., TestClient]
+) -> None:
+    client = service()
+    response = client.post("/_build", content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "not valid JSON" in detail
+    assert client.get("/_jobs").json() == {}
+
+
 # --------------------------------------------------------------------------------------
 # Hostile paths: only the requested bucket and the temp directory are touched
 # --------------------------------------------------------------------------------------

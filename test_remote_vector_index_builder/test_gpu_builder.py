@@ -97,7 +97,7 @@ def serialized(index: Any) -> bytes:
     return out.getvalue()
 
 
-# --- parameter derivation (wire contract, section 6) --------------------------------------
+# --- parameter derivation (docs/knn-contract.md, section 6) -------------------------------
 
 
 def test_float_768_m16_derives_the_reference_parameters() -> None:

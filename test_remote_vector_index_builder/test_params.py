@@ -13,7 +13,8 @@ def body(**overrides: Any) -> dict[str, Any]:
     return required_body("bucket", "idx/uuid_vectors/abc_my.field_0", 768, 1000, **overrides)
 
 
-def test_defaults_follow_the_wire_contract() -> None:
+def test_defaults_follow_the_knn_contract() -> None:
+    # docs/knn-contract.md, section 1
     request = parse_request(body())
     assert request.tenant_id == ""
     assert request.data_type is DataType.FLOAT

@@ -167,6 +167,12 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        # Not JSON at all is 400, as API.md says; 422 is for JSON with invalid fields.
+        for err in exc.errors():
+            if err["type"] == "json_invalid":
+                cause = err.get("ctx", {}).get("error", "")
+                detail = f"the request body is not valid JSON ({cause})"
+                return JSONResponse({"detail": detail}, status_code=400)
         problems = [
             {"field": ".".join(str(p) for p in err["loc"][1:]) or "body", "message": err["msg"]}
             for err in exc.errors()

@@ -1,8 +1,8 @@
 """The endpoints. Services arrive through ``Depends`` aliases; errors through one handler.
 
 ``POST /_build`` and ``GET /_status/{job_id}`` answer exactly the keys of the
-k-NN client's contract; everything else an operator may want lives on other
-endpoints.
+k-NN client's contract (docs/knn-contract.md, sections 1 and 2); everything
+else an operator may want lives on other endpoints.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ async def require_auth(
 ) -> None:
     expected: tuple[bytes, bytes] | None = request.app.state.credentials
     if expected is None:
-        return  # not configured: the Authorization header is ignored, per the contract
+        return  # not configured: the Authorization header is ignored (docs/knn-contract.md, 3)
     if credentials is None:
         raise Unauthorized("this service requires HTTP Basic authentication")
     user_ok = secrets.compare_digest(credentials.username.encode(), expected[0])
@@ -209,7 +209,7 @@ router = APIRouter()
     "/_build",
     response_model=BuildResponse,
     dependencies=[Authenticated],
-    # 400: a body that is not JSON at all (FastAPI's own answer, before validation).
+    # 400: a body that is not JSON at all (main.validation_error, before field checks).
     responses={**_ERRORS, 400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
 )
 async def build(body: BuildRequest, settings: SettingsDep, jobs: JobsDep, runner: RunnerDep) -> Any:

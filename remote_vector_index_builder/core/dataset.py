@@ -1,6 +1,6 @@
 """Blob bytes -> numpy views, without copying.
 
-The k-NN client writes headerless little-endian blobs (wire contract, section 4):
+The k-NN client writes headerless little-endian blobs (docs/knn-contract.md, section 4):
 float32 rows for ``float`` and ``half_float``, int8 rows for ``byte``, packed
 bits for ``binary``, and int32 doc ids. Parsing only checks sizes and builds
 views over the downloaded buffers, so a multi-GB segment exists once in memory.

@@ -1,4 +1,6 @@
-"""Faiss CAGRA on the GPU, converted on the host to a CAGRA-typed HNSW (wire contract, section 6).
+"""Faiss CAGRA on the GPU, converted on the host to a CAGRA-typed HNSW.
+
+The parameters follow the reference service (docs/knn-contract.md, section 6).
 
 ::
 
