@@ -135,7 +135,13 @@ def cmd_workflow(args: argparse.Namespace) -> None:
     baseline = _baseline()
     cpu0, start = _cpu_seconds(), time.perf_counter()
     with _measured():
-        result = workflow.run(request, store, builder, mode=SerializationMode(args.mode))
+        result = workflow.run(
+            request,
+            store,
+            builder,
+            mode=SerializationMode(args.mode),
+            overlap_upload=not args.no_overlap,
+        )
     wall = time.perf_counter() - start
     _emit(
         {
@@ -414,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["memory", "disk"], default="memory")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--batch-rows", type=int, default=0, help="0: the builder's default")
+    p.add_argument("--no-overlap", action="store_true", help="upload after the build (memory)")
     p.set_defaults(func=cmd_workflow)
 
     p = sub.add_parser("raw")
