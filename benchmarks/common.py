@@ -388,9 +388,11 @@ class Context:
         mode: str = "memory",
         batch_rows: int = 0,
         profile: str | None = None,
+        overlap: bool = True,
     ) -> dict[str, Any]:
         args = ["workflow", "--endpoint", self.endpoint, "--request", json.dumps(body)]
         args += ["--mode", mode, "--batch-rows", str(batch_rows)]
+        args += [] if overlap else ["--no-overlap"]
         return run_child(args, profile=self.profile(profile) if profile else None)
 
 

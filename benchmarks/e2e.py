@@ -23,7 +23,12 @@ from benchmarks.common import (
     say,
 )
 
-KINDS = ("raw", "memory", "disk")
+KINDS = ("raw", "raw-batched", "memory", "memory-sequential", "disk")
+RAW_KINDS = ("raw", "raw-batched")
+# Rows per add of the batched raw build: the service's default (BuilderOptions).
+RAW_BATCH_ROWS = 32768
+# Targets of job wall / raw build (issue 13: memory mode with the overlapped upload).
+WALL_TARGETS = {"memory": 1.02, "disk": 1.10}
 STAGES = ("download", "parse", "build", "serialize", "serialize+upload", "upload")
 
 
@@ -32,16 +37,21 @@ def run(ctx: Context, n: int, dim: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     server = s3_server_process()
     for repeat in range(ctx.repeats):
-        order = KINDS[repeat % 3 :] + KINDS[: repeat % 3]
+        shift = repeat % len(KINDS)
+        order = KINDS[shift:] + KINDS[:shift]
         for kind in order:
             server_cpu = cpu_seconds_of(server)
-            if kind == "raw":
+            if kind in RAW_KINDS:
                 args = ["raw", "--vectors", str(blobs.vector_file)]
                 args += ["--doc-ids", str(blobs.doc_id_file), "--dim", str(dim)]
-                result = run_child(args, profile=ctx.profile(f"e2e-{n}x{dim}-raw"))
+                if kind == "raw-batched":
+                    args += ["--batch-rows", str(RAW_BATCH_ROWS)]
+                result = run_child(args, profile=ctx.profile(f"e2e-{n}x{dim}-{kind}"))
             else:
                 profile = f"e2e-{n}x{dim}-{kind}"
-                result = ctx.workflow(blobs.request_body(), mode=kind, profile=profile)
+                mode, overlap = kind.split("-")[0], not kind.endswith("-sequential")
+                body = blobs.request_body()
+                result = ctx.workflow(body, mode=mode, profile=profile, overlap=overlap)
             # The local S3 server runs on the same cores: its CPU time during the job.
             result["server_cpu_s"] = cpu_seconds_of(server) - server_cpu
             runs[kind].append(result)
@@ -50,14 +60,16 @@ def run(ctx: Context, n: int, dim: int) -> dict[str, Any]:
                 f"{result['wall_s']:.2f}s wall, {result['cpu_s']:.1f} CPU-s "
                 f"(load {result['load_before']:.1f})"
             )
-    raw_wall = median(r["wall_s"] for r in runs["raw"])
-    raw_cpu = median(r["cpu_s"] for r in runs["raw"])
+    # The yardstick is the faster plain Faiss build of the two, in this run.
+    fastest = min(RAW_KINDS, key=lambda kind: median(r["wall_s"] for r in runs[kind]))
+    raw_wall = median(r["wall_s"] for r in runs[fastest])
+    raw_cpu = median(r["cpu_s"] for r in runs[fastest])
     summary: dict[str, Any] = {}
     for kind, results in runs.items():
         wall = median(r["wall_s"] for r in results)
         cpu = median(r["cpu_s"] for r in results)
-        stages = {"build": wall} if kind == "raw" else {}
-        if kind != "raw":
+        stages = {"build": wall} if kind in RAW_KINDS else {}
+        if kind not in RAW_KINDS:
             for stage in STAGES:
                 values = [r["stages"][stage] for r in results if stage in r["stages"]]
                 if values:
@@ -70,13 +82,14 @@ def run(ctx: Context, n: int, dim: int) -> dict[str, Any]:
             "cpu_ratio": cpu / raw_cpu,
             # Paired: each job against the raw build of the same repeat.
             "paired_wall_ratios": [
-                job["wall_s"] / raw["wall_s"] for job, raw in zip(results, runs["raw"], strict=True)
+                job["wall_s"] / raw["wall_s"]
+                for job, raw in zip(results, runs[fastest], strict=True)
             ],
             # What the job adds around its build (transfers, parse, serialization), as a
             # share of the raw build: immune to the build's own run-to-run spread.
             "outside_build_ratio": (
                 median(r["wall_s"] - r["stages"].get("build", 0.0) for r in results) / raw_wall
-                if kind != "raw"
+                if kind not in RAW_KINDS
                 else 0.0
             ),
             "stages": stages,
@@ -91,8 +104,9 @@ def run(ctx: Context, n: int, dim: int) -> dict[str, Any]:
         "repeats": ctx.repeats,
         "vector_blob_bytes": blobs.vector_bytes,
         "summary": summary,
+        "yardstick": fastest,
         "runs": runs,
-        "target": {"max_wall_ratio": 1.10},
+        "target": {"max_wall_ratio": WALL_TARGETS},
     }
 
 
@@ -104,12 +118,15 @@ def table(result: dict[str, Any]) -> list[str]:
         "",
         "| run | wall s | CPU s | S3 server CPU s | download | parse | build | serialize "
         "| upload | wall / raw | wall / raw, paired per repeat | outside build / raw "
-        "| CPU / raw | peak RSS MB | load avg |",
-        "| --- " + "| ---: " * 14 + "|",
+        "| CPU / raw | peak RSS MB | (peak - baseline) / (blob + index) | load avg |",
+        "| --- " + "| ---: " * 15 + "|",
     ]
+    lines[0] += f"; yardstick: {result.get('yardstick', 'raw')}"
     names = {
-        "raw": "raw faiss (in-memory array)",
-        "memory": "job, memory mode",
+        "raw": "raw faiss, one add (in-memory array)",
+        "raw-batched": f"raw faiss, {RAW_BATCH_ROWS}-row adds, storage reserved",
+        "memory": "job, memory mode (upload overlapped with the build)",
+        "memory-sequential": "job, memory mode, upload after the build",
         "disk": "job, disk mode",
     }
     for kind in KINDS:
@@ -123,9 +140,17 @@ def table(result: dict[str, Any]) -> list[str]:
             f"| {_num(st.get('download'))} | {_num(st.get('parse'))} | {_num(st.get('build'))} "
             f"| {serialize} | {_num(upload)} | {row['wall_ratio']:.3f} "
             f"| {_paired(row)} | {row['outside_build_ratio']:.3f} | {row['cpu_ratio']:.3f} "
-            f"| {row['peak_rss'] / 1e6:.0f} | {row['load']:.1f} |"
+            f"| {row['peak_rss'] / 1e6:.0f} | {_held(row, result)} | {row['load']:.1f} |"
         )
     return lines
+
+
+def _held(row: dict[str, Any], result: dict[str, Any]) -> str:
+    """The job's memory over its baseline per byte of data it holds (not for raw)."""
+    if not row.get("index_bytes"):
+        return ""
+    held = result["vector_blob_bytes"] + row["index_bytes"]
+    return f"{row['peak_over_baseline'] / held:.2f}"
 
 
 def _paired(row: dict[str, Any]) -> str:
@@ -137,9 +162,8 @@ def _paired(row: dict[str, Any]) -> str:
 
 
 def verdict(result: dict[str, Any]) -> list[str]:
-    limit = result["target"]["max_wall_ratio"]
     out = []
-    for kind in ("memory", "disk"):
+    for kind, limit in result["target"]["max_wall_ratio"].items():
         row = result["summary"][kind]
         ratio = row["wall_ratio"]
         status = "MET" if ratio <= limit else f"MISSED by {100 * (ratio / limit - 1):.1f}%"

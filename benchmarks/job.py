@@ -135,7 +135,13 @@ def cmd_workflow(args: argparse.Namespace) -> None:
     baseline = _baseline()
     cpu0, start = _cpu_seconds(), time.perf_counter()
     with _measured():
-        result = workflow.run(request, store, builder, mode=SerializationMode(args.mode))
+        result = workflow.run(
+            request,
+            store,
+            builder,
+            mode=SerializationMode(args.mode),
+            overlap_upload=not args.no_overlap,
+        )
     wall = time.perf_counter() - start
     _emit(
         {
@@ -168,7 +174,8 @@ def _index_for(storage: str, d: int, m: int, ef_construction: int) -> Any:
 
 
 def cmd_raw(args: argparse.Namespace) -> None:
-    """The yardstick: ``add_with_ids`` of the whole in-memory array in one call."""
+    """The yardstick: plain Faiss on the in-memory array, in one ``add_with_ids`` call or
+    in ``--batch-rows`` calls with the storage grown to its final size first."""
     threads = _threads(args.threads)
     rows = np.fromfile(args.vectors, dtype=np.float32).reshape(-1, args.dim)
     ids = np.fromfile(args.doc_ids, dtype="<i4").astype(np.int64)
@@ -176,7 +183,19 @@ def cmd_raw(args: argparse.Namespace) -> None:
     cpu0, start = _cpu_seconds(), time.perf_counter()
     with _measured():
         index = _index_for("flat", args.dim, 16, 100)
-        index.add_with_ids(rows, ids)
+        if not args.batch_rows:
+            index.add_with_ids(rows, ids)
+        else:
+            import faiss
+
+            # Capacity for every row up front (std::vector keeps it on resize(0)), so
+            # the adds never reallocate and copy the storage.
+            storage = faiss.downcast_index(faiss.downcast_index(index.index).storage)
+            storage.codes.resize(len(rows) * storage.code_size)
+            storage.codes.resize(0)
+            for first in range(0, len(rows), args.batch_rows):
+                last = first + args.batch_rows
+                index.add_with_ids(rows[first:last], ids[first:last])
     wall = time.perf_counter() - start
     _emit(
         {
@@ -414,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["memory", "disk"], default="memory")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--batch-rows", type=int, default=0, help="0: the builder's default")
+    p.add_argument("--no-overlap", action="store_true", help="upload after the build (memory)")
     p.set_defaults(func=cmd_workflow)
 
     p = sub.add_parser("raw")
@@ -421,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc-ids", required=True)
     p.add_argument("--dim", type=int, required=True)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batch-rows", type=int, default=0, help="0: one add of every row")
     p.set_defaults(func=cmd_raw)
 
     p = sub.add_parser("variant")

@@ -16,9 +16,12 @@ from remote_vector_index_builder.core.errors import (
     CancelledError,
     DatasetError,
     ObjectNotFoundError,
+    TransientStoreError,
 )
 from remote_vector_index_builder.core.index_io import SerializationMode
+from remote_vector_index_builder.core.object_store import S3ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.s3_calls import make_s3_client
 from test_remote_vector_index_builder.data import (
     clustered,
     cohere_sample,
@@ -26,6 +29,7 @@ from test_remote_vector_index_builder.data import (
     recall_at_k,
     vector_blob,
 )
+from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
 
 
 def request_for(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> BuildRequest:
@@ -216,3 +220,143 @@ def test_index_io_stream_equals_faiss_file(tmp_path: Any) -> None:
     index_io.write(index, sink)
     faiss.write_index(index, str(tmp_path / "ref.faiss"))
     assert sink.getvalue() == (tmp_path / "ref.faiss").read_bytes()
+
+
+# --------------------------------------------------------------------------------------
+# The upload overlapped with the build (memory mode)
+# --------------------------------------------------------------------------------------
+
+# An 18 MB storage section (6,000 x 768 floats), so several 5 MiB parts go up early.
+OVERLAP_DIM = 768
+OVERLAP_N = {"float": 6000, "half_float": 12000, "byte": 24000}
+SMALL_HNSW = {"space_type": "l2", "algorithm_parameters": {"m": 8, "ef_construction": 16}}
+
+
+class KeepingBuilder(CpuBuilder):
+    """The real CPU builder, keeping the index it built (to serialize it locally too)."""
+
+    def __init__(self) -> None:
+        super().__init__(add_batch_rows=1000)
+        self.built: Any = None
+
+    def build(self, *args: Any, **kwargs: Any) -> Any:
+        self.built = super().build(*args, **kwargs)
+        return self.built
+
+
+class PartsDuringBuild(workflow.Tracker):
+    """Counts the index's part uploads the proxy saw before the build stage ended."""
+
+    def __init__(self, proxy: FaultProxy, cancel_after_rows: int | None = None) -> None:
+        self.proxy = proxy
+        self.cancel_after_rows = cancel_after_rows
+        self.current: workflow.Stage | None = None
+        self.rows = 0
+        self.parts_in_build: list[str] = []
+
+    def stage(self, stage: workflow.Stage, total: int) -> None:
+        self.current = stage
+
+    def advance(self, amount: int) -> None:
+        if self.current is workflow.Stage.BUILD:
+            self.rows += amount
+            if self.cancel_after_rows is not None and self.rows >= self.cancel_after_rows:
+                raise CancelledError("cancelled by the test")
+
+    def stage_finished(self, stage: workflow.Stage, timing: workflow.StageTiming) -> None:
+        if stage is workflow.Stage.BUILD:
+            self.parts_in_build = [
+                s.target for s in self.proxy.seen if s.method == "PUT" and "partNumber=" in s.target
+            ]
+
+
+def overlap_setup(
+    s3_client: Any, s3_config: Any, bucket: str, proxy: FaultProxy, data_type: str = "float"
+) -> tuple[BuildRequest, S3ObjectStore]:
+    n = OVERLAP_N[data_type]
+    vectors = clustered(n, OVERLAP_DIM, seed=11)
+    if data_type == "byte":
+        vectors = np.clip(np.rint(vectors * 40), -128, 127).astype(np.int8)
+    stem = f"ov/{data_type}"
+    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knnvec", Body=vector_blob(vectors))
+    ids = np.arange(n, dtype=np.int32) * 3 + 7
+    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knndid", Body=doc_id_blob(ids))
+    config = s3_config.model_copy(update={"endpoint_url": proxy.url})
+    store = S3ObjectStore(make_s3_client(config), config, sleep=lambda _: None)
+    request = request_for(
+        bucket,
+        stem,
+        OVERLAP_DIM,
+        n,
+        data_type=data_type,
+        index_parameters=SMALL_HNSW,
+    )
+    return request, store
+
+
+@pytest.mark.parametrize("data_type", ["float", "half_float", "byte"])
+def test_overlapped_upload_is_the_sequential_file_byte_for_byte(
+    s3_server: str, s3_client: Any, s3_config: Any, bucket: str, data_type: str
+) -> None:
+    with FaultProxy(s3_server) as proxy:
+        request, store = overlap_setup(s3_client, s3_config, bucket, proxy, data_type)
+        builder, tracker = KeepingBuilder(), PartsDuringBuild(proxy)
+        result = workflow.run(request, store, builder, tracker=tracker)
+
+    uploaded = s3_client.get_object(Bucket=bucket, Key=request.index_key)["Body"].read()
+    sequential = io.BytesIO()
+    index_io.write(builder.built, sequential)
+    assert uploaded == sequential.getvalue()
+    assert result.index_bytes == len(uploaded)
+    # The storage section went up while the graph was built, as the highest part numbers.
+    assert tracker.parts_in_build
+    assert all(
+        "partNumber=9" in target or "partNumber=10000" in target
+        for target in tracker.parts_in_build
+    )
+    assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_overlapped_upload_is_aborted_when_the_build_is_cancelled(
+    s3_server: str, s3_client: Any, s3_config: Any, bucket: str
+) -> None:
+    with FaultProxy(s3_server) as proxy:
+        request, store = overlap_setup(s3_client, s3_config, bucket, proxy)
+        tracker = PartsDuringBuild(proxy, cancel_after_rows=4000)
+        with pytest.raises(CancelledError):
+            workflow.run(request, store, KeepingBuilder(), tracker=tracker)
+        parts_sent = [s for s in proxy.seen if s.method == "PUT" and "partNumber=" in s.target]
+    assert parts_sent  # some parts were up when the job was cancelled...
+    assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")  # ...and are gone
+    assert request.index_key not in keys(s3_client, bucket)
+
+
+def test_overlapped_upload_is_aborted_when_a_part_keeps_failing(
+    s3_server: str, s3_client: Any, s3_config: Any, bucket: str
+) -> None:
+    with FaultProxy(s3_server) as proxy:
+        request, store = overlap_setup(s3_client, s3_config, bucket, proxy)
+        proxy.add(Fault("reset", "PUT", "partNumber=10000", at="request"))
+        with pytest.raises(TransientStoreError, match="part 10000"):
+            workflow.run(request, store, KeepingBuilder())
+    assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert request.index_key not in keys(s3_client, bucket)
+
+
+def test_overlap_falls_back_when_the_tail_is_too_small(
+    s3_server: str, s3_client: Any, s3_config: Any, bucket: str
+) -> None:
+    vectors = clustered(500, 32, seed=2)
+    s3_client.put_object(Bucket=bucket, Key="tiny.knnvec", Body=vector_blob(vectors))
+    ids = np.arange(500, dtype=np.int32)
+    s3_client.put_object(Bucket=bucket, Key="tiny.knndid", Body=doc_id_blob(ids))
+    with FaultProxy(s3_server) as proxy:
+        config = s3_config.model_copy(update={"endpoint_url": proxy.url})
+        store = S3ObjectStore(make_s3_client(config), config)
+        builder = KeepingBuilder()
+        workflow.run(request_for(bucket, "tiny", 32, 500), store, builder)
+        assert not [s for s in proxy.seen if "uploads" in s.target]  # no multipart upload
+    uploaded = s3_client.get_object(Bucket=bucket, Key="tiny.faiss")["Body"].read()
+    sequential = io.BytesIO()
+    index_io.write(builder.built, sequential)
+    assert uploaded == sequential.getvalue()

@@ -22,6 +22,7 @@ from zlib_ng import zlib_ng
 
 from remote_vector_index_builder.core.errors import ObjectStoreError
 from remote_vector_index_builder.core.s3_calls import (
+    MAX_CONCURRENCY,
     MAX_PART_SIZE,
     MIN_PART_SIZE,
     Progress,
@@ -45,6 +46,10 @@ _PARTS_PER_SIZE_STEP = 2_000
 # so that share is two parts or more.
 UPLOAD_BUFFER_SHARE = 4
 _PARTS_PER_KNOWN_SIZE = 8
+# Parts of the storage section of an overlapped index upload in flight during the
+# build, and the part numbers it may use (the highest ones; the rest are the head's).
+OVERLAP_PARTS_IN_FLIGHT = 2
+OVERLAP_PART_NUMBERS = 8_000
 
 
 class ReadInto(Protocol):
@@ -89,6 +94,19 @@ class UploadPlan:
     def buffer_bytes(self, size: int | None) -> int:
         """Most memory the part buffers of one upload hold: in flight plus the one filling."""
         return self.first_part(size) * (self.in_flight(size) + 1)
+
+    # An overlapped index upload (``index_io.OverlappedWrite``) sends the storage
+    # section while the build runs: in small parts, few at a time, since the
+    # build produces far fewer bytes per second than one connection carries and
+    # every buffer then stacks on the build's own peak.
+
+    def overlap_part(self, size: int) -> int:
+        """Part size of the storage section sent during the build (``size``: its bytes)."""
+        return max(MIN_PART_SIZE, -(-size // OVERLAP_PART_NUMBERS))
+
+    def overlap_buffer_bytes(self, size: int) -> int:
+        """Memory the overlapped parts hold during the build: in flight plus one being cut."""
+        return self.overlap_part(size) * (OVERLAP_PARTS_IN_FLIGHT + 1)
 
 
 class MultipartUpload:
@@ -301,6 +319,132 @@ class MultipartUpload:
 
     def _abort_quietly(self) -> None:
         # The error that made us abort matters more than a failed clean-up.
+        try:
+            self.abort()
+        except ObjectStoreError as exc:
+            log.warning("%s; an incomplete multipart upload may remain", exc)
+
+
+# S3's largest part number.
+MAX_PARTS = 10_000
+
+
+class NumberedUpload:
+    """A multipart upload whose caller numbers the parts and may send them in any order.
+
+    S3 joins parts in part-number order, gaps allowed, once ``complete`` lists
+    them; every part but the one with the highest number must be at least 5 MiB
+    (the caller's business). Parts are sent from a pool, at most ``slots`` in
+    flight (``send`` blocks beyond that; ``widen`` raises the bound). Any
+    failure is raised by the next ``send`` or by ``complete``; ``abort`` (also
+    on leaving a ``with`` block by an exception) removes every part sent.
+    """
+
+    def __init__(
+        self, s3: S3Calls, bucket: str, key: str, sse: str | None, report: Progress, slots: int
+    ) -> None:
+        self._s3 = s3
+        self._report = report
+        self._where = f"upload of s3://{bucket}/{key}"
+        self._object: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        create: dict[str, Any] = {**self._object, "ChecksumAlgorithm": "CRC32"}
+        if sse is not None:
+            create |= {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": sse}
+        self._upload_id: str = s3.call(self._where, s3.client.create_multipart_upload, **create)[
+            "UploadId"
+        ]
+        self._slots = threading.Semaphore(slots)
+        self._pool = ThreadPoolExecutor(MAX_CONCURRENCY, thread_name_prefix="s3-put")
+        self._parts: dict[int, Future[CompletedPartTypeDef]] = {}
+        self._failure: BaseException | None = None
+        self.checksums: dict[int, str] = {}  # part number -> CRC32 (S3's base64)
+        self.bytes_sent = 0
+        self._state = "open"  # -> "closed" | "aborted"
+
+    def __enter__(self) -> NumberedUpload:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            self._abort_quietly()
+
+    def widen(self, slots: int) -> None:
+        """Allow ``slots`` more parts in flight."""
+        for _ in range(slots):
+            self._slots.release()
+
+    def send(self, number: int, body: bytes) -> None:
+        if self._state != "open":
+            raise ObjectStoreError(f"{self._where} failed: send after complete or abort")
+        if number in self._parts or not 1 <= number <= MAX_PARTS:
+            raise ValueError(f"part number {number} is sent already or out of 1..{MAX_PARTS}")
+        if self._failure is not None:
+            raise self._failure
+        # zlib-ng releases the GIL; computed here, once, so the caller can compare later.
+        self.checksums[number] = crc32_b64(body)
+        self.bytes_sent += len(body)
+        self._slots.acquire()
+        if self._failure is not None:
+            self._slots.release()
+            raise self._failure
+        self._parts[number] = submit_in_context(self._pool, self._send, number, body)
+
+    def _send(self, number: int, body: bytes) -> CompletedPartTypeDef:
+        try:
+            response = self._s3.call(
+                f"{self._where} (part {number})",
+                self._s3.client.upload_part,
+                **self._object,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=body,
+                ChecksumAlgorithm="CRC32",
+                ChecksumCRC32=self.checksums[number],
+            )
+            self._report(len(body))
+        except BaseException as exc:
+            self._failure = self._failure or exc
+            raise
+        finally:
+            self._slots.release()
+        part: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["ETag"]}
+        if "ChecksumCRC32" in response:
+            part["ChecksumCRC32"] = response["ChecksumCRC32"]
+        return part
+
+    def complete(self) -> None:
+        if self._state != "open":
+            raise ObjectStoreError(f"{self._where} failed: the upload was aborted")
+        try:
+            self._pool.shutdown(wait=True)
+            if self._failure is not None:
+                raise self._failure
+            parts = [self._parts[number].result() for number in sorted(self._parts)]
+            upload = {"UploadId": self._upload_id, "MultipartUpload": {"Parts": parts}}
+            complete = self._s3.client.complete_multipart_upload
+            self._s3.call(self._where, complete, **self._object, **upload)
+        except BaseException:
+            self._abort_quietly()
+            raise
+        self._state = "closed"
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        # Parts still in flight would otherwise land after the abort and linger.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        abort = self._s3.client.abort_multipart_upload
+        try:
+            where = f"abort of {self._where}"
+            self._s3.call(where, abort, **self._object, UploadId=self._upload_id)
+        except ObjectStoreError as exc:
+            if exc.code != "NoSuchUpload":
+                raise
+
+    def _abort_quietly(self) -> None:
         try:
             self.abort()
         except ObjectStoreError as exc:

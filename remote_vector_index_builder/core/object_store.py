@@ -17,7 +17,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 from zlib_ng import zlib_ng
@@ -30,6 +30,7 @@ from remote_vector_index_builder.core.errors import (
 )
 from remote_vector_index_builder.core.multipart import (
     MultipartUpload,
+    NumberedUpload,
     ReadInto,
     UploadPlan,
     crc32_b64,
@@ -102,6 +103,24 @@ class ObjectStore(Protocol):
     def exists(self, bucket: str, key: str) -> bool: ...
 
 
+@runtime_checkable
+class NumberedUploads(Protocol):
+    """A store that can take a multipart upload's parts in any order (S3 can)."""
+
+    @property
+    def upload_plan(self) -> UploadPlan: ...
+
+    def open_numbered_upload(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        sse_kms_key_id: str | None = None,
+        progress: Progress | None = None,
+        slots: int = 1,
+    ) -> NumberedUpload: ...
+
+
 def _serialized(progress: Progress | None) -> Progress:
     """Progress for worker threads: the caller's callback, one call at a time."""
     lock = threading.Lock()
@@ -160,6 +179,10 @@ class S3ObjectStore:
         )
         self._config = config
         self._plan = UploadPlan.of(config)
+
+    @property
+    def upload_plan(self) -> UploadPlan:
+        return self._plan
 
     def _head(self, op: str, bucket: str, key: str) -> ObjectInfo:
         return self._s3.head(op, bucket, key)
@@ -321,6 +344,19 @@ class S3ObjectStore:
         return MultipartUpload(
             self._s3, bucket, key, sse_kms_key_id, _serialized(progress), part, slots
         )
+
+    def open_numbered_upload(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        sse_kms_key_id: str | None = None,
+        progress: Progress | None = None,
+        slots: int = 1,
+    ) -> NumberedUpload:
+        """A multipart upload started now, whose parts the caller numbers."""
+        report = _serialized(progress)
+        return NumberedUpload(self._s3, bucket, key, sse_kms_key_id, report, slots)
 
     def upload_file(
         self,

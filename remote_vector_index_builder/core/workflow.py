@@ -10,19 +10,21 @@ temporary file and the index is freed before the upload starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
 from remote_vector_index_builder.core import dataset as dataset_stage
 from remote_vector_index_builder.core import index_io, memory
 from remote_vector_index_builder.core.builder import IndexBuilder
+from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64
 from remote_vector_index_builder.core.index_io import SerializationMode
-from remote_vector_index_builder.core.object_store import ObjectStore
+from remote_vector_index_builder.core.object_store import NumberedUploads, ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,42 @@ class BuildResult:
         return sum(s.seconds for s in self.stages)
 
 
+@dataclass
+class _StoredRows(Dataset):
+    """The dataset, telling an overlapped upload which rows the index holds for good.
+
+    The builder calls ``release`` for rows its index has copied (``Dataset.release``).
+    """
+
+    on_stored: Callable[[int, int], None] = field(default=lambda start, stop: None)
+
+    @classmethod
+    def watching(cls, data: Dataset, on_stored: Callable[[int, int], None]) -> _StoredRows:
+        values = {f.name: getattr(data, f.name) for f in fields(data) if f.init}
+        return cls(**values, on_stored=on_stored)
+
+    def release(self, start: int, stop: int) -> None:
+        super().release(start, stop)
+        self.on_stored(start, stop)
+
+
+def _start_overlap(
+    request: BuildRequest, store: ObjectStore, prepared: object, data: Dataset, sse: str | None
+) -> index_io.OverlappedWrite | None:
+    if request.skip_stored_vectors or prepared is None:
+        return None
+    if not isinstance(store, NumberedUploads):
+        return None
+    return index_io.OverlappedWrite.start(
+        store,
+        request.container_name,
+        request.index_key,
+        inner=prepared,
+        ids=ids_as_int64(data.doc_ids),
+        sse_kms_key_id=sse,
+    )
+
+
 def peak_rss_bytes() -> int:
     """High-water mark of this process's resident memory.
 
@@ -198,8 +236,14 @@ def run(
     tmp_dir: str | Path | None = None,
     tracker: Tracker | None = None,
     check_values: bool = True,
+    overlap_upload: bool = True,
 ) -> BuildResult:
-    """Build the index for ``request`` and upload it beside the vectors."""
+    """Build the index for ``request`` and upload it beside the vectors.
+
+    ``overlap_upload`` (memory mode): send the index's storage section while
+    the graph is built (``index_io.OverlappedWrite``), where the builder
+    prepared a CPU HNSW index and the store takes numbered parts.
+    """
     tracker = tracker or Tracker()
     bucket = request.container_name
     result = BuildResult(
@@ -237,38 +281,51 @@ def run(
     # ``data`` now holds the only references to the blobs.
     del vector_blob, doc_id_blob
 
-    with timer.measure(Stage.BUILD, request.doc_count) as span:
-        span.nbytes = data.vectors.nbytes
-        index = builder.build(request, data, progress=advance, prepared=prepared)
-    # The index owns a copy of the vectors: release the downloaded buffer now,
-    # before serialization needs memory of its own.
-    del data, prepared  # the index holds the prepared inner index now
-
     sse_key = vector_info.sse_kms_key_id
-    index_size = serialized_bytes_estimate(request)
-    if mode is SerializationMode.MEMORY:
-        with timer.measure(Stage.UPLOAD, index_size, "serialize+upload") as span:
-            upload = store.open_upload(
-                bucket,
-                request.index_key,
-                sse_kms_key_id=sse_key,
-                progress=advance,
-                size_hint=index_size,
-            )
-            with upload:
-                span.nbytes = index_io.write(
-                    index, upload, skip_storage=request.skip_stored_vectors
-                )
-        del index
-    else:
-        with index_io.temporary_index_file(tmp_dir) as path:
-            with timer.measure(Stage.SERIALIZE, index_size) as span, path.open("wb") as file:
-                sink = _ReportingSink(file, advance)
-                span.nbytes = index_io.write(index, sink, skip_storage=request.skip_stored_vectors)
+    with contextlib.ExitStack() as stack:
+        # Memory mode: the index's storage section goes up while the graph is built.
+        overlap = None
+        if overlap_upload and mode is SerializationMode.MEMORY:
+            overlap = _start_overlap(request, store, prepared, data, sse_key)
+        if overlap is not None:
+            stack.enter_context(overlap)  # its parts are aborted on failure or cancel
+            data = _StoredRows.watching(data, overlap.stored)
+
+        with timer.measure(Stage.BUILD, request.doc_count) as span:
+            span.nbytes = data.vectors.nbytes
+            index = builder.build(request, data, progress=advance, prepared=prepared)
+        # The index owns a copy of the vectors: release the downloaded buffer now,
+        # before serialization needs memory of its own.
+        del data, prepared  # the index holds the prepared inner index now
+
+        index_size = serialized_bytes_estimate(request)
+        if mode is SerializationMode.MEMORY:
+            with timer.measure(Stage.UPLOAD, index_size, "serialize+upload") as span:
+                written = None if overlap is None else overlap.finish(index, advance)
+                if written is None:
+                    upload = store.open_upload(
+                        bucket,
+                        request.index_key,
+                        sse_kms_key_id=sse_key,
+                        progress=advance,
+                        size_hint=index_size,
+                    )
+                    with upload:
+                        written = index_io.write(
+                            index, upload, skip_storage=request.skip_stored_vectors
+                        )
+                span.nbytes = written
             del index
-            with timer.measure(Stage.UPLOAD, span.nbytes) as span:
-                span.nbytes = store.upload_file(
-                    bucket, request.index_key, path, sse_kms_key_id=sse_key, progress=advance
-                )
+        else:
+            with index_io.temporary_index_file(tmp_dir) as path:
+                with timer.measure(Stage.SERIALIZE, index_size) as span, path.open("wb") as file:
+                    sink = _ReportingSink(file, advance)
+                    skip = request.skip_stored_vectors
+                    span.nbytes = index_io.write(index, sink, skip_storage=skip)
+                del index
+                with timer.measure(Stage.UPLOAD, span.nbytes) as span:
+                    span.nbytes = store.upload_file(
+                        bucket, request.index_key, path, sse_kms_key_id=sse_key, progress=advance
+                    )
     result.index_bytes = span.nbytes
     return result
