@@ -65,7 +65,7 @@ class TaskStatus(StrEnum):
 
 
 def status_body(state: JobState, file_name: str | None, error: str | None) -> dict[str, Any]:
-    """Exactly the keys of the wire contract's ``GET /_status`` body (every store uses this)."""
+    """Exactly the keys of the client's ``GET /_status`` body (docs/knn-contract.md, 2)."""
     task = task_status(state)
     return {
         "task_status": task.value,
