@@ -13,6 +13,13 @@ Redis unreachable: POST answers 503 with ``Retry-After``; ``/_status``
 answers from a bounded cache of last-known bodies, else 503, never 404;
 running builds go on and record their outcome once Redis is back; ``/_ready``
 does not depend on Redis (an outage must not empty the load balancer).
+
+What Redis must be in production: ``maxmemory-policy noeviction`` (an evicted
+job hash is a 404, which makes the data node give up and build on its own
+CPU), the append-only file on (without it a Redis restart forgets every queued
+and running job: 404s again), and a replica with Sentinel or a managed
+service (with asynchronous replication a failover can lose the last second of
+submits). Redis 6.2 or newer; every key shares the hash tag ``{rvib}``.
 """
 
 from __future__ import annotations
