@@ -578,9 +578,15 @@ class FleetJobs:
             del self._owned[job.id]
             return entry
 
-    def lose(self, entry: Owned) -> None:
-        """Another replica owns the job now: stop at the next checkpoint, record nothing."""
+    def lose(self, entry: Owned, *, recorded_elsewhere: bool = False) -> None:
+        """Another replica owns the job now: stop at the next checkpoint, record nothing.
+
+        A renewal refused because this replica has just recorded the outcome itself
+        (a heartbeat racing ``finish``) is no loss: the entry is gone by then.
+        """
         with self._lock:
+            if not recorded_elsewhere and self._owned.get(entry.job.id) is not entry:
+                return
             first = not entry.lost
             entry.lost = True
         entry.job.cancel_requested.set()
@@ -682,7 +688,7 @@ class FleetJobs:
             self.cache.put(job.id, snap.status_body())
             return True
         if not self.closing.is_set():
-            self.lose(entry)
+            self.lose(entry, recorded_elsewhere=True)
         return False
 
     def hand_back(self, job: Job) -> bool:
