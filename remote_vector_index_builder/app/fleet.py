@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 import redis.asyncio.retry
+import redis.exceptions
 import redis.retry
 from cachetools import LRUCache
 from prometheus_client import CollectorRegistry, Counter
@@ -85,6 +86,14 @@ CLAIM_POLL_S = 0.5
 STARVATION_S = 30.0
 # Last-known /_status bodies answered while Redis is unreachable.
 STATUS_CACHE_SIZE = 10_000
+# What "Redis is unavailable" looks like (refused, timed out, loading its append-only
+# file after a restart, a replica promoted but read-only). Any other Redis error is a
+# bug here and surfaces as one (a 500 with its traceback), not as an outage.
+UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+)
 # Client timeouts: a dead Redis answers 503 within these, never a hung request.
 CONNECT_TIMEOUT_S = 1.0
 COMMAND_TIMEOUT_S = 3.0
@@ -226,7 +235,7 @@ class FleetStore:
     def call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             result = fn()
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self.health.error(what, exc) from exc
         self.health.ok()
         return result
@@ -438,7 +447,7 @@ class FleetJobService:
         ]
         try:
             outcome, detail = await self._submit(keys=keys, args=args)
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self._unavailable("submit", exc) from exc
         self.health.ok()
         if outcome == "conflict":
@@ -460,7 +469,7 @@ class FleetJobService:
             state, file_name, error = await self._r.hmget(
                 job_key(job_id), ["state", "file_name", "error"]
             )
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             cached = self.cache.get(job_id)
             if cached is not None:
                 self.health.error("status", exc)
@@ -476,7 +485,7 @@ class FleetJobService:
     async def snapshot(self, job_id: str) -> JobSnapshot:
         try:
             fields = await self._r.hgetall(job_key(job_id))
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self._unavailable("read job", exc) from exc
         if not fields:
             raise _not_found(job_id)
@@ -492,7 +501,7 @@ class FleetJobService:
             gone = [job_id for job_id, fields in zip(ids, hashes, strict=True) if not fields]
             if gone:  # expired finished jobs leave the listing too
                 await self._r.zrem(JOBS, *gone)
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self._unavailable("list jobs", exc) from exc
         return [snapshot_from_hash(fields) for fields in hashes if fields]
 
@@ -501,7 +510,7 @@ class FleetJobService:
         args: list[Arg] = [job_id, self.config.ttl_ms, CANCELLED_MESSAGE, CHANNEL]
         try:
             outcome, state = await self._cancel(keys=keys, args=args)
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self._unavailable("cancel", exc) from exc
         if outcome == "missing":
             raise _not_found(job_id)
@@ -924,7 +933,7 @@ class Fleet:
                         self.jobs.cancel_local(job_id)
                     elif kind == "submitted":
                         self.wake.set()
-            except redis.RedisError as exc:
+            except UNAVAILABLE as exc:
                 self.health.error("events", exc)
                 self._closed.wait(1.0)
 
