@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import e2e, memory_estimate, report, service_load, transfers, variants
+from benchmarks import e2e, fleet, memory_estimate, report, service_load, transfers, variants
 from benchmarks.common import (
     AWS_ENV,
     BUCKET,
@@ -41,7 +41,7 @@ from benchmarks.common import (
     touch_free_memory,
 )
 
-SECTIONS = ("e2e", "memory", "transfers", "variants", "service")
+SECTIONS = ("e2e", "memory", "transfers", "variants", "service", "fleet")
 
 
 def _counts(text: str) -> list[int]:
@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--load-builds", type=int, default=3, help="builds submitted under load")
     p.add_argument("--load-rate", type=float, default=200.0, help="GET /_status per second")
     p.add_argument("--load-duration", type=float, default=20.0, help="seconds of load")
+    p.add_argument("--fleet-size", default="20k", help="vectors per job in the fleet section")
+    p.add_argument("--fleet-dim", type=int, default=128, help="dimension of the fleet's jobs")
+    p.add_argument("--fleet-jobs", type=int, default=4, help="jobs per throughput batch")
+    p.add_argument(
+        "--fleet-lease", type=float, default=5.0, help="RVIB_LEASE_SECONDS of the failover run"
+    )
     p.add_argument(
         "--transfer-cold",
         action="store_true",
@@ -239,6 +245,16 @@ def main(argv: list[str] | None = None) -> int:
                     sections[name] = service_load.run(
                         ctx, n, dim, args.load_builds, args.load_rate, args.load_duration
                     )
+                elif name == "fleet":
+                    sections[name] = fleet.run(
+                        ctx,
+                        parse_count(args.fleet_size),
+                        args.fleet_dim,
+                        args.fleet_jobs,
+                        args.load_rate,
+                        args.load_duration,
+                        args.fleet_lease,
+                    )
                 results["timings_s"][name] = time.perf_counter() - begin
                 say(f"section {name} done in {results['timings_s'][name]:.0f}s")
     finally:
@@ -281,6 +297,7 @@ def render(results: dict[str, Any]) -> list[str]:
         "transfers": transfers,
         "variants": variants,
         "service": service_load,
+        "fleet": fleet,
     }
     verdicts: list[str] = []
     for name, module in modules.items():

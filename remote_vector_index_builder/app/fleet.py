@@ -13,6 +13,13 @@ Redis unreachable: POST answers 503 with ``Retry-After``; ``/_status``
 answers from a bounded cache of last-known bodies, else 503, never 404;
 running builds go on and record their outcome once Redis is back; ``/_ready``
 does not depend on Redis (an outage must not empty the load balancer).
+
+What Redis must be in production: ``maxmemory-policy noeviction`` (an evicted
+job hash is a 404, which makes the data node give up and build on its own
+CPU), the append-only file on (without it a Redis restart forgets every queued
+and running job: 404s again), and a replica with Sentinel or a managed
+service (with asynchronous replication a failover can lose the last second of
+submits). Redis 6.2 or newer; every key shares the hash tag ``{rvib}``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 import redis.asyncio.retry
+import redis.exceptions
 import redis.retry
 from cachetools import LRUCache
 from prometheus_client import CollectorRegistry, Counter
@@ -78,6 +86,14 @@ CLAIM_POLL_S = 0.5
 STARVATION_S = 30.0
 # Last-known /_status bodies answered while Redis is unreachable.
 STATUS_CACHE_SIZE = 10_000
+# What "Redis is unavailable" looks like (refused, timed out, loading its append-only
+# file after a restart, a replica promoted but read-only). Any other Redis error is a
+# bug here and surfaces as one (a 500 with its traceback), not as an outage.
+UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+)
 # Client timeouts: a dead Redis answers 503 within these, never a hung request.
 CONNECT_TIMEOUT_S = 1.0
 COMMAND_TIMEOUT_S = 3.0
@@ -219,7 +235,7 @@ class FleetStore:
     def call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             result = fn()
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self.health.error(what, exc) from exc
         self.health.ok()
         return result
@@ -431,7 +447,7 @@ class FleetJobService:
         ]
         try:
             outcome, detail = await self._submit(keys=keys, args=args)
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self._unavailable("submit", exc) from exc
         self.health.ok()
         if outcome == "conflict":
@@ -453,7 +469,7 @@ class FleetJobService:
             state, file_name, error = await self._r.hmget(
                 job_key(job_id), ["state", "file_name", "error"]
             )
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             cached = self.cache.get(job_id)
             if cached is not None:
                 self.health.error("status", exc)
@@ -469,7 +485,7 @@ class FleetJobService:
     async def snapshot(self, job_id: str) -> JobSnapshot:
         try:
             fields = await self._r.hgetall(job_key(job_id))
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self._unavailable("read job", exc) from exc
         if not fields:
             raise _not_found(job_id)
@@ -485,7 +501,7 @@ class FleetJobService:
             gone = [job_id for job_id, fields in zip(ids, hashes, strict=True) if not fields]
             if gone:  # expired finished jobs leave the listing too
                 await self._r.zrem(JOBS, *gone)
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self._unavailable("list jobs", exc) from exc
         return [snapshot_from_hash(fields) for fields in hashes if fields]
 
@@ -494,7 +510,7 @@ class FleetJobService:
         args: list[Arg] = [job_id, self.config.ttl_ms, CANCELLED_MESSAGE, CHANNEL]
         try:
             outcome, state = await self._cancel(keys=keys, args=args)
-        except redis.RedisError as exc:
+        except UNAVAILABLE as exc:
             raise self._unavailable("cancel", exc) from exc
         if outcome == "missing":
             raise _not_found(job_id)
@@ -571,9 +587,15 @@ class FleetJobs:
             del self._owned[job.id]
             return entry
 
-    def lose(self, entry: Owned) -> None:
-        """Another replica owns the job now: stop at the next checkpoint, record nothing."""
+    def lose(self, entry: Owned, *, recorded_elsewhere: bool = False) -> None:
+        """Another replica owns the job now: stop at the next checkpoint, record nothing.
+
+        A renewal refused because this replica has just recorded the outcome itself
+        (a heartbeat racing ``finish``) is no loss: the entry is gone by then.
+        """
         with self._lock:
+            if not recorded_elsewhere and self._owned.get(entry.job.id) is not entry:
+                return
             first = not entry.lost
             entry.lost = True
         entry.job.cancel_requested.set()
@@ -675,7 +697,7 @@ class FleetJobs:
             self.cache.put(job.id, snap.status_body())
             return True
         if not self.closing.is_set():
-            self.lose(entry)
+            self.lose(entry, recorded_elsewhere=True)
         return False
 
     def hand_back(self, job: Job) -> bool:
@@ -911,7 +933,7 @@ class Fleet:
                         self.jobs.cancel_local(job_id)
                     elif kind == "submitted":
                         self.wake.set()
-            except redis.RedisError as exc:
+            except UNAVAILABLE as exc:
                 self.health.error("events", exc)
                 self._closed.wait(1.0)
 

@@ -518,7 +518,7 @@ class Runner:
             self.accepting = False
             futures = list(self._futures.values())
         for job, future in futures:
-            if future.cancel():  # queued, never started
+            if future.cancel() and not self.jobs.hand_back(job):  # queued, never started
                 self._finish(job, JobState.FAILED, error=SHUTDOWN_MESSAGE, reason="shutdown")
         deadline = time.monotonic() + grace_seconds
         for _, future in futures:
