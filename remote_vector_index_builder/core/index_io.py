@@ -143,7 +143,7 @@ def read(data: bytes | np.ndarray | os.PathLike[str] | str) -> FaissIndex:
 # while the build runs, and the *head* (headers and graph) takes parts 1.. after
 # it, with the tail's first ``MIN_PART_SIZE`` bytes, so that the head's last part
 # is never below S3's minimum however small the graph. S3 joins parts by number:
-# the object is byte for byte what ``write`` streams (``test_index_io``).
+# the object is byte for byte what ``write`` streams (``test_workflow`` checks).
 
 
 @dataclass(frozen=True)
