@@ -147,6 +147,9 @@ def serving(app: FastAPI) -> Iterator[str]:
 
 
 @pytest.mark.slow
+# Traced, its 20,000 requests take several times longer on 2 cores and outrun the
+# deadline; the code it drives is covered by the other tests.
+@pytest.mark.no_cover
 def test_load(s3_config: S3Config, s3_client: Any, bucket: str) -> None:
     rng = random.Random(7)
     for i in range(STEMS):

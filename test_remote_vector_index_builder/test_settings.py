@@ -173,6 +173,10 @@ def test_listen_address_from_its_documented_names_and_init_by_field_name(
     settings = Settings(_env_file=None)
     assert (settings.host, settings.port) == ("127.0.0.1", 8080)
     assert Settings(_env_file=None, port=9000, host="::1").port == 9000
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")  # the second name of s3_region
+    assert Settings(_env_file=None).s3_region == "eu-west-1"
+    assert Settings(_env_file=None, s3_region="us-east-2").s3_region == "us-east-2"
     monkeypatch.delenv("RVIB_LISTEN_PORT")
     dotenv = tmp_path / ".env"
     dotenv.write_text("RVIB_LISTEN_PORT=8081\nRVIB_TMP_DIR=/var/tmp\n")
