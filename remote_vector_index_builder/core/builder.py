@@ -32,6 +32,12 @@ class Device(StrEnum):
     GPU = "gpu"
 
 
+class CpuBuildMode(StrEnum):
+    STANDARD = "standard"  # Faiss HNSW over the stored vectors
+    FAST = "fast"  # graph on projected 8-bit codes (core.projected_graph)
+    AUTO = "auto"  # fast where a pilot shows it as good as standard
+
+
 @dataclass(frozen=True)
 class BuilderOptions:
     device: Device = Device.AUTO
@@ -43,6 +49,8 @@ class BuilderOptions:
     # dominate (benchmarks/README.md, section 4). int8 rows are converted to
     # fp32 8k rows at a time whatever this is (cpu_builder.CONVERT_ROWS).
     add_batch_rows: int = 32768
+    # How the CPU builds the graph; see benchmarks/README.md ("build modes") for the default.
+    cpu_build: CpuBuildMode = CpuBuildMode.STANDARD
     # GPU only: fall back to the CPU builder when the GPU build raises.
     gpu_fallback_to_cpu: bool = True
 
@@ -89,7 +97,7 @@ def choose_builder(options: BuilderOptions) -> IndexBuilder:
     """Pick the builder for ``options.device``; ``auto`` means GPU when usable."""
     from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 
-    cpu = CpuBuilder(add_batch_rows=options.add_batch_rows)
+    cpu = CpuBuilder(add_batch_rows=options.add_batch_rows, mode=options.cpu_build)
     if options.device is Device.CPU:
         return cpu
     if not gpu_available():

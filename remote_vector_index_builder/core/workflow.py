@@ -19,11 +19,12 @@ from enum import StrEnum
 from pathlib import Path
 
 from remote_vector_index_builder.core import dataset as dataset_stage
-from remote_vector_index_builder.core import index_io, memory
+from remote_vector_index_builder.core import index_io, memory, quality
 from remote_vector_index_builder.core.builder import IndexBuilder
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.quality import QualityReport
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class BuildResult:
     index_bytes: int
     builder: str
     stages: list[StageTiming] = field(default_factory=list)
+    # Recall of the finished index on a sample of its own vectors (``core.quality``).
+    quality: QualityReport | None = None
 
     @property
     def seconds(self) -> float:
@@ -192,6 +195,29 @@ class _Span:
         self.timer.tracker.stage_finished(self.stage, timing)
 
 
+def check_quality(
+    request: BuildRequest,
+    index: object,
+    sample: quality.QuerySample,
+    builder: IndexBuilder,
+    prepared: object,
+) -> QualityReport | None:
+    """The quality report, while the index still holds its vectors (before the upload).
+
+    The CPU builder says in ``prepared.notes`` which build mode it used; other
+    builders are reported under their name. The check is a measurement, not part
+    of the index: if it fails (a bug), the job still delivers the index.
+    """
+    notes = getattr(prepared, "notes", None)
+    if not isinstance(notes, quality.BuildNotes):
+        notes = quality.BuildNotes(requested_mode=builder.name, mode=builder.name)
+    try:
+        return quality.check(request, index, sample, notes)
+    except (RuntimeError, ValueError, AttributeError):
+        log.exception("index quality check failed; the index is uploaded without a report")
+        return None
+
+
 def run(
     request: BuildRequest,
     store: ObjectStore,
@@ -240,9 +266,12 @@ def run(
     # ``data`` now holds the only references to the blobs.
     del vector_blob, doc_id_blob
 
+    # Copied now: the build hands the blob's pages back batch by batch.
+    sample = quality.QuerySample.take(data.vectors)
     with timer.measure(Stage.BUILD, request.doc_count) as span:
         span.nbytes = data.vectors.nbytes
         index = builder.build(request, data, progress=advance, prepared=prepared)
+    result.quality = check_quality(request, index, sample, builder, prepared)
     # The index owns a copy of the vectors: release the downloaded buffer now,
     # before serialization needs memory of its own.
     del data, prepared  # the index holds the prepared inner index now
