@@ -16,7 +16,7 @@ import psutil
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from remote_vector_index_builder.core.builder import BuilderOptions, Device
+from remote_vector_index_builder.core.builder import BuilderOptions, CpuBuildMode, Device
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import MIB, S3Config
 
@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     add_batch_rows: int = Field(
         32768, gt=0, validation_alias=_env("RVIB_ADD_BATCH_ROWS", "add_batch_rows")
     )
+    # standard | fast | auto: how the CPU builds the graph (core/projected_graph.py;
+    # the default is chosen in benchmarks/README.md, "CPU build modes").
+    cpu_build: CpuBuildMode = Field(
+        CpuBuildMode.STANDARD, validation_alias=_env("RVIB_CPU_BUILD", "cpu_build")
+    )
     index_serialization_mode: SerializationMode = Field(
         SerializationMode.MEMORY,
         validation_alias=_env("INDEX_SERIALIZATION_MODE", "index_serialization_mode"),
@@ -142,7 +147,9 @@ class Settings(BaseSettings):
         )
 
     def builder_options(self) -> BuilderOptions:
-        return BuilderOptions(device=self.device, add_batch_rows=self.add_batch_rows)
+        return BuilderOptions(
+            device=self.device, add_batch_rows=self.add_batch_rows, cpu_build=self.cpu_build
+        )
 
     def effective_omp_threads(self) -> int:
         return self.omp_threads or os.cpu_count() or 1
