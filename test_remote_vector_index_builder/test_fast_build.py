@@ -48,7 +48,8 @@ def build(
         np.frombuffer(bytearray(vector_blob(rows)), dtype=np.uint8),
         np.frombuffer(bytearray(doc_id_blob(ids)), dtype=np.uint8),
     )
-    builder = CpuBuilder(add_batch_rows=kw.pop("batch", 1000), mode=mode)
+    # Small sets: auto's size floor off, so its pilot runs.
+    builder = CpuBuilder(add_batch_rows=kw.pop("batch", 1000), mode=mode, auto_min_rows=0)
     prepared = builder.prepare(request)
     sample = quality.QuerySample.take(data.vectors, 200)
     index = builder.build(request, data, prepared=prepared, **kw)
@@ -123,7 +124,7 @@ def test_auto_falls_back_where_the_fast_graph_is_poor_and_says_so() -> None:
     _, auto, _ = build(request, rows, ids, CpuBuildMode.AUTO)
     assert forced.recall < 0.5 <= standard.recall  # the constructed set defeats the recipe
     assert auto.build_mode == "standard" and auto.requested_mode == "auto" and auto.fallback
-    assert auto.fallback_reason is not None and "pilot" in auto.fallback_reason
+    assert auto.mode_reason is not None and "pilot" in auto.mode_reason
     assert auto.pilot is not None
     assert min(auto.pilot["recall_fast"]) < min(auto.pilot["recall_standard"])
     assert auto.recall == standard.recall  # the standard build, untouched by the pilot
@@ -146,6 +147,18 @@ def test_projection_keeps_every_axis_without_spectral_decay_between_neighbours()
     steep = projected_graph.fit_projection(decaying(4000, 128), SpaceType.L2)
     assert steep.matrix is not None and steep.dim < 96
     assert steep.retained >= projected_graph.RETAINED_VARIANCE
+
+
+def test_auto_builds_small_segments_the_standard_way() -> None:
+    rows = decaying(1000, 32)
+    request = make_request("float", "l2", 32, len(rows))
+    data = dataset.Dataset(rows, np.arange(1000, dtype=np.int32), request.data_type)
+    builder = CpuBuilder(mode=CpuBuildMode.AUTO)
+    prepared = builder.prepare(request)
+    builder.build(request, data, prepared=prepared)
+    notes = prepared.notes
+    assert notes.mode == "standard" and not notes.fallback and notes.pilot is None
+    assert notes.reason is not None and "fewer than" in notes.reason
 
 
 def test_binary_stays_standard_in_every_mode() -> None:

@@ -170,9 +170,9 @@ def test_report_summary_names_a_fallback() -> None:
         build_mode="standard",
         requested_mode="auto",
         fallback=True,
-        fallback_reason="pilot said no",
+        mode_reason="pilot said no",
     )
     assert "requested auto, fell back: pilot said no" in report.summary()
     out = io.StringIO()
     out.write(json.dumps(report.as_dict()))
-    assert json.loads(out.getvalue())["fallback_reason"] == "pilot said no"
+    assert json.loads(out.getvalue())["mode_reason"] == "pilot said no"

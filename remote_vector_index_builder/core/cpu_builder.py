@@ -123,10 +123,14 @@ class CpuBuilder:
     name = "cpu"
 
     def __init__(
-        self, add_batch_rows: int = 32768, mode: CpuBuildMode = CpuBuildMode.STANDARD
+        self,
+        add_batch_rows: int = 32768,
+        mode: CpuBuildMode = CpuBuildMode.STANDARD,
+        auto_min_rows: int = projected_graph.AUTO_MIN_ROWS,
     ) -> None:
         self.add_batch_rows = add_batch_rows
         self.mode = mode
+        self.auto_min_rows = auto_min_rows
 
     def prepare(self, request: BuildRequest) -> CpuPrepared:
         """The empty inner index with its storage reserved (see ``reserve_storage``).
@@ -150,21 +154,28 @@ class CpuBuilder:
         inner, notes = prepared.inner, prepared.notes
         index = id_mapped(inner, binary)
         ids = ids_as_int64(dataset.doc_ids)
+        mode = self.mode
+        if mode is CpuBuildMode.AUTO and dataset.count < self.auto_min_rows:
+            mode = CpuBuildMode.STANDARD
+            notes.reason = (
+                f"{dataset.count} rows are fewer than {self.auto_min_rows}: "
+                "too few for the fast build to pay for its projection and pilot"
+            )
         try:
-            if self.mode is not CpuBuildMode.STANDARD and not binary:
+            if mode is not CpuBuildMode.STANDARD and not binary:
                 if projected_graph.build(
                     request,
                     dataset,
                     inner,
                     _inner_index,
-                    auto=self.mode is CpuBuildMode.AUTO,
+                    auto=mode is CpuBuildMode.AUTO,
                     rows=self.add_batch_rows,
                     notes=notes,
                     progress=progress,
                 ):
                     _attach_ids(index, ids)
                     return index
-            elif binary and self.mode is not CpuBuildMode.STANDARD:
+            elif binary and mode is not CpuBuildMode.STANDARD:
                 notes.reason = "binary vectors are always built the standard way"
             self._add_all(request, index, dataset, ids, progress)
         except RuntimeError as exc:

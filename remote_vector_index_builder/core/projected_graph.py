@@ -53,6 +53,10 @@ PILOT_MIN_ROWS = 2000
 PILOT_SHARE = 0.04
 PILOT_QUERIES = 200
 PILOT_TOLERANCE = 0.002
+# ``auto`` builds smaller segments the standard way: fitting the projection and
+# the pilot cost about as much as a standard build of ~5k rows, more than the
+# fast graph saves below ~20k (benchmarks/build_modes.py: cohere-1k).
+AUTO_MIN_ROWS = 20000
 # Rows decoded and projected per graph ``add``.
 GRAPH_ROWS = 8192
 SEED = 1234

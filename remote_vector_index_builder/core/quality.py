@@ -58,7 +58,8 @@ class QualityReport:
     build_mode: str
     requested_mode: str
     fallback: bool
-    fallback_reason: str | None = None
+    # Why the mode built differs from the one requested (a fallback, or a rule).
+    mode_reason: str | None = None
     pilot: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -73,7 +74,8 @@ class QualityReport:
         )
         if self.requested_mode != self.build_mode or self.fallback:
             text += f" (requested {self.requested_mode}"
-            text += f", fell back: {self.fallback_reason})" if self.fallback else ")"
+            text += ", fell back" if self.fallback else ""
+            text += f": {self.mode_reason})" if self.mode_reason else ")"
         return text
 
 
@@ -256,7 +258,7 @@ def check(
         build_mode=notes.mode,
         requested_mode=notes.requested_mode,
         fallback=notes.fallback,
-        fallback_reason=notes.reason,
+        mode_reason=notes.reason,
         pilot=notes.pilot,
     )
     log.info(
