@@ -28,6 +28,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from remote_vector_index_builder.core import quality
 from remote_vector_index_builder.core.builder import FaissIndex, Progress, faiss_metric
@@ -101,9 +102,11 @@ def fit_projection(sample: np.ndarray, space_type: SpaceType) -> Projection:
     other = np.where(nearest[:, 0] == own, nearest[:, 1], nearest[:, 0])
     other = np.where(other < 0, nearest[:, 0], other)
     diff = queries - x[other]
-    # float32 products (sgemm), float64 eigen-decomposition of the small d x d matrix.
-    moment = (diff.T @ diff).astype(np.float64) / max(1, len(diff))
-    values, vectors = np.linalg.eigh(moment)
+    # One BLAS thread: the d x d problem is small, and threaded OpenBLAS next to
+    # Faiss's spinning OpenMP threads on a busy host took 5x longer.
+    with threadpool_limits(limits=1, user_api="blas"):
+        moment = (diff.T @ diff).astype(np.float64) / max(1, len(diff))
+        values, vectors = np.linalg.eigh(moment)
     order = np.argsort(values)[::-1]
     values, vectors = np.clip(values[order], 0.0, None), vectors[:, order]
     total = float(values.sum())
