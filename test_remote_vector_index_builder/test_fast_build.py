@@ -126,7 +126,10 @@ def test_auto_falls_back_where_the_fast_graph_is_poor_and_says_so() -> None:
     assert auto.build_mode == "standard" and auto.requested_mode == "auto" and auto.fallback
     assert auto.mode_reason is not None and "pilot" in auto.mode_reason
     assert auto.pilot is not None
-    assert min(auto.pilot["recall_fast"]) < min(auto.pilot["recall_standard"])
+    tried = auto.pilot["tried"]
+    assert tried and not any(t["ok"] for t in tried)
+    assert tried[-1]["projected_dim"] == 32  # the last candidate keeps every axis
+    assert all(min(t["recall_fast"]) < min(auto.pilot["recall_standard"]) for t in tried)
     assert auto.recall == standard.recall  # the standard build, untouched by the pilot
     assert "fell back" in auto.summary()
 
@@ -137,6 +140,8 @@ def test_auto_keeps_the_fast_graph_where_the_pilot_shows_it_as_good() -> None:
     _, auto, _ = build(request, rows, np.arange(len(rows)), CpuBuildMode.AUTO)
     assert auto.build_mode == "fast" and not auto.fallback
     assert auto.pilot is not None and auto.pilot["rows"] == projected_graph.pilot_rows(5000)
+    # The first candidate the pilot accepted is the one built, with fewer axes than rows have.
+    assert auto.pilot["tried"][-1]["ok"] and auto.pilot["projected_dim"] < 128
 
 
 def test_projection_keeps_every_axis_without_spectral_decay_between_neighbours() -> None:

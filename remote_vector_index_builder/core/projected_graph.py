@@ -37,16 +37,21 @@ from remote_vector_index_builder.core.params import BuildRequest, DataType, Spac
 
 log = logging.getLogger(__name__)
 
-# Share of the variance the projection keeps. See benchmarks/build_modes.py.
+# Share of the neighbour-difference variance the ``fast`` mode's projection keeps;
+# ``auto`` tries the smaller ones too, smallest first, and keeps the first its
+# pilot accepts (benchmarks/build_modes.py).
 RETAINED_VARIANCE = 0.95
+AUTO_RETAINED_VARIANCES = (0.8, 0.9, 0.95)
 # Above this share of the dimensions, projecting saves too little: 8-bit codes of
 # every dimension instead.
 MAX_PROJECTED_SHARE = 0.75
 MIN_PROJECTED_DIM = 32
 # Rows the projection is fitted on (and the pilot drawn from).
 PCA_ROWS = 4000
-# Sampled rows whose nearest sampled neighbour gives a difference vector.
-DIFFERENCE_ROWS = 1000
+# A sample covariance of fewer rows than a few times the dimension spreads its
+# eigenvalues (Marchenko-Pastur): 1000 difference rows of isotropic 768-d noise
+# "kept 95 %" in 512 axes. Below this many rows per dimension: no projection.
+MIN_ROWS_PER_DIM = 4
 # Pilot: rows built both ways, rows searched in it, and the recall margin the fast
 # graph may trail by (two builds' recalls on 200 x 10 results differ by about this
 # much from seed to seed alone).
@@ -78,30 +83,49 @@ class Projection:
         return np.ascontiguousarray(rows @ self.matrix)
 
 
-def fit_projection(sample: np.ndarray, space_type: SpaceType) -> Projection:
-    """Axes keeping ``RETAINED_VARIANCE`` of the variance *between near neighbours*.
+@dataclass(frozen=True)
+class Spectrum:
+    """Principal axes of the differences between near neighbours, by decreasing variance."""
+
+    axes: np.ndarray | None  # d x d; None when the sample is too small to trust
+    shares: np.ndarray  # shares[i]: variance share of the first i + 1 axes
+
+    def dim_for(self, share: float) -> int | None:
+        """Axes keeping ``share`` (a multiple of 16), or None when projecting saves too little."""
+        if self.axes is None:
+            return None
+        d = int(self.axes.shape[0])
+        dim = int(np.searchsorted(self.shares, share) + 1)
+        dim = max(MIN_PROJECTED_DIM, -(-dim // 16) * 16)
+        return None if dim > MAX_PROJECTED_SHARE * d else dim
+
+    def projection(self, dim: int | None, d: int) -> Projection:
+        if dim is None or self.axes is None:
+            return Projection(None, 1.0, d)
+        matrix = np.ascontiguousarray(self.axes[:, :dim], dtype=np.float32)
+        return Projection(matrix, float(self.shares[dim - 1]), dim)
+
+
+def neighbour_spectrum(sample: np.ndarray, space_type: SpaceType) -> Spectrum:
+    """Principal axes of the differences between each sampled row and its nearest other one.
 
     A graph needs the ranking of near candidates right, and that depends on
     how neighbours differ, not on how the data spreads overall: on clustered
     data the cluster centres hold most of the global variance, and a global
     PCA keeping 90 % of it kept 64 of 768 axes and lost recall (0.99 -> 0.77 at
-    50k x 768, benchmarks/build_modes.py). So the axes are the principal axes
-    of the differences between each sampled row and its nearest other sampled
-    row (by the request's metric); a pure rotation plus truncation, which keeps
-    L2 distances and inner products up to the dropped share.
+    50k x 768, benchmarks/build_modes.py). Projecting onto these axes is a
+    rotation plus truncation, which keeps L2 distances and inner products up
+    to the dropped share.
     """
     d = int(sample.shape[1])
     x = np.ascontiguousarray(sample, dtype=np.float32)
-    if len(x) < 3:
-        return Projection(None, 1.0, d)
-    metric = faiss_metric(space_type)
-    queries = x[: min(len(x), DIFFERENCE_ROWS)]
-    _, nearest = faiss.knn(queries, x, 2, metric)
-    # The nearest other row: the first hit, unless that is the row itself.
-    own = np.arange(len(queries))
+    if len(x) < MIN_ROWS_PER_DIM * d:
+        return Spectrum(None, np.ones(d))
+    _, nearest = faiss.knn(x, x, 2, faiss_metric(space_type))
+    own = np.arange(len(x))
     other = np.where(nearest[:, 0] == own, nearest[:, 1], nearest[:, 0])
     other = np.where(other < 0, nearest[:, 0], other)
-    diff = queries - x[other]
+    diff = x - x[other]
     # One BLAS thread: the d x d problem is small, and threaded OpenBLAS next to
     # Faiss's spinning OpenMP threads on a busy host took 5x longer.
     with threadpool_limits(limits=1, user_api="blas"):
@@ -111,15 +135,23 @@ def fit_projection(sample: np.ndarray, space_type: SpaceType) -> Projection:
     values, vectors = np.clip(values[order], 0.0, None), vectors[:, order]
     total = float(values.sum())
     if total <= 0.0:
-        return Projection(None, 1.0, d)
-    shares = np.cumsum(values) / total
-    dim = int(np.searchsorted(shares, RETAINED_VARIANCE) + 1)
-    dim = max(MIN_PROJECTED_DIM, -(-dim // 16) * 16)
-    if dim > MAX_PROJECTED_SHARE * d:
-        return Projection(None, 1.0, d)
-    return Projection(
-        np.ascontiguousarray(vectors[:, :dim], dtype=np.float32), float(shares[dim - 1]), dim
+        return Spectrum(None, np.ones(d))
+    return Spectrum(vectors, np.cumsum(values) / total)
+
+
+def fit_projection(sample: np.ndarray, space_type: SpaceType) -> Projection:
+    """The ``fast`` mode's projection: the axes keeping ``RETAINED_VARIANCE``."""
+    spectrum = neighbour_spectrum(sample, space_type)
+    d = int(sample.shape[1])
+    return spectrum.projection(spectrum.dim_for(RETAINED_VARIANCE), d)
+
+
+def candidates(spectrum: Spectrum, d: int) -> list[Projection]:
+    """``auto``'s projections, fewest axes first, ending with every axis (8-bit codes only)."""
+    dims = sorted(
+        {dim for share in AUTO_RETAINED_VARIANCES if (dim := spectrum.dim_for(share)) is not None}
     )
+    return [spectrum.projection(dim, d) for dim in dims] + [Projection(None, 1.0, d)]
 
 
 def _storage(inner: FaissIndex) -> Any:
@@ -187,59 +219,75 @@ def add_to_graph(
 
 
 @dataclass(frozen=True)
-class PilotResult:
-    rows: int
+class Pilot:
+    """A seeded sample of the segment built the standard way, to compare fast graphs with."""
+
+    request: BuildRequest
+    rows: np.ndarray
+    queries: quality.QuerySample
     ef: tuple[int, ...]
     standard: tuple[float, ...]
-    fast: tuple[float, ...]
 
-    @property
-    def fast_is_as_good(self) -> bool:
-        """Fast trails standard by at most the tolerance at every ef, and on average."""
-        gaps = [f - s for f, s in zip(self.fast, self.standard, strict=True)]
+    @classmethod
+    def build(cls, request: BuildRequest, sample: np.ndarray, new_inner: Any, rows: int) -> Pilot:
+        rng = np.random.default_rng(SEED)
+        pilot = sample[np.sort(rng.choice(len(sample), min(rows, len(sample)), replace=False))]
+        queries = quality.QuerySample.take(pilot, PILOT_QUERIES, seed=SEED)
+        k = quality.K
+        efs = tuple(sorted({k, 2 * k, max(k, request.ef_search // 2), request.ef_search}))
+        standard = new_inner(request)
+        standard.add(pilot)
+        return cls(request, pilot, queries, efs, cls._curve(request, standard, queries, efs))
+
+    @staticmethod
+    def _curve(
+        request: BuildRequest, index: Any, queries: quality.QuerySample, efs: tuple[int, ...]
+    ) -> tuple[float, ...]:
+        metric = quality.metric_of(request.space_type)
+        return tuple(quality.sample_recall(index, queries, quality.K, ef, metric) for ef in efs)
+
+    def fast_curve(
+        self, projection: Projection, sample: np.ndarray, new_inner: Any
+    ) -> tuple[float, ...]:
+        fast = new_inner(self.request)
+        _storage(fast).add(self.rows)
+        graph = graph_index(self.request, projection, sample)
+        graph.add(projection.apply(self.rows))
+        transplant(graph, fast, self.request)
+        return self._curve(self.request, fast, self.queries, self.ef)
+
+    def as_good(self, fast: tuple[float, ...]) -> bool:
+        """Fast trails standard by at most the tolerance on average, and twice it at any ef."""
+        gaps = [f - s for f, s in zip(fast, self.standard, strict=True)]
         return min(gaps) >= -2 * PILOT_TOLERANCE and sum(gaps) / len(gaps) >= -PILOT_TOLERANCE
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "rows": self.rows,
-            "ef_search": list(self.ef),
-            "recall_standard": [round(r, 4) for r in self.standard],
-            "recall_fast": [round(r, 4) for r in self.fast],
-        }
 
 
 def pilot_rows(n: int) -> int:
     return min(n, PCA_ROWS, max(PILOT_MIN_ROWS, int(PILOT_SHARE * n)))
 
 
-def run_pilot(
-    request: BuildRequest,
-    sample: np.ndarray,
-    projection: Projection,
-    new_inner: Any,
-    rows: int,
-) -> PilotResult:
-    """Build ``rows`` of the sample both ways and compare their recall curves."""
-    rng = np.random.default_rng(SEED)
-    pilot = sample[np.sort(rng.choice(len(sample), min(rows, len(sample)), replace=False))]
-    standard = new_inner(request)
-    standard.add(pilot)
-    fast = new_inner(request)
-    _storage(fast).add(pilot)
-    graph = graph_index(request, projection, sample)
-    graph.add(projection.apply(pilot))
-    transplant(graph, fast, request)
-    del graph
-    queries = quality.QuerySample.take(pilot, PILOT_QUERIES, seed=SEED)
-    k = quality.K
-    efs = tuple(sorted({k, 2 * k, max(k, request.ef_search // 2), request.ef_search}))
-    metric = quality.metric_of(request.space_type)
-    return PilotResult(
-        rows=len(pilot),
-        ef=efs,
-        standard=tuple(quality.sample_recall(standard, queries, k, ef, metric) for ef in efs),
-        fast=tuple(quality.sample_recall(fast, queries, k, ef, metric) for ef in efs),
+def _rounded(curve: tuple[float, ...]) -> list[float]:
+    return [round(r, 4) for r in curve]
+
+
+def choose_by_pilot(
+    request: BuildRequest, sample: np.ndarray, new_inner: Any, n: int, details: dict[str, Any]
+) -> Projection | None:
+    """The fewest-axes candidate whose pilot graph is as good as the standard one, or None."""
+    spectrum = neighbour_spectrum(sample, request.space_type)
+    pilot = Pilot.build(request, sample, new_inner, pilot_rows(n))
+    details.update(
+        rows=len(pilot.rows), ef_search=list(pilot.ef), recall_standard=_rounded(pilot.standard)
     )
+    tried: list[dict[str, Any]] = []
+    details["tried"] = tried
+    for projection in candidates(spectrum, request.dimension):
+        curve = pilot.fast_curve(projection, sample, new_inner)
+        good = pilot.as_good(curve)
+        tried.append({"projected_dim": projection.dim, "recall_fast": _rounded(curve), "ok": good})
+        if good:
+            return projection
+    return None
 
 
 def build(
@@ -257,8 +305,8 @@ def build(
 
     Returns False, having touched neither ``inner`` nor the dataset, when the pilot
     chose the standard build (the caller then runs it). ``new_inner(request)``
-    makes an empty standard inner index (for the pilot). The pilot and the
-    projection are fitted on a seeded sample copied from the still complete blob.
+    makes an empty standard inner index (for the pilot). The projection and the
+    pilot use a seeded sample copied from the still complete blob.
     """
     if request.data_type is DataType.BINARY:
         raise ValueError("the fast build does not handle binary vectors")
@@ -266,30 +314,32 @@ def build(
     rng = np.random.default_rng(SEED)
     sample = dataset.vectors[np.sort(rng.choice(n, min(n, PCA_ROWS), replace=False))]
     sample = np.ascontiguousarray(sample, dtype=np.float32)
-    projection = fit_projection(sample, request.space_type)
+    details: dict[str, Any] = {}
+    notes.pilot = details
+    if auto:
+        chosen = choose_by_pilot(request, sample, new_inner, n, details)
+        if chosen is None:
+            notes.mode = "standard"
+            notes.fallback = True
+            notes.reason = (
+                f"pilot on {details['rows']} rows: no fast graph as good as the standard one "
+                f"(recall@10 at ef_search {details['ef_search']}: standard "
+                f"{details['recall_standard']}, fast "
+                + ", ".join(f"{t['projected_dim']}-d {t['recall_fast']}" for t in details["tried"])
+                + ")"
+            )
+            log.info("fast build rejected by its pilot: %s", notes.reason)
+            return False
+        projection = chosen
+    else:
+        projection = fit_projection(sample, request.space_type)
+    details.update(projected_dim=projection.dim, retained_variance=round(projection.retained, 4))
     log.info(
         "fast build: graph on %d of %d dimensions (%.1f %% of the variance), 8-bit codes",
         projection.dim,
         request.dimension,
         100 * projection.retained,
     )
-    details: dict[str, Any] = {
-        "projected_dim": projection.dim,
-        "retained_variance": round(projection.retained, 4),
-    }
-    notes.pilot = details
-    if auto:
-        pilot = run_pilot(request, sample, projection, new_inner, pilot_rows(n))
-        details.update(pilot.as_dict())
-        if not pilot.fast_is_as_good:
-            notes.mode = "standard"
-            notes.fallback = True
-            notes.reason = (
-                f"pilot on {pilot.rows} rows: fast recall@10 {details['recall_fast']} "
-                f"< standard {details['recall_standard']} at ef_search {details['ef_search']}"
-            )
-            log.info("fast build rejected by its pilot: %s", notes.reason)
-            return False
     notes.mode = "fast"
     graph = graph_index(request, projection, sample)
     del sample
