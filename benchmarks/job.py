@@ -10,6 +10,8 @@ Commands:
   workflow   a full job through ``core.workflow.run`` (download .. upload)
   raw        faiss builds the same index from an in-memory array (one add)
   variant    the CPU builder with a storage / thread / batch variant, plus recall@10
+  mode       the CPU builder in one build mode (standard / fast / auto), its quality
+             report, and recall@10 over a range of ef_search
   download   one object with our store or with the reference service's boto3 settings
   upload     one object with our store (stream or file) or the reference settings
   get-flood  parallel ranged GETs with plain boto3, bytes discarded (server ceiling)
@@ -255,6 +257,64 @@ def cmd_variant(args: argparse.Namespace) -> None:
     _emit(result)
 
 
+def cmd_mode(args: argparse.Namespace) -> None:
+    """One build in ``--mode`` over rows held like a download (released batch by batch)."""
+    import mmap
+
+    from remote_vector_index_builder.core import quality
+    from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMode
+    from remote_vector_index_builder.core.dataset import parse
+    from remote_vector_index_builder.core.params import parse_request
+
+    threads = _threads(args.threads)
+    request = parse_request(json.loads(args.request))
+    source = np.load(args.rows, mmap_mode="r")
+    # Anonymous memory, as ``S3ObjectStore.download`` fills: the builder's
+    # ``Dataset.release`` hands its pages back, so peak RSS is the service's.
+    buffer = mmap.mmap(-1, source.nbytes)
+    blob = np.frombuffer(buffer, dtype=np.uint8)
+    blob[:] = np.ascontiguousarray(source).view(np.uint8).reshape(-1)
+    del source
+    id_blob = np.arange(request.doc_count, dtype="<i4").view(np.uint8)
+    data = parse(request, blob, id_blob)
+    builder = CpuBuilder(mode=CpuBuildMode(args.mode))
+    prepared = builder.prepare(request)
+    sample = quality.QuerySample.take(data.vectors)
+    # Recall per ef_search on its own, larger seeded sample (not the report's rows).
+    probe = quality.QuerySample.take(data.vectors, args.probe_queries, seed=99)
+    baseline = _baseline()
+    cpu0, start = _cpu_seconds(), time.perf_counter()
+    with _measured():
+        index = builder.build(request, data, prepared=prepared)
+    wall = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu0
+    report = quality.check(request, index, sample, prepared.notes)
+    peak = vm_hwm_bytes()
+    metric = quality.metric_of(request.space_type)
+    efs = [int(e) for e in args.ef.split(",")]
+    curve = {ef: quality.sample_recall(index, probe, 10, ef, metric) for ef in efs}
+    _emit(
+        {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "threads": threads,
+            "check_s": report.seconds,
+            "report": report.as_dict(),
+            "recall_by_ef": curve,
+            "baseline_rss": baseline,
+            "peak_rss": peak,
+            "vector_blob_bytes": int(blob.nbytes),
+            "index_bytes": len(faiss_serialize(index)),
+        }
+    )
+
+
+def faiss_serialize(index: Any) -> Any:
+    import faiss
+
+    return faiss.serialize_index(index)
+
+
 # --------------------------------------------------------------------------------------
 # Transfers
 # --------------------------------------------------------------------------------------
@@ -454,6 +514,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--batch-rows", type=int, default=0, help="0: one add of every row")
     p.set_defaults(func=cmd_variant)
+
+    p = sub.add_parser("mode")
+    p.add_argument("--request", required=True)
+    p.add_argument("--rows", required=True, help=".npy of the rows as the blob holds them")
+    p.add_argument("--mode", choices=["standard", "fast", "auto"], required=True)
+    p.add_argument("--ef", default="10,16,24,32,48,64,100,150,200")
+    p.add_argument("--probe-queries", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_mode)
 
     p = sub.add_parser("download")
     p.add_argument("--endpoint", required=True)

@@ -7,7 +7,8 @@ writes ``<out>/bench-<time>.json``, ``.md`` and ``.png`` (also as ``latest.*``).
 
 Sections: e2e (job vs raw build), memory (peak RSS, estimate), transfers (S3
 vs the reference service's boto3 settings), variants (storage, threads, rows
-per add), service (``/_status`` latency under build load). See
+per add), service (``/_status`` latency under build load), modes (CPU build
+modes: build time, recall, quality-check cost). See
 benchmarks/README.md for what each measures and the latest results.
 """
 
@@ -26,7 +27,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import e2e, fleet, memory_estimate, report, service_load, transfers, variants
+from benchmarks import (
+    build_modes,
+    e2e,
+    fleet,
+    memory_estimate,
+    report,
+    service_load,
+    transfers,
+    variants,
+)
 from benchmarks.common import (
     AWS_ENV,
     BUCKET,
@@ -41,7 +51,7 @@ from benchmarks.common import (
     touch_free_memory,
 )
 
-SECTIONS = ("e2e", "memory", "transfers", "variants", "service", "fleet")
+SECTIONS = ("e2e", "memory", "transfers", "variants", "service", "fleet", "modes")
 
 
 def _counts(text: str) -> list[int]:
@@ -85,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-rows", default="8192,32768,131072,0", help="rows per add; 0 = one add of all"
+    )
+    p.add_argument(
+        "--modes-size", default="50k", help="rows of the generated and text sets (modes)"
     )
     p.add_argument("--load-builds", type=int, default=3, help="builds submitted under load")
     p.add_argument("--load-rate", type=float, default=200.0, help="GET /_status per second")
@@ -255,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                         args.load_duration,
                         args.fleet_lease,
                     )
+                elif name == "modes":
+                    sections[name] = build_modes.run(ctx, parse_count(args.modes_size))
                 results["timings_s"][name] = time.perf_counter() - begin
                 say(f"section {name} done in {results['timings_s'][name]:.0f}s")
     finally:
@@ -298,6 +313,7 @@ def render(results: dict[str, Any]) -> list[str]:
         "variants": variants,
         "service": service_load,
         "fleet": fleet,
+        "modes": build_modes,
     }
     verdicts: list[str] = []
     for name, module in modules.items():

@@ -56,6 +56,9 @@ def format_report(result: BuildResult) -> str:
             f"{s.peak_rss_bytes / 1e6:>12.1f}"
         )
     lines.append(f"{'total':<18} {result.seconds:>9.3f}")
+    if result.quality is not None:
+        q = result.quality
+        lines.append(f"{'quality check':<18} {q.seconds:>9.3f}  {q.summary()}")
     return "\n".join(lines)
 
 

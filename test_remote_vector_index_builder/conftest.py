@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from moto.server import ThreadedMotoServer
 
 from remote_vector_index_builder.app.main import Overrides, create_app
-from remote_vector_index_builder.core.builder import IndexBuilder
+from remote_vector_index_builder.core.index_builder import IndexBuilder
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
 from remote_vector_index_builder.core.s3_calls import MIB, S3Config, make_s3_client
 from remote_vector_index_builder.local_s3 import free_port

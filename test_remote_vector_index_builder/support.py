@@ -15,9 +15,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from remote_vector_index_builder.app.settings import Settings
-from remote_vector_index_builder.core.builder import FaissIndex, Progress
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.dataset import Dataset
+from remote_vector_index_builder.core.index_builder import FaissIndex, Progress
 from remote_vector_index_builder.core.object_store import S3ObjectStore, Upload
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import ObjectInfo, S3Config

@@ -29,9 +29,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from remote_vector_index_builder.app.logs import ContextFilter, job_context, set_stage
-from remote_vector_index_builder.core.builder import FaissIndex
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.dataset import Dataset
+from remote_vector_index_builder.core.index_builder import FaissIndex
 from remote_vector_index_builder.core.object_store import S3ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client

@@ -16,12 +16,7 @@ import numpy as np
 import pytest
 
 from remote_vector_index_builder.core import dataset, index_io
-from remote_vector_index_builder.core.builder import (
-    BuilderOptions,
-    Device,
-    choose_builder,
-    gpu_available,
-)
+from remote_vector_index_builder.core.builder import BuilderOptions, Device, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.errors import BuildError, CancelledError, GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import (
@@ -36,6 +31,7 @@ from remote_vector_index_builder.core.gpu_builder import (
     _set,
     cagra_params,
 )
+from remote_vector_index_builder.core.index_builder import gpu_available
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,

@@ -30,9 +30,9 @@ from fastapi import FastAPI
 
 from remote_vector_index_builder.app.jobs import Job, JobState, JobStore
 from remote_vector_index_builder.app.main import Overrides, create_app
-from remote_vector_index_builder.core.builder import FaissIndex
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.dataset import Dataset
+from remote_vector_index_builder.core.index_builder import FaissIndex
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import S3Config
 from remote_vector_index_builder.local_s3 import free_port

@@ -76,6 +76,16 @@ def test_metrics_follow_a_real_job(
         assert value(after, "rvib_stage_duration_seconds_count", stage=stage) == 2, stage
         assert value(after, "rvib_stage_duration_seconds_sum", stage=stage) > 0, stage
     assert value(after, "rvib_stage_duration_seconds_count", stage="serialize") == 0
+    # Each index's recall on a sample of its own vectors (core/quality.py), in /_jobs/{id} too.
+    assert value(after, "rvib_index_recall_count", data_type="float") == 2
+    for job_id in (first, second):
+        report = client.get(f"/_jobs/{job_id}").json()["quality"]
+        assert report["k"] == 10 and report["build_mode"] == "standard"
+        assert 0.9 <= report["recall"] <= 1.0
+    recalls = value(after, "rvib_index_recall_sum", data_type="float")
+    assert recalls == sum(
+        client.get(f"/_jobs/{j}").json()["quality"]["recall"] for j in (first, second)
+    )
 
     # HTTP requests by route template, not by raw path.
     posted = value(after, "rvib_http_requests_total", method="POST", route="/_build", code="200")

@@ -26,8 +26,9 @@ from remote_vector_index_builder.app.runner import (
 )
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core import gpu_probe
-from remote_vector_index_builder.core.builder import Device, IndexBuilder, choose_builder
+from remote_vector_index_builder.core.builder import Device, choose_builder
 from remote_vector_index_builder.core.errors import GpuUnavailableError, RvibError
+from remote_vector_index_builder.core.index_builder import IndexBuilder
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
 from remote_vector_index_builder.core.s3_calls import make_s3_client

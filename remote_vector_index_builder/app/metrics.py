@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # From sub-second parses of small segments to builds of an hour and more.
 STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+# Recall of built indexes: the interesting range is 0.8 to 1.
+RECALL_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
 # Every endpoint answers from memory: anything near a second is a problem.
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Any other method string a client sends is counted as "other" (bounded label values).
@@ -142,6 +144,14 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.index_recall = Histogram(
+            "rvib_index_recall",
+            "recall@10 of each built index on a sample of its own vectors at the request's "
+            "ef_search (core/quality.py), by data type",
+            ["data_type"],
+            buckets=RECALL_BUCKETS,
+            registry=r,
+        )
         self.downloaded_bytes = Counter(
             "rvib_downloaded_bytes", "Bytes of vector and doc id blobs downloaded", registry=r
         )
@@ -168,6 +178,7 @@ class Metrics:
         for data_type in DataType:
             for counter in (self.jobs_submitted, self.jobs_completed, self.vectors_indexed):
                 counter.labels(data_type.value)
+            self.index_recall.labels(data_type.value)
         for stage in Stage:
             self.stage_seconds.labels(stage.value)
         ProcessCollector(registry=r)

@@ -23,7 +23,6 @@ from remote_vector_index_builder.app.jobs import Clock, Job, JobSnapshot, JobSta
 from remote_vector_index_builder.app.logs import job_context, set_stage
 from remote_vector_index_builder.app.metrics import Metrics
 from remote_vector_index_builder.core import memory, workflow
-from remote_vector_index_builder.core.builder import IndexBuilder
 from remote_vector_index_builder.core.errors import (
     CancelledError,
     InsufficientMemoryError,
@@ -31,6 +30,7 @@ from remote_vector_index_builder.core.errors import (
     RvibError,
     ServiceUnavailableError,
 )
+from remote_vector_index_builder.core.index_builder import IndexBuilder
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import ObjectStore
@@ -389,9 +389,11 @@ class Runner:
             JobState.COMPLETED,
             file_name=outcome.file_name,
             index_bytes=outcome.index_bytes,
-            # The recall report, where the build measured one (None until it does).
-            quality=getattr(outcome, "quality", None),
+            quality=None if outcome.quality is None else outcome.quality.as_dict(),
         )
+        if finished and outcome.quality is not None and self.metrics is not None:
+            data_type = job.request.data_type.value
+            self.metrics.index_recall.labels(data_type).observe(outcome.quality.recall)
         if finished:
             log.info(
                 "job %s completed: %s (%d bytes in %.2fs on %s)",

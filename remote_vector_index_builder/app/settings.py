@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from remote_vector_index_builder.core.builder import BuilderOptions, Device
+from remote_vector_index_builder.core.cpu_builder import CpuBuildMode
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.s3_calls import MIB, S3Config
 
@@ -156,6 +157,9 @@ class Settings(BaseSettings):
         "INDEX_SERIALIZATION_MODE", SerializationMode.MEMORY
     )
     tmp_dir: Path | None = env("RVIB_TMP_DIR", None)
+    # standard | fast | auto: how the CPU builds the graph (core/projected_graph.py;
+    # the default is chosen in benchmarks/README.md, "CPU build modes").
+    cpu_build: CpuBuildMode = env("RVIB_CPU_BUILD", CpuBuildMode.STANDARD)
 
     # S3
     s3_endpoint_url: str | None = env("S3_ENDPOINT_URL", None)
@@ -205,7 +209,9 @@ class Settings(BaseSettings):
         )
 
     def builder_options(self) -> BuilderOptions:
-        return BuilderOptions(device=self.device, add_batch_rows=self.add_batch_rows)
+        return BuilderOptions(
+            device=self.device, add_batch_rows=self.add_batch_rows, cpu_build=self.cpu_build
+        )
 
     def effective_omp_threads(self) -> int:
         """Faiss OpenMP threads: ``RVIB_OMP_THREADS``, else the CPUs this process may use."""

@@ -1,30 +1,22 @@
-"""The index-builder boundary: one protocol, a CPU and a GPU implementation.
+"""Choosing the index builder: a CPU and a GPU implementation of ``core.index_builder``.
 
-Builders return the finished, ID-mapped Faiss index (``IndexIDMap`` or
-``IndexBinaryIDMap``) whose ids are the doc ids in blob order.
+The top of the builders' import graph: it imports both implementations, which
+import only what lies below them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
 
-import faiss
-
-from remote_vector_index_builder.core.dataset import Dataset
-from remote_vector_index_builder.core.errors import BuildError, GpuUnavailableError
+from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMode
+from remote_vector_index_builder.core.errors import GpuUnavailableError
+from remote_vector_index_builder.core.gpu_builder import GpuBuilder
 from remote_vector_index_builder.core.gpu_probe import GpuProbe, ProbeState, probe_gpu
-from remote_vector_index_builder.core.params import BuildRequest, SpaceType
+from remote_vector_index_builder.core.index_builder import IndexBuilder
 
 log = logging.getLogger(__name__)
-
-# Called with the number of vectors added since the last call; may raise
-# CancelledError to stop the build at a batch boundary.
-Progress = Callable[[int], None]
-FaissIndex = Any  # faiss.Index or faiss.IndexBinary; SWIG types are not typed
 
 
 class Device(StrEnum):
@@ -44,50 +36,10 @@ class BuilderOptions:
     # dominate (benchmarks/README.md, section 4). int8 rows are converted to
     # fp32 8k rows at a time whatever this is (cpu_builder.CONVERT_ROWS).
     add_batch_rows: int = 32768
+    # How the CPU builds the graph; see benchmarks/README.md ("build modes") for the default.
+    cpu_build: CpuBuildMode = CpuBuildMode.STANDARD
     # GPU only: fall back to the CPU builder when the GPU build raises.
     gpu_fallback_to_cpu: bool = True
-
-
-class IndexBuilder(Protocol):
-    name: str
-
-    def prepare(self, request: BuildRequest) -> Any:
-        """Allocate, before the blobs are downloaded, what ``build`` will fill.
-
-        Whatever it returns is handed to ``build`` as ``prepared``; a builder
-        with nothing to set up early returns None.
-        """
-
-    def build(
-        self,
-        request: BuildRequest,
-        dataset: Dataset,
-        progress: Progress | None = None,
-        prepared: Any = None,
-    ) -> FaissIndex: ...
-
-
-def faiss_metric(space_type: SpaceType) -> int:
-    if space_type is SpaceType.INNER_PRODUCT:
-        return int(faiss.METRIC_INNER_PRODUCT)
-    if space_type is SpaceType.L2:
-        return int(faiss.METRIC_L2)
-    raise BuildError(f"space_type {space_type.value} has no float metric; it needs binary data")
-
-
-def gpu_available() -> bool:
-    """True only when Faiss sees a GPU and was compiled with CAGRA (cuVS).
-
-    In-process: call it only where the start-up probe (core/gpu_probe.py) already ran
-    ``get_num_gpus`` without aborting, or with faiss-cpu (tests).
-    """
-    get_num_gpus = getattr(faiss, "get_num_gpus", None)
-    if get_num_gpus is None or not hasattr(faiss, "GpuIndexCagra"):
-        return False
-    try:
-        return int(get_num_gpus()) > 0
-    except RuntimeError:
-        return False
 
 
 def choose_builder(options: BuilderOptions, probe: GpuProbe | None = None) -> IndexBuilder:
@@ -95,9 +47,7 @@ def choose_builder(options: BuilderOptions, probe: GpuProbe | None = None) -> In
 
     ``probe`` is the start-up probe's verdict; without one it is taken here.
     """
-    from remote_vector_index_builder.core.cpu_builder import CpuBuilder
-
-    cpu = CpuBuilder(add_batch_rows=options.add_batch_rows)
+    cpu = CpuBuilder(add_batch_rows=options.add_batch_rows, mode=options.cpu_build)
     if options.device is Device.CPU:
         return cpu
     probe = probe or probe_gpu()
@@ -111,6 +61,4 @@ def choose_builder(options: BuilderOptions, probe: GpuProbe | None = None) -> In
         level = logging.INFO if probe.state is ProbeState.NO_CAGRA else logging.WARNING
         log.log(level, "building on the CPU: %s", probe.reason)
         return cpu
-    from remote_vector_index_builder.core.gpu_builder import GpuBuilder
-
     return GpuBuilder(fallback=cpu if options.gpu_fallback_to_cpu else None)

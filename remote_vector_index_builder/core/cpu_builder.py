@@ -9,20 +9,34 @@ byte            ``IHNs``               ``IxSQ`` 8-bit direct signed
 binary          ``IBHf``               ``IBxF``
 skip storage    ``IHc2``               ``null`` (see ``index_io``)
 ==============  =====================  ===============================
+
+``mode`` ``fast`` builds the same index with its graph built on a reduced
+representation (``core.projected_graph``); ``auto`` does so where a pilot shows
+the graph as good as the standard one. Binary vectors always take the standard
+path: a Hamming distance over packed bits already reads 1/32 of an fp32 row's
+bytes, so there is nothing to reduce.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+from enum import StrEnum
 
 import faiss
 import numpy as np
 
-from remote_vector_index_builder.core.builder import FaissIndex, Progress, faiss_metric
+from remote_vector_index_builder.core import projected_graph
 from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64
 from remote_vector_index_builder.core.errors import BuildError
+from remote_vector_index_builder.core.index_builder import (
+    FaissIndex,
+    PreparedIndex,
+    Progress,
+    faiss_metric,
+)
 from remote_vector_index_builder.core.params import BuildRequest, DataType
+from remote_vector_index_builder.core.quality import BuildNotes
 
 # Rows of int8 converted to fp32 per ``add`` (``core.memory`` counts one such buffer).
 CONVERT_ROWS = 8192
@@ -97,13 +111,26 @@ def id_mapped(inner: FaissIndex, binary: bool) -> FaissIndex:
     return faiss.IndexBinaryIDMap(inner) if binary else faiss.IndexIDMap(inner)
 
 
+class CpuBuildMode(StrEnum):
+    STANDARD = "standard"  # Faiss HNSW over the stored vectors
+    FAST = "fast"  # graph on projected 8-bit codes (core.projected_graph)
+    AUTO = "auto"  # fast where a pilot shows it as good as standard
+
+
 class CpuBuilder:
     name = "cpu"
 
-    def __init__(self, add_batch_rows: int = 32768) -> None:
+    def __init__(
+        self,
+        add_batch_rows: int = 32768,
+        mode: CpuBuildMode = CpuBuildMode.STANDARD,
+        auto_min_rows: int = projected_graph.AUTO_MIN_ROWS,
+    ) -> None:
         self.add_batch_rows = add_batch_rows
+        self.mode = mode
+        self.auto_min_rows = auto_min_rows
 
-    def prepare(self, request: BuildRequest) -> FaissIndex:
+    def prepare(self, request: BuildRequest) -> PreparedIndex:
         """The empty inner index with its storage reserved (see ``reserve_storage``).
 
         Reserving touches the storage's pages once before handing them back;
@@ -111,41 +138,44 @@ class CpuBuilder:
         """
         inner = _inner_index(request)
         reserve_storage(inner, request.doc_count)
-        return inner
+        return PreparedIndex(inner, BuildNotes(requested_mode=self.mode.value))
 
     def build(
         self,
         request: BuildRequest,
         dataset: Dataset,
         progress: Progress | None = None,
-        prepared: FaissIndex | None = None,
+        prepared: PreparedIndex | None = None,
     ) -> FaissIndex:
         binary = request.data_type is DataType.BINARY
-        inner = prepared if prepared is not None else self.prepare(request)
+        prepared = prepared if prepared is not None else self.prepare(request)
+        inner, notes = prepared.inner, prepared.notes
         index = id_mapped(inner, binary)
         ids = ids_as_int64(dataset.doc_ids)
-        scratch: np.ndarray | None = None
+        mode = self.mode
+        if mode is CpuBuildMode.AUTO and dataset.count < self.auto_min_rows:
+            mode = CpuBuildMode.STANDARD
+            notes.reason = (
+                f"{dataset.count} rows are fewer than {self.auto_min_rows}: "
+                "too few for the fast build to pay for its projection and pilot"
+            )
         try:
-            for start, batch in dataset.batches(self.add_batch_rows):
-                if binary or batch.dtype == np.float32:
-                    index.add_with_ids(batch, ids[start : start + len(batch)])
-                else:
-                    # Faiss's scalar quantizer encodes from float32: int8 rows go through
-                    # one reused fp32 buffer of CONVERT_ROWS rows. A fresh ``astype`` of
-                    # the whole batch held two 4x temporaries at each hand-over (+200 MB
-                    # at 32k x 768); 8k-row adds of int8 built as fast as 32k-row ones
-                    # (benchmarks/README.md, section 4).
-                    for first in range(0, len(batch), CONVERT_ROWS):
-                        chunk = batch[first : first + CONVERT_ROWS]
-                        if scratch is None:
-                            scratch = np.empty((len(chunk), batch.shape[1]), dtype=np.float32)
-                        rows = scratch[: len(chunk)]
-                        np.copyto(rows, chunk)
-                        begin = start + first
-                        index.add_with_ids(rows, ids[begin : begin + len(chunk)])
-                dataset.release(start, start + len(batch))
-                if progress is not None:
-                    progress(len(batch))
+            if mode is not CpuBuildMode.STANDARD and not binary:
+                if projected_graph.build(
+                    request,
+                    dataset,
+                    inner,
+                    _inner_index,
+                    auto=mode is CpuBuildMode.AUTO,
+                    rows=self.add_batch_rows,
+                    notes=notes,
+                    progress=progress,
+                ):
+                    _attach_ids(index, ids)
+                    return index
+            elif binary and mode is not CpuBuildMode.STANDARD:
+                notes.reason = "binary vectors are always built the standard way"
+            self._add_all(request, index, dataset, ids, progress)
         except RuntimeError as exc:
             raise BuildError(f"Faiss failed to build the HNSW index on the CPU: {exc}") from exc
         except MemoryError as exc:
@@ -155,3 +185,41 @@ class CpuBuilder:
                 "so fewer builds share the host"
             ) from exc
         return index
+
+    def _add_all(
+        self,
+        request: BuildRequest,
+        index: FaissIndex,
+        dataset: Dataset,
+        ids: np.ndarray,
+        progress: Progress | None,
+    ) -> None:
+        """The standard build: batches through ``add_with_ids``, releasing the blob."""
+        scratch: np.ndarray | None = None
+        binary = request.data_type is DataType.BINARY
+        for start, batch in dataset.batches(self.add_batch_rows):
+            if binary or batch.dtype == np.float32:
+                index.add_with_ids(batch, ids[start : start + len(batch)])
+            else:
+                # Faiss's scalar quantizer encodes from float32: int8 rows go through
+                # one reused fp32 buffer of CONVERT_ROWS rows. A fresh ``astype`` of
+                # the whole batch held two 4x temporaries at each hand-over (+200 MB
+                # at 32k x 768); 8k-row adds of int8 built as fast as 32k-row ones
+                # (benchmarks/README.md, section 4).
+                for first in range(0, len(batch), CONVERT_ROWS):
+                    chunk = batch[first : first + CONVERT_ROWS]
+                    if scratch is None:
+                        scratch = np.empty((len(chunk), batch.shape[1]), dtype=np.float32)
+                    rows = scratch[: len(chunk)]
+                    np.copyto(rows, chunk)
+                    begin = start + first
+                    index.add_with_ids(rows, ids[begin : begin + len(chunk)])
+            dataset.release(start, start + len(batch))
+            if progress is not None:
+                progress(len(batch))
+
+
+def _attach_ids(index: FaissIndex, ids: np.ndarray) -> None:
+    """Give an ID map wrapped around an empty inner index that has since been filled its ids."""
+    faiss.copy_array_to_vector(ids, index.id_map)
+    index.ntotal = int(index.index.ntotal)

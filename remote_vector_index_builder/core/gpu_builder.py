@@ -31,15 +31,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from remote_vector_index_builder.core.builder import (
+from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64, to_fp16
+from remote_vector_index_builder.core.errors import BuildError, GpuUnavailableError
+from remote_vector_index_builder.core.index_builder import (
     FaissIndex,
     IndexBuilder,
     Progress,
     faiss_metric,
     gpu_available,
 )
-from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64, to_fp16
-from remote_vector_index_builder.core.errors import BuildError, GpuUnavailableError
 from remote_vector_index_builder.core.params import BuildRequest, DataType
 
 log = logging.getLogger(__name__)

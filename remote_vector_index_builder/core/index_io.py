@@ -24,8 +24,8 @@ import faiss
 import numpy as np
 from zlib_ng import zlib_ng
 
-from remote_vector_index_builder.core.builder import FaissIndex
 from remote_vector_index_builder.core.errors import BuildError
+from remote_vector_index_builder.core.index_builder import FaissIndex
 from remote_vector_index_builder.core.multipart import (
     MAX_PARTS,
     OVERLAP_PARTS_IN_FLIGHT,

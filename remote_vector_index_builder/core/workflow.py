@@ -20,12 +20,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from remote_vector_index_builder.core import dataset as dataset_stage
-from remote_vector_index_builder.core import index_io, memory
-from remote_vector_index_builder.core.builder import IndexBuilder
+from remote_vector_index_builder.core import index_io, memory, quality
 from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64
+from remote_vector_index_builder.core.index_builder import IndexBuilder, PreparedIndex
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import NumberedUploads, ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.quality import QualityReport
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class BuildResult:
     index_bytes: int
     builder: str
     stages: list[StageTiming] = field(default_factory=list)
+    # Recall of the finished index on a sample of its own vectors (``core.quality``).
+    quality: QualityReport | None = None
 
     @property
     def seconds(self) -> float:
@@ -155,7 +158,11 @@ class _StoredRows(Dataset):
 
 
 def _start_overlap(
-    request: BuildRequest, store: ObjectStore, prepared: object, data: Dataset, sse: str | None
+    request: BuildRequest,
+    store: ObjectStore,
+    prepared: PreparedIndex | None,
+    data: Dataset,
+    sse: str | None,
 ) -> index_io.OverlappedWrite | None:
     if request.skip_stored_vectors or prepared is None:
         return None
@@ -165,7 +172,7 @@ def _start_overlap(
         store,
         request.container_name,
         request.index_key,
-        inner=prepared,
+        inner=prepared.inner,
         ids=ids_as_int64(data.doc_ids),
         sse_kms_key_id=sse,
     )
@@ -227,6 +234,30 @@ class _Span:
         self.timer.tracker.stage_finished(self.stage, timing)
 
 
+def check_quality(
+    request: BuildRequest,
+    index: object,
+    sample: quality.QuerySample,
+    builder: IndexBuilder,
+    prepared: PreparedIndex | None,
+) -> QualityReport | None:
+    """The quality report, while the index still holds its vectors (before the upload).
+
+    The CPU builder says in ``prepared.notes`` which build mode it used; other
+    builders are reported under their name. The check is a measurement, not part
+    of the index: if it fails (a bug), the job still delivers the index.
+    """
+    if prepared is not None:
+        notes = prepared.notes
+    else:
+        notes = quality.BuildNotes(requested_mode=builder.name, mode=builder.name)
+    try:
+        return quality.check(request, index, sample, notes)
+    except (RuntimeError, ValueError, AttributeError):
+        log.exception("index quality check failed; the index is uploaded without a report")
+        return None
+
+
 def run(
     request: BuildRequest,
     store: ObjectStore,
@@ -281,6 +312,8 @@ def run(
     # ``data`` now holds the only references to the blobs.
     del vector_blob, doc_id_blob
 
+    # Copied now: the build hands the blob's pages back batch by batch.
+    sample = quality.QuerySample.take(data.vectors)
     sse_key = vector_info.sse_kms_key_id
     with contextlib.ExitStack() as stack:
         # Memory mode: the index's storage section goes up while the graph is built.
@@ -294,6 +327,7 @@ def run(
         with timer.measure(Stage.BUILD, request.doc_count) as span:
             span.nbytes = data.vectors.nbytes
             index = builder.build(request, data, progress=advance, prepared=prepared)
+        result.quality = check_quality(request, index, sample, builder, prepared)
         # The index owns a copy of the vectors: release the downloaded buffer now,
         # before serialization needs memory of its own.
         del data, prepared  # the index holds the prepared inner index now
