@@ -247,8 +247,10 @@ class RoundRobinProxy:
                         conn.request(self.command, self.path, body=body, headers=headers)
                         response = conn.getresponse()
                         data = response.read()
-                    except OSError:
-                        continue  # refused or reset: the next backend
+                    except (OSError, http.client.HTTPException):
+                        # Refused, reset, or the backend died mid-answer (a kill -9): the
+                        # next backend, as an L7 balancer retrying an idempotent request.
+                        continue
                     finally:
                         conn.close()
                     self.send_response(response.status)
