@@ -113,7 +113,8 @@ def neighbour_spectrum(sample: np.ndarray, space_type: SpaceType) -> Spectrum:
     how neighbours differ, not on how the data spreads overall: on clustered
     data the cluster centres hold most of the global variance, and a global
     PCA keeping 90 % of it kept 64 of 768 axes and lost recall (0.99 -> 0.77 at
-    50k x 768, benchmarks/build_modes.py). Projecting onto these axes is a
+    50k x 768, the clustered set of benchmarks/build_modes.py, built once with a
+    global-PCA version of this function). Projecting onto these axes is a
     rotation plus truncation, which keeps L2 distances and inner products up
     to the dropped share.
     """

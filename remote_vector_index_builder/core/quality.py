@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 K = 10
 # Rows searched per quality check. The exact half costs sample x n x d like a
 # brute-force scan, a fixed share of an HNSW build whatever n is: 256 queries
-# cost 1.0-2.4 % of the standard build and 2-4 % of the fast one at 50k-100k x 768
-# (benchmarks/build_modes.py, column "check / build"), and bound recall@10's
-# standard error to ~0.004 at recall 0.95.
+# cost 2.5 % of the standard and 3.6 % of the fast build at 50k x 768, but 7 % at
+# 50k x 256 and 0.26 s against a 1 s build at 1k x 768 (benchmarks/build_modes.py,
+# run 20261201T160651Z in benchmarks/README.md). They bound recall@10's standard
+# error to ~0.004 at recall 0.95.
 SAMPLE_SIZE = 256
 SAMPLE_SEED = 20261201
 # Stored rows decoded (or viewed) per exact-search batch: 16k x 768 fp32 = 50 MB
