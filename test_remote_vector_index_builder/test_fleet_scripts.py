@@ -20,13 +20,13 @@ import redis.asyncio
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from remote_vector_index_builder.app.fleet import (
+from remote_vector_index_builder.app.fleet_service import FleetJobService
+from remote_vector_index_builder.app.fleet_store import (
     AUDIT,
     CHANNEL,
     LEASES,
     QUEUE,
     FleetConfig,
-    FleetJobService,
     FleetMetrics,
     FleetStore,
     Health,
