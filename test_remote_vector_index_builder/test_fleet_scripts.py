@@ -20,6 +20,7 @@ import redis.asyncio
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from remote_vector_index_builder.app.fleet import STARVATION_S, Placement
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     AUDIT,
@@ -35,12 +36,15 @@ from remote_vector_index_builder.app.fleet_store import (
 )
 from remote_vector_index_builder.app.jobs import JobState
 from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.app.runner import MemoryBudget
+from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.core.errors import (
     JobConflictError,
     JobNotFoundError,
     JobStoreUnavailableError,
     StoreFullError,
 )
+from remote_vector_index_builder.core.multipart import MIN_PART_SIZE, UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
@@ -341,6 +345,8 @@ def test_one_process_never_imports_redis() -> None:
 import sys
 from fastapi.testclient import TestClient
 from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.app.runner import MemoryBudget
+from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.app.settings import Settings
 
 settings = Settings(_env_file=None, device="cpu", max_workers=1, omp_threads=1)
@@ -356,3 +362,64 @@ sys.exit(1 if loaded else 0)
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "redis modules: []" in done.stdout
+
+
+def test_a_large_job_is_not_starved_by_a_stream_of_small_ones(redis_server: RedisServer) -> None:
+    """One replica whose memory holds one large build or many small ones (real estimates).
+
+    Small jobs keep arriving while small builds hold memory: before the guard's
+    window they are taken past the waiting large job; once it has waited the
+    window, they are held back, and the large job is taken as soon as the
+    running builds drain. The replica's clock is a seam (no sleeping here).
+    """
+    url = redis_server.url
+    store = sync_store(url)
+    plan = UploadPlan(MIN_PART_SIZE, 2)
+
+    def estimate(request: BuildRequest) -> memory.MemoryEstimate:
+        return memory.estimate(request, upload=plan, add_batch_rows=10_000)
+
+    large = build_request("idx/large", dimension=768, doc_count=1_000_000)
+    budget = MemoryBudget(estimate(large).host_bytes, 0)
+    assert 5 * estimate(build_request("idx/s")).host_bytes < budget.host_limit
+    clock = [0.0]
+    placement = Placement(store, budget, estimate, STARVATION_S, monotonic=lambda: clock[0])
+    smalls = iter(build_request(f"idx/small-{n}") for n in range(100))
+    running: list[memory.MemoryEstimate] = []
+
+    def submit_small() -> str:
+        return submit(url, next(smalls))
+
+    def take() -> str | None:
+        claimed = placement.take()
+        if claimed is None:
+            return None
+        assert claimed.need == estimate(claimed.request) and claimed.attempt == 1
+        running.append(claimed.need)
+        return claimed.job_id
+
+    first = submit_small()
+    assert take() == first  # a small build holds memory from now on
+    large_id = submit(url, large)
+    # Inside the window: small jobs behind the large one are taken while it waits.
+    for at in (0.0, STARVATION_S / 2, STARVATION_S - 1):
+        clock[0] = at
+        small_id = submit_small()
+        assert take() == small_id
+    assert store.queue_head(10) == [large_id]
+    # Past the window: a small job fits now, but is held back for the large one.
+    clock[0] = STARVATION_S
+    held = submit_small()
+    assert take() is None
+    assert store.queue_head(10) == [large_id, held]
+    # The small builds end one by one; the large job is taken once they all have.
+    while len(running) > 1:
+        budget.release(running.pop(0))
+        assert take() is None
+    budget.release(running.pop(0))
+    assert take() == large_id
+    assert store.queue_head(10) == [held]
+    assert take() is None  # the large build holds all the memory now
+    budget.release(running.pop(0))
+    assert take() == held
+    assert store.queue_head(10) == []

@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio
@@ -43,7 +44,7 @@ from remote_vector_index_builder.app.fleet_store import (
     progress_json,
 )
 from remote_vector_index_builder.app.jobs import Clock, Job, JobState
-from remote_vector_index_builder.app.runner import Runner
+from remote_vector_index_builder.app.runner import MemoryBudget, Runner
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.errors import (
     InsufficientMemoryError,
@@ -64,10 +65,104 @@ CLAIM_POLL_S = 0.5
 STARVATION_S = 30.0
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A job this replica has just claimed, with its memory already reserved."""
+
+    job_id: str
+    attempt: int
+    request: BuildRequest
+    need: MemoryEstimate
+
+
+class Placement:
+    """Which queued job this replica takes next, and the claim of it.
+
+    First fit over the queue head in FIFO order: the oldest job this replica's
+    memory holds *now* (jobs that never fit here are left to larger replicas).
+    Starvation guard: once a job that could fit here has waited ``starvation_s``
+    (since this replica first saw it), nothing behind it is taken until it fits,
+    so running builds drain and free its memory instead of a stream of small jobs
+    keeping it out forever.
+    """
+
+    def __init__(
+        self,
+        store: FleetStore,
+        budget: MemoryBudget,
+        estimate: Callable[[BuildRequest], MemoryEstimate],
+        starvation_s: float = STARVATION_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.budget = budget
+        self.estimate = estimate
+        self.starvation_s = starvation_s
+        self.monotonic = monotonic
+        # Per queued id: when this replica first saw it, and its parsed request.
+        self._first_seen: dict[str, float] = {}
+        self._requests: dict[str, BuildRequest] = {}
+
+    def take(self) -> Claimed | None:
+        """Reserve and claim the next job, or None (nothing fits now, or the guard holds)."""
+        ids = self.store.queue_head(QUEUE_SCAN)
+        self._forget_except(ids)
+        now = self.monotonic()
+        for job_id in ids:
+            seen = self._first_seen.setdefault(job_id, now)
+            request = self._request(job_id)
+            if request is None:
+                continue
+            need = self.estimate(request)
+            try:
+                self.budget.check_fits(need)
+            except InsufficientMemoryError:
+                continue  # never fits here; a larger replica may take it
+            if not self.budget.try_acquire(need):
+                if now - seen >= self.starvation_s:
+                    return None  # hold this replica's memory for the job that waited
+                continue
+            try:
+                attempt = self.store.claim(job_id)
+            except JobStoreUnavailableError:
+                self.budget.release(need)
+                raise
+            self._first_seen.pop(job_id, None)
+            self._requests.pop(job_id, None)
+            if attempt == 0:  # another replica was faster
+                self.budget.release(need)
+                continue
+            return Claimed(job_id, attempt, request, need)
+        return None
+
+    def _request(self, job_id: str) -> BuildRequest | None:
+        request = self._requests.get(job_id)
+        if request is None:
+            text = self.store.request_json(job_id)
+            if text is None:
+                return None
+            request = BuildRequest.model_validate_json(text)
+            self._requests[job_id] = request
+        return request
+
+    def _forget_except(self, ids: Iterable[str]) -> None:
+        keep = set(ids)
+        for cache in (self._first_seen, self._requests):
+            for job_id in [k for k in cache if k not in keep]:
+                del cache[job_id]
+
+
 class Fleet:
     """Everything fleet mode adds to one replica; built and closed by the app's lifespan."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry, clock: Clock) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        clock: Clock,
+        *,
+        starvation_s: float = STARVATION_S,
+    ) -> None:
         self.config = FleetConfig.from_settings(settings)
         options = client_options(self.config)
         sync_client = redis.Redis.from_url(
@@ -89,12 +184,12 @@ class Fleet:
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
         self._runner: Runner | None = None
-        # Per queued id: when this replica first saw it, and its parsed request.
-        self._first_seen: dict[str, float] = {}
-        self._requests: dict[str, BuildRequest] = {}
+        self._placement: Placement | None = None
+        self._starvation_s = starvation_s
 
     def start(self, runner: Runner) -> None:
         self._runner = runner
+        self._placement = Placement(self.store, runner.budget, runner.estimate, self._starvation_s)
         self._claiming.set()
         for name, target in (
             ("fleet-claim", self._claim_loop),
@@ -157,71 +252,30 @@ class Fleet:
 
     def _claim_one(self) -> bool:
         runner = self._runner
-        assert runner is not None
+        placement = self._placement
+        assert runner is not None and placement is not None
         state = runner.state()
         if not state.accepting or state.busy >= state.workers:
             return False
-        ids = self.store.queue_head(QUEUE_SCAN)
-        self._forget_except(ids)
-        now = time.monotonic()
-        for job_id in ids:
-            seen = self._first_seen.setdefault(job_id, now)
-            request = self._request(job_id)
-            if request is None:
-                continue
-            need = runner.estimate(request)
-            try:
-                runner.budget.check_fits(need)
-            except InsufficientMemoryError:
-                continue  # never fits here; a larger replica may take it
-            if not runner.budget.try_acquire(need):
-                if now - seen >= STARVATION_S:
-                    return False  # hold this replica's memory for the oldest job
-                continue
-            if self._start(runner, job_id, request, need):
-                return True
-        return False
-
-    def _start(
-        self, runner: Runner, job_id: str, request: BuildRequest, need: MemoryEstimate
-    ) -> bool:
-        try:
-            attempt = self.store.claim(job_id)
-        except JobStoreUnavailableError:
-            runner.budget.release(need)
-            raise
-        self._first_seen.pop(job_id, None)
-        self._requests.pop(job_id, None)
-        if attempt == 0:  # another replica was faster
-            runner.budget.release(need)
+        claimed = placement.take()
+        if claimed is None:
             return False
-        job = Job(id=job_id, request=request, submitted_at=self.clock(), attempt=attempt)
-        self.jobs.own(job, attempt)
+        job = Job(
+            id=claimed.job_id,
+            request=claimed.request,
+            submitted_at=self.clock(),
+            attempt=claimed.attempt,
+        )
+        self.jobs.own(job, claimed.attempt)
         try:
-            runner.submit(job, reserved=need)
+            runner.submit(job, reserved=claimed.need)
         except ServiceUnavailableError:
-            runner.budget.release(need)
+            runner.budget.release(claimed.need)
             self.jobs.hand_back(job)
             return False
         self.metrics.claimed.inc()
-        log.info("job %s attempt %d claimed by %s", job_id, attempt, self.config.replica_id)
+        log.info("job %s attempt %d claimed by %s", job.id, claimed.attempt, self.config.replica_id)
         return True
-
-    def _request(self, job_id: str) -> BuildRequest | None:
-        request = self._requests.get(job_id)
-        if request is None:
-            text = self.store.request_json(job_id)
-            if text is None:
-                return None
-            request = BuildRequest.model_validate_json(text)
-            self._requests[job_id] = request
-        return request
-
-    def _forget_except(self, ids: Iterable[str]) -> None:
-        keep = set(ids)
-        for cache in (self._first_seen, self._requests):
-            for job_id in [k for k in cache if k not in keep]:
-                del cache[job_id]
 
     # -- leases: renew what this replica owns ----------------------------------------------
 
