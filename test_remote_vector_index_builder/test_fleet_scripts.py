@@ -44,9 +44,9 @@ from remote_vector_index_builder.core.errors import (
     JobStoreUnavailableError,
     StoreFullError,
 )
-from remote_vector_index_builder.core.multipart import MIN_PART_SIZE, UploadPlan
+from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.s3_calls import S3Config
+from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, S3Config
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import make_settings
