@@ -329,6 +329,13 @@ def test_one_replica_in_fleet_mode_builds_through_the_app(
         metrics = client.get("/metrics").text
         assert "rvib_fleet_replicas 1.0" in metrics
         assert "rvib_fleet_jobs_claimed_total 1.0" in metrics
+        # The replica registry as the last heartbeat read it (one every 0.2 s).
+        for _ in range(500):
+            fleet = client.get("/_heart_beat").json()["fleet"]
+            if fleet["replicas_alive"]:
+                break
+            stop.wait(0.01)
+        assert fleet == {"replica_id": "solo", "replicas_alive": ["solo"], "redis_reachable": True}
         # Redis gone: the job's last-known body, a 503 for the rest; readiness unaffected.
         redis_server.kill()
         assert client.get(f"/_status/{job_id}").json()["task_status"] == "COMPLETED_INDEX_BUILD"
@@ -337,6 +344,8 @@ def test_one_replica_in_fleet_mode_builds_through_the_app(
         refused = client.post("/_build", json={**body, "vector_path": "idx/g.knnvec"})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "10"
         assert client.get("/_ready").status_code == 200
+        beat = client.get("/_heart_beat")
+        assert beat.status_code == 200 and beat.json()["fleet"]["redis_reachable"] is False
 
 
 def test_one_process_never_imports_redis() -> None:
@@ -353,6 +362,7 @@ settings = Settings(_env_file=None, device="cpu", max_workers=1, omp_threads=1)
 with TestClient(create_app(settings)) as client:
     assert client.get("/_status/x").status_code == 404
     assert client.get("/_jobs").json() == {}
+    assert "fleet" not in client.get("/_heart_beat").json()
 loaded = sorted(m for m in sys.modules if m == "redis" or m.startswith("redis."))
 print("redis modules:", loaded)
 sys.exit(1 if loaded else 0)

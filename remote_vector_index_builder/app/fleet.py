@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -186,6 +187,8 @@ class Fleet:
         self._runner: Runner | None = None
         self._placement: Placement | None = None
         self._starvation_s = starvation_s
+        self._lock = threading.Lock()
+        self._alive: list[str] = []  # the replica registry at the last heartbeat
 
     def start(self, runner: Runner) -> None:
         self._runner = runner
@@ -315,7 +318,7 @@ class Fleet:
         runner = self._runner
         if runner is not None:
             now = runner.state()
-            self.store.register(
+            alive = self.store.register(
                 {
                     "device": now.device,
                     "workers": now.workers,
@@ -327,6 +330,22 @@ class Fleet:
                     "jobs": [entry.job.id for entry in owned],
                 }
             )
+            with self._lock:
+                self._alive = sorted(alive)
+
+    def summary(self) -> dict[str, Any]:
+        """``/_heart_beat``'s ``fleet`` block: read from memory, so it answers with Redis down.
+
+        ``replicas_alive`` is the registry as this replica's last successful
+        heartbeat read it (empty before the first one).
+        """
+        with self._lock:
+            alive = list(self._alive)
+        return {
+            "replica_id": self.config.replica_id,
+            "replicas_alive": alive,
+            "redis_reachable": self.health.reachable(),
+        }
 
     # -- wake-ups: cancel and submitted events ---------------------------------------------
 

@@ -168,6 +168,11 @@ class Health:
                 log.info("the job store (Redis) is reachable again")
             self._down = False
 
+    def reachable(self) -> bool:
+        """False from a failed command until the next one that succeeds."""
+        with self._lock:
+            return not self._down
+
     def seconds_since_error(self) -> float:
         with self._lock:
             return time.monotonic() - self._last_error
@@ -299,11 +304,12 @@ class FleetStore:
         ]
         return str(self.call("reclaim", lambda: self._reclaim(keys=keys, args=args)))
 
-    def register(self, description: dict[str, Any]) -> None:
+    def register(self, description: dict[str, Any]) -> list[str]:
+        """Renew this replica's registration; the ids of every replica registered now."""
         ttl_ms = max(int(self.config.heartbeat_s * 3000), 1000)
         keys = [REPLICAS, replica_key(self.config.replica_id)]
         args: list[Arg] = [self.config.replica_id, ttl_ms, json.dumps(description)]
-        self.call("register", lambda: self._register(keys=keys, args=args))
+        return [str(r) for r in self.call("register", lambda: self._register(keys=keys, args=args))]
 
     def stats(self) -> tuple[int, int, int]:
         """``(queued, owned, live replicas)`` across the fleet."""
