@@ -348,6 +348,27 @@ def test_one_replica_in_fleet_mode_builds_through_the_app(
         assert beat.status_code == 200 and beat.json()["fleet"]["redis_reachable"] is False
 
 
+def test_a_replica_is_in_the_registry_from_start_up_until_it_shuts_down(
+    s3_config: S3Config, redis_server: RedisServer
+) -> None:
+    url = redis_server.url
+    settings = make_settings(
+        s3_config, redis_url=url, replica_id="early", lease_seconds=30, heartbeat_seconds=10
+    )
+    other = sync_store(url, "other", heartbeat_s=20.0)  # registered for 60 s
+    other.register({})
+    with TestClient(create_app(settings)) as client:
+        # Registered by the first heartbeat at start-up, not one heartbeat (10 s) later.
+        for _ in range(500):
+            fleet = client.get("/_heart_beat").json()["fleet"]
+            if fleet["replicas_alive"]:
+                break
+            time.sleep(0.01)
+        assert fleet["replicas_alive"] == ["early", "other"]
+        assert "rvib_fleet_replicas 2.0" in client.get("/metrics").text
+    assert other.register({}) == ["other"]  # left the registry on shutdown
+
+
 def test_one_process_never_imports_redis() -> None:
     """Without RVIB_REDIS_URL the service runs today's code path: redis is not even imported."""
     script = """

@@ -16,6 +16,7 @@ does not depend on Redis (an outage must not empty the load balancer).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -220,6 +221,8 @@ class Fleet:
         self.stop_claiming()
         for thread in self._threads:
             thread.join(timeout=5)
+        with contextlib.suppress(JobStoreUnavailableError):  # else it expires on its own
+            self.store.deregister()
         await self.service.close()
         self.store.client.close()
 
@@ -283,13 +286,16 @@ class Fleet:
     # -- leases: renew what this replica owns ----------------------------------------------
 
     def _heartbeat_loop(self) -> None:
-        while not self._closed.wait(self.config.heartbeat_s):
+        # The first one at start-up: the replica is in the registry before its first build.
+        while True:
             try:
                 self.heartbeat()
             except JobStoreUnavailableError:
-                continue
+                pass  # logged once per outage by Health
             except Exception:
                 log.exception("fleet heartbeat failed; retrying")
+            if self._closed.wait(self.config.heartbeat_s):
+                return
 
     def heartbeat(self) -> None:
         owned = [entry for entry in self.jobs.owned() if not entry.lost]

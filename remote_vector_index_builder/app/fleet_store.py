@@ -311,6 +311,17 @@ class FleetStore:
         args: list[Arg] = [self.config.replica_id, ttl_ms, json.dumps(description)]
         return [str(r) for r in self.call("register", lambda: self._register(keys=keys, args=args))]
 
+    def deregister(self) -> None:
+        """Leave the registry at shutdown (else it counts as alive for three more heartbeats)."""
+
+        def run() -> list[Any]:
+            pipe = self._r.pipeline(transaction=True)
+            pipe.zrem(REPLICAS, self.config.replica_id)
+            pipe.delete(replica_key(self.config.replica_id))
+            return list(pipe.execute())
+
+        self.call("deregister", run)
+
     def stats(self) -> tuple[int, int, int]:
         """``(queued, owned, live replicas)`` across the fleet."""
         queued, owned, replicas, _ = self.call(
