@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import redis
 
-from remote_vector_index_builder.app.fleet import AUDIT, job_key
+from remote_vector_index_builder.app.fleet_store import AUDIT, job_key
 from remote_vector_index_builder.core import index_io
 from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob

@@ -20,13 +20,14 @@ import redis.asyncio
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from remote_vector_index_builder.app.fleet import (
+from remote_vector_index_builder.app.fleet import STARVATION_S, Placement
+from remote_vector_index_builder.app.fleet_service import FleetJobService
+from remote_vector_index_builder.app.fleet_store import (
     AUDIT,
     CHANNEL,
     LEASES,
     QUEUE,
     FleetConfig,
-    FleetJobService,
     FleetMetrics,
     FleetStore,
     Health,
@@ -35,14 +36,17 @@ from remote_vector_index_builder.app.fleet import (
 )
 from remote_vector_index_builder.app.jobs import JobState
 from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.app.runner import MemoryBudget
+from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.core.errors import (
     JobConflictError,
     JobNotFoundError,
     JobStoreUnavailableError,
     StoreFullError,
 )
+from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.s3_calls import S3Config
+from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, S3Config
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import make_settings
@@ -325,6 +329,13 @@ def test_one_replica_in_fleet_mode_builds_through_the_app(
         metrics = client.get("/metrics").text
         assert "rvib_fleet_replicas 1.0" in metrics
         assert "rvib_fleet_jobs_claimed_total 1.0" in metrics
+        # The replica registry as the last heartbeat read it (one every 0.2 s).
+        for _ in range(500):
+            fleet = client.get("/_heart_beat").json()["fleet"]
+            if fleet["replicas_alive"]:
+                break
+            stop.wait(0.01)
+        assert fleet == {"replica_id": "solo", "replicas_alive": ["solo"], "redis_reachable": True}
         # Redis gone: the job's last-known body, a 503 for the rest; readiness unaffected.
         redis_server.kill()
         assert client.get(f"/_status/{job_id}").json()["task_status"] == "COMPLETED_INDEX_BUILD"
@@ -333,6 +344,29 @@ def test_one_replica_in_fleet_mode_builds_through_the_app(
         refused = client.post("/_build", json={**body, "vector_path": "idx/g.knnvec"})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "10"
         assert client.get("/_ready").status_code == 200
+        beat = client.get("/_heart_beat")
+        assert beat.status_code == 200 and beat.json()["fleet"]["redis_reachable"] is False
+
+
+def test_a_replica_is_in_the_registry_from_start_up_until_it_shuts_down(
+    s3_config: S3Config, redis_server: RedisServer
+) -> None:
+    url = redis_server.url
+    settings = make_settings(
+        s3_config, redis_url=url, replica_id="early", lease_seconds=30, heartbeat_seconds=10
+    )
+    other = sync_store(url, "other", heartbeat_s=20.0)  # registered for 60 s
+    other.register({})
+    with TestClient(create_app(settings)) as client:
+        # Registered by the first heartbeat at start-up, not one heartbeat (10 s) later.
+        for _ in range(500):
+            fleet = client.get("/_heart_beat").json()["fleet"]
+            if fleet["replicas_alive"]:
+                break
+            time.sleep(0.01)
+        assert fleet["replicas_alive"] == ["early", "other"]
+        assert "rvib_fleet_replicas 2.0" in client.get("/metrics").text
+    assert other.register({}) == ["other"]  # left the registry on shutdown
 
 
 def test_one_process_never_imports_redis() -> None:
@@ -341,12 +375,15 @@ def test_one_process_never_imports_redis() -> None:
 import sys
 from fastapi.testclient import TestClient
 from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.app.runner import MemoryBudget
+from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.app.settings import Settings
 
 settings = Settings(_env_file=None, device="cpu", max_workers=1, omp_threads=1)
 with TestClient(create_app(settings)) as client:
     assert client.get("/_status/x").status_code == 404
     assert client.get("/_jobs").json() == {}
+    assert "fleet" not in client.get("/_heart_beat").json()
 loaded = sorted(m for m in sys.modules if m == "redis" or m.startswith("redis."))
 print("redis modules:", loaded)
 sys.exit(1 if loaded else 0)
@@ -356,3 +393,64 @@ sys.exit(1 if loaded else 0)
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "redis modules: []" in done.stdout
+
+
+def test_a_large_job_is_not_starved_by_a_stream_of_small_ones(redis_server: RedisServer) -> None:
+    """One replica whose memory holds one large build or many small ones (real estimates).
+
+    Small jobs keep arriving while small builds hold memory: before the guard's
+    window they are taken past the waiting large job; once it has waited the
+    window, they are held back, and the large job is taken as soon as the
+    running builds drain. The replica's clock is a seam (no sleeping here).
+    """
+    url = redis_server.url
+    store = sync_store(url)
+    plan = UploadPlan(MIN_PART_SIZE, 2)
+
+    def estimate(request: BuildRequest) -> memory.MemoryEstimate:
+        return memory.estimate(request, upload=plan, add_batch_rows=10_000)
+
+    large = build_request("idx/large", dimension=768, doc_count=1_000_000)
+    budget = MemoryBudget(estimate(large).host_bytes, 0)
+    assert 5 * estimate(build_request("idx/s")).host_bytes < budget.host_limit
+    clock = [0.0]
+    placement = Placement(store, budget, estimate, STARVATION_S, monotonic=lambda: clock[0])
+    smalls = iter(build_request(f"idx/small-{n}") for n in range(100))
+    running: list[memory.MemoryEstimate] = []
+
+    def submit_small() -> str:
+        return submit(url, next(smalls))
+
+    def take() -> str | None:
+        claimed = placement.take()
+        if claimed is None:
+            return None
+        assert claimed.need == estimate(claimed.request) and claimed.attempt == 1
+        running.append(claimed.need)
+        return claimed.job_id
+
+    first = submit_small()
+    assert take() == first  # a small build holds memory from now on
+    large_id = submit(url, large)
+    # Inside the window: small jobs behind the large one are taken while it waits.
+    for at in (0.0, STARVATION_S / 2, STARVATION_S - 1):
+        clock[0] = at
+        small_id = submit_small()
+        assert take() == small_id
+    assert store.queue_head(10) == [large_id]
+    # Past the window: a small job fits now, but is held back for the large one.
+    clock[0] = STARVATION_S
+    held = submit_small()
+    assert take() is None
+    assert store.queue_head(10) == [large_id, held]
+    # The small builds end one by one; the large job is taken once they all have.
+    while len(running) > 1:
+        budget.release(running.pop(0))
+        assert take() is None
+    budget.release(running.pop(0))
+    assert take() == large_id
+    assert store.queue_head(10) == [held]
+    assert take() is None  # the large build holds all the memory now
+    budget.release(running.pop(0))
+    assert take() == held
+    assert store.queue_head(10) == []

@@ -174,12 +174,13 @@ return {'requested', state}
 """
 
 # KEYS: replicas, replica. ARGV: replica id, ttl ms, description json.
+# Returns the ids of the replicas registered now (this one included).
 REGISTER = _PRELUDE + """
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
-return 1
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 # KEYS: queue, leases, replicas. Returns {queued, owned, live replicas, server ms}.

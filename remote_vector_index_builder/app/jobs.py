@@ -321,7 +321,7 @@ class Job:
 
 
 class JobService(Protocol):
-    """What the endpoints need of jobs: ``runner.LocalJobService`` or ``fleet.FleetJobService``.
+    """What the endpoints need of jobs: ``LocalJobService`` (runner) or ``FleetJobService``.
 
     Every read returns a ``JobSnapshot`` (or the status body built from one).
     """

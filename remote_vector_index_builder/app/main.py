@@ -134,6 +134,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         app.state.jobs = jobs
         app.state.job_service = LocalJobService(jobs, runner) if fleet is None else fleet.service
         app.state.runner = runner
+        app.state.fleet = fleet  # None in one process
         app.state.credentials = load_credentials(settings)
         log.info(
             "serving with %d %s workers, host memory limit %.1f GiB",

@@ -283,7 +283,7 @@ def metrics(request: Request, metrics: MetricsDep) -> Response:
 async def heart_beat(runner: RunnerDep, request: Request) -> Any:
     """Liveness (always 200 while the process serves) plus readiness facts."""
     state = runner.state()
-    return {
+    body = {
         "status": "alive",
         "ready": state.ready,
         "device": state.device,
@@ -297,6 +297,10 @@ async def heart_beat(runner: RunnerDep, request: Request) -> Any:
         },
         "gpu": request.app.state.gpu_probe.summary(),  # the start-up probe, core/gpu_probe.py
     }
+    fleet = request.app.state.fleet  # app/fleet.py; not imported here (redis is optional)
+    if fleet is not None:
+        body["fleet"] = fleet.summary()
+    return body
 
 
 @router.get("/_ready", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}})

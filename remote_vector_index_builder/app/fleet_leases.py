@@ -1,0 +1,210 @@
+"""The jobs this replica owns in fleet mode: their leases, fencing and recorded outcomes.
+
+This is the runner's ``RunnerJobs`` in fleet mode. The attempt number a job
+was claimed with fences it: a build whose lease another replica took over
+stops at its next checkpoint and records nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from remote_vector_index_builder.app.fleet_store import (
+    FleetMetrics,
+    FleetStore,
+    StatusCache,
+    progress_json,
+)
+from remote_vector_index_builder.app.jobs import Clock, Job, JobState
+from remote_vector_index_builder.core.errors import CancelledError, JobStoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+FENCED_MESSAGE = "another replica took this job over after this replica's lease expired"
+
+
+@dataclass
+class Owned:
+    """A job this replica holds the lease of, with the attempt that fences it."""
+
+    job: Job
+    attempt: int
+    renewed_at: float  # monotonic, of the last renewal Redis accepted
+    lost: bool = False
+
+
+class FleetJobs:
+    """The runner's record of outcomes in fleet mode: the jobs this replica owns.
+
+    ``finish`` records through the fenced ``complete`` script and, while Redis is
+    unreachable, keeps retrying (the lease is still renewed meanwhile, so no
+    other replica takes the job): the index is in S3 already and the client
+    keeps seeing RUNNING until the outcome is recorded.
+    """
+
+    def __init__(
+        self,
+        store: FleetStore,
+        cache: StatusCache,
+        metrics: FleetMetrics,
+        clock: Clock,
+        on_release: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.metrics = metrics
+        self.clock = clock
+        self.on_release = on_release
+        self.closing = threading.Event()
+        self._owned: dict[str, Owned] = {}
+        self._lock = threading.Lock()
+
+    def own(self, job: Job, attempt: int) -> None:
+        with self._lock:
+            self._owned[job.id] = Owned(job, attempt, time.monotonic())
+
+    def owned(self) -> list[Owned]:
+        with self._lock:
+            return list(self._owned.values())
+
+    def active(self) -> list[Job]:
+        with self._lock:
+            return [entry.job for entry in self._owned.values() if not entry.lost]
+
+    def _take(self, job: Job) -> Owned | None:
+        with self._lock:
+            entry = self._owned.get(job.id)
+            if entry is None or entry.job is not job:
+                return None
+            del self._owned[job.id]
+            return entry
+
+    def lose(self, entry: Owned, *, recorded_elsewhere: bool = False) -> None:
+        """Another replica owns the job now: stop at the next checkpoint, record nothing.
+
+        A renewal refused because this replica has just recorded the outcome itself
+        (a heartbeat racing ``finish``) is no loss: the entry is gone by then.
+        """
+        with self._lock:
+            if not recorded_elsewhere and self._owned.get(entry.job.id) is not entry:
+                return
+            first = not entry.lost
+            entry.lost = True
+        entry.job.cancel_requested.set()
+        if first:
+            self.metrics.leases_lost.inc()
+            log.warning(
+                "job %s attempt %d fenced: %s; this replica stops it and records nothing",
+                entry.job.id,
+                entry.attempt,
+                FENCED_MESSAGE,
+            )
+
+    def renewed(self, entry: Owned, cancel: bool) -> None:
+        with self._lock:
+            entry.renewed_at = time.monotonic()
+        if cancel:
+            entry.job.cancel_requested.set()
+
+    def cancel_local(self, job_id: str) -> None:
+        with self._lock:
+            entry = self._owned.get(job_id)
+        if entry is not None:
+            entry.job.cancel_requested.set()
+
+    def checkpoint(self, job: Job) -> None:
+        """Between batches and parts: a build whose lease may have lapsed asks Redis first.
+
+        A process paused past its lease (SIGSTOP, a VM stall) resumes here before
+        its heartbeat thread has noticed; it must not do another batch unfenced.
+        """
+        with self._lock:
+            entry = self._owned.get(job.id)
+            stale = entry is not None and (
+                time.monotonic() - entry.renewed_at > self.store.config.lease_s / 2
+            )
+        if entry is not None and stale and not entry.lost:
+            snap = job.snapshot()
+            try:
+                [(kept, cancel)] = self.store.renew(
+                    [(job.id, entry.attempt, "", progress_json(snap), snap.device or "")]
+                )
+            except JobStoreUnavailableError:
+                kept, cancel = True, False  # unreachable is not lost: build on
+            if kept:
+                self.renewed(entry, cancel)
+            else:
+                self.lose(entry)
+        if entry is not None and entry.lost:
+            raise CancelledError(FENCED_MESSAGE)
+
+    def finish(
+        self,
+        job: Job,
+        state: JobState,
+        *,
+        file_name: str | None = None,
+        error: str | None = None,
+        index_bytes: int | None = None,
+        quality: dict[str, Any] | None = None,
+    ) -> bool:
+        with self._lock:
+            entry = self._owned.get(job.id)
+            if entry is None or entry.job is not job or entry.lost:
+                return False
+        if not job.end(
+            state, file_name, error, self.clock(), index_bytes=index_bytes, quality=quality
+        ):
+            return False
+        snap = job.snapshot()
+        recorded = False
+        delay = 0.1
+        while True:
+            try:
+                recorded = self.store.complete(
+                    job.id,
+                    entry.attempt,
+                    state,
+                    file_name=file_name,
+                    error=error,
+                    device=snap.device,
+                    index_bytes=snap.index_bytes,
+                    quality=snap.quality,
+                    progress=progress_json(snap),
+                )
+                break
+            except JobStoreUnavailableError:
+                if self.closing.wait(delay):
+                    log.error(
+                        "job %s: shutting down with Redis unreachable; the outcome (%s) is not "
+                        "recorded and the job will run again elsewhere once its lease expires",
+                        job.id,
+                        state.value,
+                    )
+                    break
+                delay = min(delay * 2, 2.0)
+        self._take(job)
+        self.on_release()
+        if recorded:
+            self.cache.put(job.id, snap.status_body())
+            return True
+        if not self.closing.is_set():
+            self.lose(entry, recorded_elsewhere=True)
+        return False
+
+    def hand_back(self, job: Job) -> bool:
+        """Shutdown: re-queue the job for another replica (not counted as an interruption)."""
+        entry = self._take(job)
+        if entry is None:
+            return True  # nothing left to record here
+        entry.lost = True
+        try:
+            self.store.release(job.id, entry.attempt)
+        except JobStoreUnavailableError:
+            log.warning("job %s: Redis unreachable; its lease will expire instead", job.id)
+        return True

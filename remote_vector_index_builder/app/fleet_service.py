@@ -1,0 +1,158 @@
+"""The endpoints' job service in fleet mode: submit, read and cancel jobs in Redis.
+
+One async round trip per ``/_status``; Redis unreachable answers the last-known
+body from the status cache, else 503 with ``Retry-After`` (never 404).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio
+
+from remote_vector_index_builder.app import fleet_scripts as scripts
+from remote_vector_index_builder.app.fleet_store import (
+    CHANNEL,
+    JOBS,
+    LEASES,
+    QUEUE,
+    UNAVAILABLE,
+    Arg,
+    FleetConfig,
+    Health,
+    StatusCache,
+    job_key,
+    snapshot_from_hash,
+)
+from remote_vector_index_builder.app.jobs import Clock, JobSnapshot, JobState, status_body
+from remote_vector_index_builder.app.runner import CANCELLED_MESSAGE
+from remote_vector_index_builder.core.errors import (
+    JobConflictError,
+    JobNotFoundError,
+    JobStoreUnavailableError,
+    StoreFullError,
+)
+from remote_vector_index_builder.core.params import BuildRequest
+
+
+class FleetJobService:
+    """The endpoints' job service in fleet mode: one async round trip per read."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        config: FleetConfig,
+        cache: StatusCache,
+        health: Health,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.health = health
+        self.clock = clock
+        self._r: Any = client
+        self._submit = client.register_script(scripts.SUBMIT)
+        self._cancel = client.register_script(scripts.CANCEL)
+
+    def now(self) -> float:
+        return self.clock()
+
+    def _unavailable(self, what: str, exc: Exception) -> JobStoreUnavailableError:
+        error = self.health.error(what, exc)
+        error.retry_after_s = self.config.retry_after_s
+        return error
+
+    async def submit(self, request: BuildRequest) -> str:
+        job_id = request.job_id
+        keys = [job_key(job_id), QUEUE, JOBS, LEASES]
+        args: list[Arg] = [
+            job_id,
+            request.fingerprint,
+            request.model_dump_json(),
+            self.config.max_active,
+            CHANNEL,
+        ]
+        try:
+            outcome, detail = await self._submit(keys=keys, args=args)
+        except UNAVAILABLE as exc:
+            raise self._unavailable("submit", exc) from exc
+        self.health.ok()
+        if outcome == "conflict":
+            raise JobConflictError(
+                f"job {job_id} for {request.vector_path!r} already exists with "
+                "different build parameters; wait for it to finish or use a new vector_path"
+            )
+        if outcome == "full":
+            raise StoreFullError(
+                f"the job store holds {detail} queued or running jobs, its limit "
+                "(REQUEST_STORE_MAX_SIZE); retry later"
+            )
+        if outcome == "created":
+            self.cache.put(job_id, status_body(JobState.QUEUED, None, None))
+        return job_id
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        try:
+            state, file_name, error = await self._r.hmget(
+                job_key(job_id), ["state", "file_name", "error"]
+            )
+        except UNAVAILABLE as exc:
+            cached = self.cache.get(job_id)
+            if cached is not None:
+                self.health.error("status", exc)
+                return cached
+            raise self._unavailable("status", exc) from exc
+        self.health.ok()
+        if state is None:
+            raise _not_found(job_id)
+        body = status_body(JobState(state), file_name or None, error or None)
+        self.cache.put(job_id, body)
+        return body
+
+    async def snapshot(self, job_id: str) -> JobSnapshot:
+        try:
+            fields = await self._r.hgetall(job_key(job_id))
+        except UNAVAILABLE as exc:
+            raise self._unavailable("read job", exc) from exc
+        if not fields:
+            raise _not_found(job_id)
+        return snapshot_from_hash(fields)
+
+    async def snapshots(self) -> list[JobSnapshot]:
+        try:
+            ids = await self._r.zrange(JOBS, 0, -1)
+            pipe = self._r.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(job_key(job_id))
+            hashes = await pipe.execute() if ids else []
+            gone = [job_id for job_id, fields in zip(ids, hashes, strict=True) if not fields]
+            if gone:  # expired finished jobs leave the listing too
+                await self._r.zrem(JOBS, *gone)
+        except UNAVAILABLE as exc:
+            raise self._unavailable("list jobs", exc) from exc
+        return [snapshot_from_hash(fields) for fields in hashes if fields]
+
+    async def cancel(self, job_id: str) -> JobSnapshot:
+        keys = [job_key(job_id), QUEUE]
+        args: list[Arg] = [job_id, self.config.ttl_ms, CANCELLED_MESSAGE, CHANNEL]
+        try:
+            outcome, state = await self._cancel(keys=keys, args=args)
+        except UNAVAILABLE as exc:
+            raise self._unavailable("cancel", exc) from exc
+        if outcome == "missing":
+            raise _not_found(job_id)
+        if outcome == "terminal":
+            raise JobConflictError(
+                f"job {job_id} already ended ({state}); there is nothing to cancel"
+            )
+        return await self.snapshot(job_id)
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+
+def _not_found(job_id: str) -> JobNotFoundError:
+    return JobNotFoundError(
+        f"no job {job_id!r}: it was never accepted or finished more than "
+        "REQUEST_STORE_TTL_SECONDS ago"
+    )
