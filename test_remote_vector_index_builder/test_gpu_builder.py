@@ -18,12 +18,12 @@ import pytest
 from remote_vector_index_builder.core import dataset, index_io
 from remote_vector_index_builder.core.builder import BuilderOptions, Device, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.errors import BuildError, CancelledError, GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import (
     CagraParams,
     GpuBuilder,
     GraphBuildAlgo,
-    NumericType,
     _attach_ids,
     _hnsw_target,
     _host_rows,

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from remote_vector_index_builder.core import index_io, memory
+from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.gpu_builder import (
     CagraParams,
-    NumericType,
     _finish,
     _hnsw_target,
     _id_map,

@@ -20,10 +20,10 @@ import pytest
 from remote_vector_index_builder.core import gpu_builder
 from remote_vector_index_builder.core.builder import BuilderOptions, Device, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.errors import BuildError, GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import (
     GpuBuilder,
-    NumericType,
     _CagraSession,
     _set,
     cagra_params,
