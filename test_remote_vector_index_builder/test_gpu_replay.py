@@ -33,9 +33,11 @@ from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,
     ID_MAP_HEADER,
+    doc_ids,
+    make_request,
     recall_at_k,
+    rows_for,
 )
-from test_remote_vector_index_builder.test_gpu_builder import doc_ids, make_request, rows_for
 
 untyped_faiss: Any = faiss
 

@@ -29,11 +29,11 @@ from remote_vector_index_builder.core.gpu_builder import (
     cagra_params,
 )
 from remote_vector_index_builder.core.gpu_probe import ProbeState, probe_gpu
-from test_remote_vector_index_builder.data import recall_at_k
-from test_remote_vector_index_builder.test_gpu_builder import (
+from test_remote_vector_index_builder.data import (
     doc_ids,
     make_dataset,
     make_request,
+    recall_at_k,
     rows_for,
 )
 
