@@ -214,13 +214,14 @@ def cmd_variant(args: argparse.Namespace) -> None:
     """The service's CPU builder on in-memory rows, then recall@10 at ef_search 100."""
     from remote_vector_index_builder.core.cpu_builder import CpuBuilder
     from remote_vector_index_builder.core.dataset import Dataset
-    from remote_vector_index_builder.core.params import DataType, parse_request
+    from remote_vector_index_builder.core.params import parse_request
     from remote_vector_index_builder.core.quality import recall_at_k
 
     threads = _threads(args.threads)
     request = parse_request(json.loads(args.request))
-    row_dtype = np.int8 if request.data_type is DataType.BYTE else np.float32
-    rows = np.fromfile(args.vectors, dtype=row_dtype).reshape(request.doc_count, -1)
+    rows = np.fromfile(args.vectors, dtype=request.data_type.spec.blob_dtype).reshape(
+        request.doc_count, -1
+    )
     ids = np.fromfile(args.doc_ids, dtype="<i4")
     queries = np.load(args.queries)
     batch = args.batch_rows or request.doc_count

@@ -6,8 +6,12 @@ dimensions has no meaningful neighbours, so recall on it says nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from remote_vector_index_builder.core import dataset
+from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.quality import exact_neighbours, recall_at_k
 from remote_vector_index_builder.demo import SAMPLE_DIR
 
@@ -64,3 +68,69 @@ def vector_blob(vectors: np.ndarray) -> bytes:
 
 def doc_id_blob(doc_ids: np.ndarray) -> bytes:
     return doc_ids.astype("<i4").tobytes()
+
+
+def make_request(
+    data_type: str = "float",
+    space: str = "l2",
+    dim: int = 32,
+    n: int = 2000,
+    *,
+    skip_stored_vectors: bool = False,
+    index_parameters: dict[str, Any] | None = None,
+    **algorithm_parameters: Any,
+) -> BuildRequest:
+    """A request for blobs at ``x/seg``; ``m``, ``ef_*`` go to ``algorithm_parameters``."""
+    return BuildRequest.model_validate(
+        {
+            "repository_type": "s3",
+            "container_name": "b",
+            "vector_path": "x/seg.knnvec",
+            "doc_id_path": "x/seg.knndid",
+            "dimension": dim,
+            "doc_count": n,
+            "data_type": data_type,
+            "skip_stored_vectors": skip_stored_vectors,
+            "index_parameters": index_parameters
+            or {"space_type": space, "algorithm_parameters": algorithm_parameters},
+        }
+    )
+
+
+def rows_for(data_type: str, space: str, n: int, dim: int) -> np.ndarray:
+    """Clustered rows in ``data_type``'s client layout (binary: ``dim`` bits, packed)."""
+    base = clustered(n, dim, seed=1)
+    if data_type == "binary":
+        return to_binary(base)
+    if space == "innerproduct":
+        base = normalized(base)
+    return to_int8(base) if data_type == "byte" else base
+
+
+def make_dataset(request: BuildRequest, rows: np.ndarray, ids: np.ndarray) -> dataset.Dataset:
+    """``rows`` and ``ids`` through their blobs and ``dataset.parse``, as a build gets them."""
+    return dataset.parse(
+        request,
+        np.frombuffer(bytearray(vector_blob(rows)), dtype=np.uint8),
+        np.frombuffer(bytearray(doc_id_blob(ids)), dtype=np.uint8),
+    )
+
+
+def doc_ids(n: int) -> np.ndarray:
+    return (np.arange(n, dtype=np.int32) * 3 + 7).astype(np.int32)  # not row positions
+
+
+def sparse_ids(n: int) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    return np.sort(rng.choice(10 * n, n, replace=False)).astype(np.int32)
+
+
+# (data_type, space, inner HNSW tag, storage tag) of the CPU builder's float-family indexes.
+FLOAT_FAMILY_LAYOUTS = [
+    ("float", "l2", b"IHNf", b"IxF2"),
+    ("float", "innerproduct", b"IHNf", b"IxFI"),
+    ("half_float", "l2", b"IHNs", b"IxSQ"),
+    ("half_float", "innerproduct", b"IHNs", b"IxSQ"),
+    ("byte", "l2", b"IHNs", b"IxSQ"),
+    ("byte", "innerproduct", b"IHNs", b"IxSQ"),
+]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
@@ -39,6 +40,24 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+# ``GET /metrics`` samples by (name, labels).
+MetricSamples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> MetricSamples:
+    """The Prometheus text exposition format, parsed by prometheus_client's own parser."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric_value(samples: MetricSamples, name: str, **labels: str) -> float:
+    """The sample ``name`` with exactly ``labels``; 0 when absent (a counter never bumped)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def make_settings(s3_config: S3Config, **overrides: Any) -> Settings:
@@ -99,6 +118,11 @@ def required_body(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> dict[s
     """``build_body`` with only the required keys (defaults apply to the rest), plus ``kw``."""
     full = build_body(bucket, stem, dim, n)
     return {**{key: full[key] for key in REQUIRED_KEYS}, **kw}
+
+
+def request_for(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> BuildRequest:
+    """The parsed ``required_body``: what a minimal client request becomes."""
+    return BuildRequest.model_validate(required_body(bucket, stem, dim, n, **kw))
 
 
 def fast_body(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> dict[str, Any]:

@@ -15,32 +15,19 @@ from remote_vector_index_builder.core.errors import CancelledError
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,
+    FLOAT_FAMILY_LAYOUTS,
     ID_MAP_HEADER,
     clustered,
     cohere_sample,
     doc_id_blob,
+    make_request,
     normalized,
     recall_at_k,
+    sparse_ids,
     to_binary,
     to_int8,
     vector_blob,
 )
-
-
-def make_request(data_type: str, space: str, dim: int, n: int, **kw: Any) -> BuildRequest:
-    return BuildRequest.model_validate(
-        {
-            "repository_type": "s3",
-            "container_name": "b",
-            "vector_path": "x/seg.knnvec",
-            "doc_id_path": "x/seg.knndid",
-            "dimension": dim,
-            "doc_count": n,
-            "data_type": data_type,
-            "index_parameters": {"space_type": space},
-            **kw,
-        }
-    )
 
 
 def build_and_read(request: BuildRequest, blob: bytes, ids: np.ndarray, batch: int = 300) -> Any:
@@ -57,22 +44,7 @@ def build_and_read(request: BuildRequest, blob: bytes, ids: np.ndarray, batch: i
     return raw
 
 
-def sparse_ids(n: int) -> np.ndarray:
-    rng = np.random.default_rng(3)
-    return np.sort(rng.choice(10 * n, n, replace=False)).astype(np.int32)
-
-
-CASES = [
-    ("float", "l2", b"IHNf", b"IxF2"),
-    ("float", "innerproduct", b"IHNf", b"IxFI"),
-    ("half_float", "l2", b"IHNs", b"IxSQ"),
-    ("half_float", "innerproduct", b"IHNs", b"IxSQ"),
-    ("byte", "l2", b"IHNs", b"IxSQ"),
-    ("byte", "innerproduct", b"IHNs", b"IxSQ"),
-]
-
-
-@pytest.mark.parametrize(("data_type", "space", "hnsw_tag", "storage_tag"), CASES)
+@pytest.mark.parametrize(("data_type", "space", "hnsw_tag", "storage_tag"), FLOAT_FAMILY_LAYOUTS)
 def test_float_family_layout_ids_and_recall(
     data_type: str, space: str, hnsw_tag: bytes, storage_tag: bytes
 ) -> None:

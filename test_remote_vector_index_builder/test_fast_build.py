@@ -16,16 +16,18 @@ from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMod
 from remote_vector_index_builder.core.errors import CancelledError
 from remote_vector_index_builder.core.params import SpaceType
 from test_remote_vector_index_builder.data import (
+    FLOAT_FAMILY_LAYOUTS,
     ID_MAP_HEADER,
     clustered,
     doc_id_blob,
+    make_request,
     normalized,
     recall_at_k,
+    sparse_ids,
     to_binary,
     to_int8,
     vector_blob,
 )
-from test_remote_vector_index_builder.test_cpu_builder import CASES, make_request, sparse_ids
 
 
 def decaying(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -62,7 +64,7 @@ def typed(rows: np.ndarray, data_type: str, space: str) -> np.ndarray:
     return to_int8(rows) if data_type == "byte" else rows
 
 
-@pytest.mark.parametrize(("data_type", "space", "hnsw_tag", "storage_tag"), CASES)
+@pytest.mark.parametrize(("data_type", "space", "hnsw_tag", "storage_tag"), FLOAT_FAMILY_LAYOUTS)
 def test_fast_index_layout_and_recall_per_data_type(
     data_type: str, space: str, hnsw_tag: bytes, storage_tag: bytes
 ) -> None:

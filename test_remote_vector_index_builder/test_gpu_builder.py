@@ -18,12 +18,12 @@ import pytest
 from remote_vector_index_builder.core import dataset, index_io
 from remote_vector_index_builder.core.builder import BuilderOptions, Device, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.errors import BuildError, CancelledError, GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import (
     CagraParams,
     GpuBuilder,
     GraphBuildAlgo,
-    NumericType,
     _attach_ids,
     _hnsw_target,
     _host_rows,
@@ -37,54 +37,17 @@ from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,
     ID_MAP_HEADER,
     clustered,
-    doc_id_blob,
-    normalized,
+    doc_ids,
+    make_dataset,
+    make_request,
     recall_at_k,
+    rows_for,
     to_binary,
     to_int8,
-    vector_blob,
 )
 
 # Faiss's bundled stubs (1.15) lack IndexHNSWCagra and IndexBinaryHNSWCagra's fields.
 untyped_faiss: Any = faiss
-
-
-def make_request(
-    data_type: str = "float", space: str = "l2", dim: int = 32, n: int = 2000, **params: Any
-) -> BuildRequest:
-    return BuildRequest.model_validate(
-        {
-            "repository_type": "s3",
-            "container_name": "b",
-            "vector_path": "x/seg.knnvec",
-            "doc_id_path": "x/seg.knndid",
-            "dimension": dim,
-            "doc_count": n,
-            "data_type": data_type,
-            "index_parameters": {"space_type": space, "algorithm_parameters": params},
-        }
-    )
-
-
-def rows_for(data_type: str, space: str, n: int, dim: int) -> np.ndarray:
-    base = clustered(n, dim, seed=1)  # binary: dim counts bits, packed 8 per byte
-    if data_type == "binary":
-        return to_binary(base)
-    if space == "innerproduct":
-        base = normalized(base)
-    return to_int8(base) if data_type == "byte" else base
-
-
-def make_dataset(request: BuildRequest, rows: np.ndarray, ids: np.ndarray) -> dataset.Dataset:
-    return dataset.parse(
-        request,
-        np.frombuffer(bytearray(vector_blob(rows)), dtype=np.uint8),
-        np.frombuffer(bytearray(doc_id_blob(ids)), dtype=np.uint8),
-    )
-
-
-def doc_ids(n: int) -> np.ndarray:
-    return (np.arange(n, dtype=np.int32) * 3 + 7).astype(np.int32)  # not row positions
 
 
 def serialized(index: Any) -> bytes:

@@ -19,8 +19,7 @@ from remote_vector_index_builder.core.errors import GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import GpuBuilder
 from remote_vector_index_builder.core.gpu_probe import ProbeState, probe_gpu
 from remote_vector_index_builder.core.s3_calls import S3Config
-from test_remote_vector_index_builder.support import make_settings
-from test_remote_vector_index_builder.test_metrics import parse, value
+from test_remote_vector_index_builder.support import make_settings, metric_value, parse_metrics
 
 faiss_cpu = pytest.mark.skipif(
     hasattr(faiss, "GpuIndexCagra"), reason="the GPU wheel is installed (test_gpu_wheel.py)"
@@ -44,8 +43,8 @@ def test_heart_beat_and_metrics_report_the_probe(
     gpu = client.get("/_heart_beat").json()["gpu"]
     assert (gpu["state"], gpu["usable"], gpu["gpus"]) == (state, False, 0)
     response = client.get("/metrics")
-    samples = parse(response.text)
-    assert value(samples, "rvib_device_probe_info", state=state) == 1
+    samples = parse_metrics(response.text)
+    assert metric_value(samples, "rvib_device_probe_info", state=state) == 1
     assert ("rvib_device_probe_gpus", frozenset()) in samples
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from remote_vector_index_builder.core import index_io, memory
+from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.gpu_builder import (
     CagraParams,
-    NumericType,
     _finish,
     _hnsw_target,
     _id_map,
@@ -33,9 +33,11 @@ from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,
     ID_MAP_HEADER,
+    doc_ids,
+    make_request,
     recall_at_k,
+    rows_for,
 )
-from test_remote_vector_index_builder.test_gpu_builder import doc_ids, make_request, rows_for
 
 untyped_faiss: Any = faiss
 

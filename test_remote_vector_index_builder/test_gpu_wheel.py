@@ -20,20 +20,20 @@ import pytest
 from remote_vector_index_builder.core import gpu_builder
 from remote_vector_index_builder.core.builder import BuilderOptions, Device, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.errors import BuildError, GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import (
     GpuBuilder,
-    NumericType,
     _CagraSession,
     _set,
     cagra_params,
 )
 from remote_vector_index_builder.core.gpu_probe import ProbeState, probe_gpu
-from test_remote_vector_index_builder.data import recall_at_k
-from test_remote_vector_index_builder.test_gpu_builder import (
+from test_remote_vector_index_builder.data import (
     doc_ids,
     make_dataset,
     make_request,
+    recall_at_k,
     rows_for,
 )
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from remote_vector_index_builder.core import memory
+from remote_vector_index_builder.core.data_types import DataType
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import S3ObjectStore
-from remote_vector_index_builder.core.params import BuildRequest, DataType
+from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import MIB, S3Config
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 

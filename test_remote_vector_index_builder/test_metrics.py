@@ -7,21 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from remote_vector_index_builder.app.metrics import GpuSample, Metrics, Nvml
 from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import GatedStore, fast_body, upload, wait_terminal
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from test_remote_vector_index_builder.support import MetricSamples as Samples
+from test_remote_vector_index_builder.support import metric_value as value
+from test_remote_vector_index_builder.support import parse_metrics as parse
 
 
 def scrape(client: TestClient) -> Samples:
@@ -29,10 +21,6 @@ def scrape(client: TestClient) -> Samples:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     return parse(response.text)
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def test_metrics_follow_a_real_job(

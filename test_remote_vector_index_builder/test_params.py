@@ -4,8 +4,9 @@ from typing import Any
 
 import pytest
 
+from remote_vector_index_builder.core.data_types import DataType
 from remote_vector_index_builder.core.errors import InvalidRequestError
-from remote_vector_index_builder.core.params import BuildRequest, DataType, SpaceType, parse_request
+from remote_vector_index_builder.core.params import BuildRequest, SpaceType, parse_request
 from test_remote_vector_index_builder.support import required_body
 
 

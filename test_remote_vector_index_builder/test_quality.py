@@ -20,13 +20,14 @@ from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from test_remote_vector_index_builder.data import (
     clustered,
     doc_id_blob,
+    make_request,
     normalized,
+    sparse_ids,
     to_binary,
     to_int8,
     vector_blob,
 )
-from test_remote_vector_index_builder.test_cpu_builder import make_request, sparse_ids
-from test_remote_vector_index_builder.test_workflow import request_for
+from test_remote_vector_index_builder.support import request_for
 
 
 def parsed(request: Any, rows: np.ndarray, ids: np.ndarray) -> dataset.Dataset:

@@ -30,20 +30,7 @@ from test_remote_vector_index_builder.data import (
     vector_blob,
 )
 from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
-
-
-def request_for(bucket: str, stem: str, dim: int, n: int, **kw: Any) -> BuildRequest:
-    return BuildRequest.model_validate(
-        {
-            "repository_type": "s3",
-            "container_name": bucket,
-            "vector_path": f"{stem}.knnvec",
-            "doc_id_path": f"{stem}.knndid",
-            "dimension": dim,
-            "doc_count": n,
-            **kw,
-        }
-    )
+from test_remote_vector_index_builder.support import request_for
 
 
 def keys(s3_client: Any, bucket: str) -> set[str]:

@@ -22,8 +22,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from remote_vector_index_builder.core.data_types import DataType
 from remote_vector_index_builder.core.gpu_probe import GpuProbe
-from remote_vector_index_builder.core.params import DataType
 from remote_vector_index_builder.core.workflow import Stage
 
 log = logging.getLogger(__name__)

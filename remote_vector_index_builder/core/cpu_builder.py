@@ -35,7 +35,7 @@ from remote_vector_index_builder.core.index_builder import (
     Progress,
     faiss_metric,
 )
-from remote_vector_index_builder.core.params import BuildRequest, DataType
+from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.quality import BuildNotes
 
 # Rows of int8 converted to fp32 per ``add`` (``core.memory`` counts one such buffer).
@@ -44,21 +44,18 @@ CONVERT_ROWS = 8192
 
 def _inner_index(request: BuildRequest) -> FaissIndex:
     d, m = request.dimension, request.m
-    if request.data_type is DataType.BINARY:
+    spec = request.data_type.spec
+    if spec.packed_bits:
         inner = faiss.IndexBinaryHNSW(d, m)
     elif request.skip_stored_vectors:
         # A CAGRA-typed HNSW is the only section the data node accepts without
         # storage; built as a full multi-level HNSW on the CPU.
         inner = faiss.IndexHNSWCagra(d, m, faiss_metric(request.space_type))
         inner.base_level_only = False
-    elif request.data_type is DataType.FLOAT:
+    elif spec.sq_type is None:
         inner = faiss.IndexHNSWFlat(d, m, faiss_metric(request.space_type))
     else:
-        qtype = (
-            faiss.ScalarQuantizer.QT_fp16
-            if request.data_type is DataType.HALF_FLOAT
-            else faiss.ScalarQuantizer.QT_8bit_direct_signed
-        )
+        qtype = getattr(faiss.ScalarQuantizer, spec.sq_type)
         inner = faiss.IndexHNSWSQ(d, qtype, m, faiss_metric(request.space_type))
     inner.hnsw.efConstruction = request.ef_construction
     inner.hnsw.efSearch = request.ef_search
@@ -147,7 +144,7 @@ class CpuBuilder:
         progress: Progress | None = None,
         prepared: PreparedIndex | None = None,
     ) -> FaissIndex:
-        binary = request.data_type is DataType.BINARY
+        binary = request.data_type.spec.packed_bits
         prepared = prepared if prepared is not None else self.prepare(request)
         inner, notes = prepared.inner, prepared.notes
         index = id_mapped(inner, binary)
@@ -196,7 +193,7 @@ class CpuBuilder:
     ) -> None:
         """The standard build: batches through ``add_with_ids``, releasing the blob."""
         scratch: np.ndarray | None = None
-        binary = request.data_type is DataType.BINARY
+        binary = request.data_type.spec.packed_bits
         for start, batch in dataset.batches(self.add_batch_rows):
             if binary or batch.dtype == np.float32:
                 index.add_with_ids(batch, ids[start : start + len(batch)])

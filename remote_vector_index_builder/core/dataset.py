@@ -14,18 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from remote_vector_index_builder.core.data_types import DataType
 from remote_vector_index_builder.core.errors import DatasetError
-from remote_vector_index_builder.core.params import BuildRequest, DataType
+from remote_vector_index_builder.core.params import BuildRequest
 
-_ROW_DTYPES: dict[DataType, np.dtype] = {
-    DataType.FLOAT: np.dtype("<f4"),
-    DataType.HALF_FLOAT: np.dtype("<f4"),
-    DataType.BYTE: np.dtype("i1"),
-    DataType.BINARY: np.dtype("u1"),
-}
 _DOC_ID_DTYPE = np.dtype("<i4")
-# fp16's largest finite value: larger magnitudes would become inf in fp16 storage.
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass
@@ -86,11 +79,11 @@ def _check_size(what: str, actual: int, expected: int, formula: str, key: str) -
 
 def check_sizes(request: BuildRequest, vector_bytes: int, doc_id_bytes: int) -> None:
     """Compare blob sizes with what the request implies (called before downloading)."""
-    row_dtype = _ROW_DTYPES[request.data_type]
+    spec = request.data_type.spec
     per_row = (
         f"{request.dimension} bits / 8"
-        if request.data_type is DataType.BINARY
-        else f"{request.dimension} x {row_dtype.itemsize}"
+        if spec.packed_bits
+        else f"{request.dimension} x {spec.blob_dtype.itemsize}"
     )
     _check_size(
         "vector",
@@ -111,7 +104,7 @@ def check_sizes(request: BuildRequest, vector_bytes: int, doc_id_bytes: int) -> 
 def parse(request: BuildRequest, vector_blob: np.ndarray, doc_id_blob: np.ndarray) -> Dataset:
     """View the two downloaded ``uint8`` buffers as typed arrays (no copies)."""
     check_sizes(request, vector_blob.nbytes, doc_id_blob.nbytes)
-    row_dtype = _ROW_DTYPES[request.data_type]
+    row_dtype = request.data_type.spec.blob_dtype
     columns = request.row_bytes // row_dtype.itemsize
     vectors = vector_blob.view(row_dtype).reshape(request.doc_count, columns)
     doc_ids = doc_id_blob.view(_DOC_ID_DTYPE)
@@ -120,9 +113,10 @@ def parse(request: BuildRequest, vector_blob: np.ndarray, doc_id_blob: np.ndarra
 
 def check_values(dataset: Dataset, rows: int = 16384) -> None:
     """Reject values the index cannot hold, in batches so no full-size temporary exists."""
-    if dataset.data_type not in (DataType.FLOAT, DataType.HALF_FLOAT):
+    spec = dataset.data_type.spec
+    if not spec.finite_only:
         return
-    limit = FP16_MAX if dataset.data_type is DataType.HALF_FLOAT else None
+    limit = spec.max_magnitude
     for start, batch in dataset.batches(rows):
         finite = np.isfinite(batch)
         if not finite.all():
@@ -137,7 +131,7 @@ def check_values(dataset: Dataset, rows: int = 16384) -> None:
                 row = start + int(np.argwhere(too_big)[0][0])
                 raise DatasetError(
                     f"vector at row {row} (doc id {int(dataset.doc_ids[row])}) has a value "
-                    f"beyond the fp16 range (+-{limit:.0f}) of data_type half_float"
+                    f"beyond the fp16 range (+-{limit:.0f}) of data_type {dataset.data_type.value}"
                 )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64, to_fp16
 from remote_vector_index_builder.core.errors import BuildError, GpuUnavailableError
 from remote_vector_index_builder.core.index_builder import (
@@ -40,16 +41,9 @@ from remote_vector_index_builder.core.index_builder import (
     faiss_metric,
     gpu_available,
 )
-from remote_vector_index_builder.core.params import BuildRequest, DataType
+from remote_vector_index_builder.core.params import BuildRequest
 
 log = logging.getLogger(__name__)
-
-
-class NumericType(StrEnum):  # element type handed to the GPU; values name Faiss constants
-    FLOAT32 = "Float32"
-    FLOAT16 = "Float16"
-    INT8 = "Int8"
-    UINT8_BITS = "uint8 bits"  # packed binary codes: GpuIndexBinaryCagra takes no numeric type
 
 
 class GraphBuildAlgo(StrEnum):  # how cuVS builds the kNN graph it prunes; Faiss constants
@@ -76,6 +70,7 @@ class CagraParams:
     doc_count: int
     metric: int | None  # None for binary: binary CAGRA is always Hamming
     numeric_type: NumericType
+    host_dtype: np.dtype  # of the rows train() reads (DataTypeSpec.gpu_row_dtype)
     graph_degree: int
     # Stock Faiss widens this to 1.5 x graph_degree when the two are equal on the IVF-PQ path
     # (CuvsCagra::train), so at m=16 cuVS prunes 96 candidates per vector down to 64. We do not
@@ -127,16 +122,9 @@ class CagraParams:
         return self.intermediate_graph_degree
 
 
-_NUMERIC_TYPES = {
-    DataType.FLOAT: NumericType.FLOAT32,
-    DataType.HALF_FLOAT: NumericType.FLOAT16,
-    DataType.BYTE: NumericType.INT8,
-    DataType.BINARY: NumericType.UINT8_BITS,
-}
-
-
 def cagra_params(request: BuildRequest) -> CagraParams:
-    binary = request.data_type is DataType.BINARY
+    spec = request.data_type.spec
+    binary = spec.packed_bits
     n_lists = max(1, int(math.sqrt(request.doc_count)))
     ivf_pq = IvfPqParams(
         n_lists=n_lists,
@@ -148,7 +136,8 @@ def cagra_params(request: BuildRequest) -> CagraParams:
         dimension=request.dimension,
         doc_count=request.doc_count,
         metric=None if binary else faiss_metric(request.space_type),
-        numeric_type=_NUMERIC_TYPES[request.data_type],
+        numeric_type=spec.cagra_type,
+        host_dtype=spec.gpu_row_dtype,
         graph_degree=4 * request.m,
         intermediate_graph_degree=4 * request.m,
         build_algo=GraphBuildAlgo.NN_DESCENT if binary else GraphBuildAlgo.IVF_PQ,
@@ -195,14 +184,9 @@ def _set(obj: Any, **fields: Any) -> None:
 
 def _host_rows(params: CagraParams, dataset: Dataset) -> np.ndarray:
     """The array train() gets: C-contiguous, of the exact dtype, so Faiss uses it without a copy."""
-    if params.numeric_type is NumericType.FLOAT16:
+    if params.host_dtype == np.float16:
         return to_fp16(dataset.vectors)  # we keep no reference to the fp32 view after this
-    dtype = {
-        NumericType.FLOAT32: np.float32,
-        NumericType.INT8: np.int8,
-        NumericType.UINT8_BITS: np.uint8,
-    }[params.numeric_type]
-    rows = np.ascontiguousarray(dataset.vectors, dtype=dtype)
+    rows = np.ascontiguousarray(dataset.vectors, dtype=params.host_dtype)
     if params.numeric_type is NumericType.INT8 and not rows.flags.writeable:
         rows = rows.copy()  # copyTo shifts int8 rows by +128 in place to encode them, then back
     return rows

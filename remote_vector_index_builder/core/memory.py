@@ -67,16 +67,15 @@ import math
 from dataclasses import dataclass
 
 from remote_vector_index_builder.core.multipart import UploadPlan
-from remote_vector_index_builder.core.params import BuildRequest, DataType
+from remote_vector_index_builder.core.params import BuildRequest
 
 MIB = 1024**2
 # Per-job allowance for Faiss scratch space, thread stacks and Python objects:
 # what remained of measured peaks beyond the moments above was 10-40 MB
 # (benchmarks/README.md, section 2).
 FIXED_OVERHEAD = 64 * MIB
-# Rows per ``dataset.check_values`` batch and bytes per value of its temporaries.
+# Rows per ``dataset.check_values`` batch (its temporaries: ``DataTypeSpec``).
 _CHECK_ROWS = 16384
-_CHECK_BYTES_PER_VALUE = {DataType.FLOAT: 1, DataType.HALF_FLOAT: 6}
 # Faiss hands the upload 4 MiB at a time (index_io's chunk).
 _WRITE_CHUNK = 4 * MIB
 
@@ -95,12 +94,7 @@ def storage_bytes_per_vector(request: BuildRequest) -> float:
     d = request.dimension
     if request.skip_stored_vectors:
         return 4.0 * d  # built with flat fp32 storage, dropped at write time
-    return {
-        DataType.FLOAT: 4.0 * d,
-        DataType.HALF_FLOAT: 2.0 * d,
-        DataType.BYTE: 1.0 * d,
-        DataType.BINARY: d / 8,
-    }[request.data_type]
+    return d * request.data_type.spec.storage_bytes_per_dimension
 
 
 def graph_bytes_per_vector(m: int) -> float:
@@ -138,11 +132,12 @@ def cpu_host_bytes(request: BuildRequest, *, upload: UploadPlan, add_batch_rows:
     index = index_bytes(request)
     batch = min(add_batch_rows, n)
 
-    check = min(_CHECK_ROWS, n) * d * _CHECK_BYTES_PER_VALUE.get(request.data_type, 0)
+    spec = request.data_type.spec
+    check = min(_CHECK_ROWS, n) * d * spec.check_bytes_per_value
     parse = vector_blob + doc_ids + check
 
     overlap = batch * min(request.row_bytes, storage_pv)
-    convert = min(batch, CONVERT_ROWS) * d * 4 if request.data_type is DataType.BYTE else 0
+    convert = min(batch, CONVERT_ROWS) * d * 4 if spec.converts_for_faiss else 0
     build = max(vector_blob, storage) + overlap + convert + 2 * graph + 2 * n * 8 + doc_ids
 
     sending = index + upload_buffer_bytes(request, upload) + _WRITE_CHUNK
@@ -178,20 +173,14 @@ def _cagra_degrees(request: BuildRequest) -> tuple[int, int]:
     """(intermediate degree cuVS uses, final degree): stock Faiss widens the intermediate
     degree 1.5x on the IVF-PQ path when the two are equal (gpu_builder.CagraParams)."""
     degree = 4 * request.m
-    if request.data_type is DataType.BINARY:
+    if request.data_type.spec.packed_bits:
         return degree, degree
     return int(1.5 * degree), degree
 
 
 def gpu_storage_bytes_per_vector(request: BuildRequest) -> float:
     """What copyTo fills, by numeric type; skip_stored_vectors drops it only when writing."""
-    d = request.dimension
-    return {
-        DataType.FLOAT: 4.0 * d,
-        DataType.HALF_FLOAT: 2.0 * d,
-        DataType.BYTE: 1.0 * d,
-        DataType.BINARY: d / 8,
-    }[request.data_type]
+    return request.dimension * request.data_type.spec.storage_bytes_per_dimension
 
 
 def gpu_graph_bytes_per_vector(request: BuildRequest) -> float:
@@ -215,15 +204,17 @@ def gpu_estimate(request: BuildRequest, *, upload: UploadPlan) -> MemoryEstimate
     n, d = request.doc_count, request.dimension
     intermediate, degree = _cagra_degrees(request)
     blobs = request.vector_blob_bytes + request.doc_id_blob_bytes
-    fp16_rows = n * d * 2 if request.data_type is DataType.HALF_FLOAT else 0
+    spec = request.data_type.spec
+    # half_float: the fp16 copy of the rows that CAGRA trains on.
+    converted = n * d * spec.gpu_row_dtype.itemsize if spec.gpu_converts else 0
 
     graph_pv = gpu_graph_bytes_per_vector(request)
     index = gpu_index_bytes(request)
 
-    train = blobs + fp16_rows + n * (intermediate + degree) * 4
+    train = blobs + converted + n * (intermediate + degree) * 4
     copy = (
         blobs
-        + fp16_rows
+        + converted
         + n * gpu_storage_bytes_per_vector(request)
         + n * graph_pv
         + n * degree * 8  # get_knngraph's int64 graph
@@ -232,7 +223,7 @@ def gpu_estimate(request: BuildRequest, *, upload: UploadPlan) -> MemoryEstimate
     sending = index + upload_buffer_bytes(request, upload) + _WRITE_CHUNK
     host = max(train, copy, finish, sending) + FIXED_OVERHEAD + GPU_HOST_OVERHEAD
 
-    if request.data_type is DataType.BINARY:
+    if spec.packed_bits:
         padded = -(-intermediate // _NN_DESCENT_ROUND) * _NN_DESCENT_ROUND
         graph_build = n * d / 8 + 2 * n * padded * (4 + 4)  # rows; ids + distances, twice
     else:

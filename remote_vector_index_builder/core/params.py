@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from remote_vector_index_builder.core.data_types import DataType
 from remote_vector_index_builder.core.errors import InvalidRequestError
 
 VECTOR_SUFFIX = ".knnvec"
@@ -29,18 +30,6 @@ INT32_MAX = 2**31 - 1
 # "." or "..", which some servers and proxies would resolve as a path segment.
 BUCKET_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,253}[A-Za-z0-9])?$"
 _BUCKET = re.compile(BUCKET_PATTERN)
-
-
-class DataType(StrEnum):
-    FLOAT = "float"
-    HALF_FLOAT = "half_float"
-    BYTE = "byte"
-    BINARY = "binary"
-
-    @property
-    def bytes_per_row_factor(self) -> float:
-        """Bytes per dimension in the vector blob (binary: dimension counts bits)."""
-        return {"float": 4.0, "half_float": 4.0, "byte": 1.0, "binary": 0.125}[self.value]
 
 
 class SpaceType(StrEnum):
@@ -146,7 +135,7 @@ class BuildRequest(BaseModel):
     @model_validator(mode="after")
     def _buildable(self) -> BuildRequest:
         space = self.index_parameters.space_type
-        if self.data_type is DataType.BINARY:
+        if self.data_type.spec.packed_bits:
             if self.dimension % 8:
                 raise ValueError(
                     f"dimension counts bits for data_type binary and must be a multiple of 8, "
@@ -184,10 +173,8 @@ class BuildRequest(BaseModel):
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one row in the vector blob."""
-        if self.data_type is DataType.BINARY:
-            return self.dimension // 8
-        return int(self.dimension * self.data_type.bytes_per_row_factor)
+        """Bytes of one row in the vector blob (binary: ``dimension`` bits, a multiple of 8)."""
+        return int(self.dimension * self.data_type.spec.blob_bytes_per_dimension)
 
     @property
     def vector_blob_bytes(self) -> int:

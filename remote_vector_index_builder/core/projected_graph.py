@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 from remote_vector_index_builder.core import quality
 from remote_vector_index_builder.core.dataset import Dataset
 from remote_vector_index_builder.core.index_builder import FaissIndex, Progress, faiss_metric
-from remote_vector_index_builder.core.params import BuildRequest, DataType, SpaceType
+from remote_vector_index_builder.core.params import BuildRequest, SpaceType
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def build(
     makes an empty standard inner index (for the pilot). The projection and the
     pilot use a seeded sample copied from the still complete blob.
     """
-    if request.data_type is DataType.BINARY:
+    if request.data_type.spec.packed_bits:
         raise ValueError("the fast build does not handle binary vectors")
     n = dataset.count
     rng = np.random.default_rng(SEED)
