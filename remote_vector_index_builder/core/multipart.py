@@ -109,6 +109,31 @@ class UploadPlan:
         return self.overlap_part(size) * (OVERLAP_PARTS_IN_FLIGHT + 1)
 
 
+def abort_upload(s3: S3Calls, where: str, target: dict[str, Any], upload_id: str) -> None:
+    """Abort a multipart upload; one already gone (NoSuchUpload) counts as aborted.
+
+    Retried like any call: a throttled abort would leave the parts behind.
+    """
+    abort = s3.client.abort_multipart_upload
+    try:
+        s3.call(f"abort of {where}", abort, **target, UploadId=upload_id)
+    except ObjectStoreError as exc:
+        if exc.code != "NoSuchUpload":
+            raise
+
+
+class _Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+def abort_quietly(upload: _Abortable) -> None:
+    """Abort after a failure: the error that made us abort matters more than the clean-up's."""
+    try:
+        upload.abort()
+    except ObjectStoreError as exc:
+        log.warning("%s; an incomplete multipart upload may remain", exc)
+
+
 class MultipartUpload:
     """Streams writes into parts; a multipart upload starts only once a part is full.
 
@@ -308,21 +333,10 @@ class MultipartUpload:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._upload_id is None:
             return
-        abort = self._client.abort_multipart_upload
-        try:
-            # Retried like any call: a throttled abort would leave the parts behind.
-            where = f"abort of {self._where}"
-            self._s3.call(where, abort, **self._object, UploadId=self._upload_id)
-        except ObjectStoreError as exc:
-            if exc.code != "NoSuchUpload":
-                raise
+        abort_upload(self._s3, self._where, self._object, self._upload_id)
 
     def _abort_quietly(self) -> None:
-        # The error that made us abort matters more than a failed clean-up.
-        try:
-            self.abort()
-        except ObjectStoreError as exc:
-            log.warning("%s; an incomplete multipart upload may remain", exc)
+        abort_quietly(self)
 
 
 # S3's largest part number.
@@ -436,16 +450,7 @@ class NumberedUpload:
         self._state = "aborted"
         # Parts still in flight would otherwise land after the abort and linger.
         self._pool.shutdown(wait=True, cancel_futures=True)
-        abort = self._s3.client.abort_multipart_upload
-        try:
-            where = f"abort of {self._where}"
-            self._s3.call(where, abort, **self._object, UploadId=self._upload_id)
-        except ObjectStoreError as exc:
-            if exc.code != "NoSuchUpload":
-                raise
+        abort_upload(self._s3, self._where, self._object, self._upload_id)
 
     def _abort_quietly(self) -> None:
-        try:
-            self.abort()
-        except ObjectStoreError as exc:
-            log.warning("%s; an incomplete multipart upload may remain", exc)
+        abort_quietly(self)
