@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core import index_io
+from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
 from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import (
@@ -31,6 +32,7 @@ from test_remote_vector_index_builder.support import (
     Clock,
     GatedStore,
     build_body,
+    fast_body,
     make_settings,
     upload,
     wait_terminal,
@@ -414,3 +416,35 @@ def test_unexpected_failure_is_logged_with_its_traceback(
     # The formatted traceback names the frame that raised, not "NoneType: None".
     text = logging.Formatter().format(record)
     assert "raise_a_bug" in text and "NoneType: None" not in text
+
+
+class _ThreadCountingBuilder:
+    """The real CPU builder, noting the OpenMP thread count Faiss builds with."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self.inner = CpuBuilder()
+        self.threads: list[int] = []
+
+    def prepare(self, request: Any) -> Any:
+        return self.inner.prepare(request)
+
+    def build(self, request: Any, dataset: Any, progress: Any = None, prepared: Any = None) -> Any:
+        self.threads.append(faiss.omp_get_max_threads())
+        return self.inner.build(request, dataset, progress, prepared)
+
+
+def test_builds_use_the_configured_openmp_threads(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str
+) -> None:
+    # OpenMP's thread count is per thread: set only where the service starts, the build
+    # threads used every CPU (two one-thread replicas then ran four threads on 2 cores).
+    # A count other than the CPUs this process may use, so the default cannot pass.
+    wanted = len(os.sched_getaffinity(0)) + 1
+    builder = _ThreadCountingBuilder()
+    client = service(builder=builder, omp_threads=wanted)
+    upload(s3_client, bucket, "idx/omp", clustered(500, 8))
+    job_id = client.post("/_build", json=fast_body(bucket, "idx/omp", 8, 500)).json()["job_id"]
+    assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+    assert builder.threads == [wanted]

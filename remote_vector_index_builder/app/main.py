@@ -116,6 +116,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 on_gpu=on_gpu,
                 time_limit_s=settings.job_time_limit_seconds,
                 build_nice=settings.build_nice,
+                omp_threads=settings.effective_omp_threads(),
             ),
             jobs if fleet is None else fleet.jobs,
             store,

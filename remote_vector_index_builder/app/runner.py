@@ -30,7 +30,7 @@ from remote_vector_index_builder.core.errors import (
     RvibError,
     ServiceUnavailableError,
 )
-from remote_vector_index_builder.core.index_builder import IndexBuilder
+from remote_vector_index_builder.core.index_builder import IndexBuilder, set_build_threads
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import ObjectStore
@@ -251,6 +251,8 @@ class RunnerConfig:
     # Added to the niceness of the build threads (Linux: per thread, inherited by
     # the threads they start).
     build_nice: int = 0
+    # Faiss's OpenMP threads per build (RVIB_OMP_THREADS; set on each build thread).
+    omp_threads: int | None = None
     # How often the watchdog looks for builds over the time limit (wall time).
     watchdog_interval_s: float = 1.0
 
@@ -270,6 +272,13 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
     except OSError as exc:
         log.warning("could not lower the priority of build thread %d: %s", thread, exc)
+
+
+def _start_build_thread(nice: int, omp_threads: int | None) -> None:
+    """The build threads' initializer: their priority and their OpenMP thread count."""
+    _lower_priority(nice)
+    if omp_threads is not None:
+        set_build_threads(omp_threads)
 
 
 class Runner:
@@ -297,8 +306,8 @@ class Runner:
         self._pool = ThreadPoolExecutor(
             config.max_workers,
             thread_name_prefix="build",
-            initializer=_lower_priority,
-            initargs=(config.build_nice,),
+            initializer=_start_build_thread,
+            initargs=(config.build_nice, config.omp_threads),
         )
         # By job id; the job is kept too because a cancelled job's id can be
         # resubmitted while its old thread is still winding down.
