@@ -91,7 +91,10 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.ping():
                 return
-            time.sleep(0.005)
+            # Between pings, wait on the server itself: a server that exits ends the wait.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.process.wait(timeout=0.005)
+                raise RuntimeError(f"redis-server on port {self.port} exited with {code}")
         raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
 
     def ping(self) -> bool:
@@ -156,7 +159,10 @@ class Replica:
                 status, _, _ = request("GET", f"{self.url}/_ready", timeout=1)
                 if status == 200:
                     return
-            time.sleep(0.05)
+            # Between probes, wait on the process: one that exits is reported at once.
+            if self.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=0.05)
         raise RuntimeError(f"replica {self.replica_id} not ready: {self.log()[-2000:]}")
 
     def alive(self) -> bool:

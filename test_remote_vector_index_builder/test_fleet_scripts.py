@@ -122,6 +122,12 @@ def status(url: str, job_id: str) -> dict[str, Any]:
     return with_service(url, lambda s: s.status(job_id))
 
 
+def run_out_lease(url: str, job_id: str) -> None:
+    """The owner stopped renewing: its lease's expiry (Redis's clock, ms) lies in the past."""
+    r: Any = redis.Redis.from_url(url, decode_responses=True)
+    assert r.zadd(LEASES, {job_id: 0}, xx=True, ch=True) == 1
+
+
 def test_concurrent_duplicate_submits_create_one_job(redis_server: RedisServer) -> None:
     url = redis_server.url
     request = build_request()
@@ -157,7 +163,7 @@ def test_claim_lease_reclaim_and_fencing(redis_server: RedisServer) -> None:
     assert b.renew([(job_id, 1, "", "{}", "cpu")]) == [(False, False)]
     assert a.renew([(job_id, 1, "building", "{}", "cpu")]) == [(True, False)]
     assert b.reclaim(job_id) == "alive"  # the lease has not run out on Redis's clock
-    time.sleep(0.4)
+    run_out_lease(url, job_id)
     assert b.expired(10) == [job_id]
     assert b.reclaim(job_id) == "queued"
     assert status(url, job_id)["task_status"] == "RUNNING_INDEX_BUILD"
@@ -194,7 +200,7 @@ def test_a_job_interrupted_max_attempts_times_fails_with_that_message(
     outcomes = []
     for attempt in (1, 2):
         assert store.claim(job_id) == attempt
-        time.sleep(0.1)
+        run_out_lease(url, job_id)
         outcomes.append(store.reclaim(job_id))
     assert outcomes == ["queued", "failed"]
     body = status(url, job_id)
@@ -231,7 +237,7 @@ def test_cancel_queued_and_owned_jobs(redis_server: RedisServer) -> None:
             break
     assert message is not None and message["data"] == f"cancel {owned}"
     assert store.renew([(owned, 1, "", "{}", "cpu")]) == [(True, True)]  # the flag, too
-    time.sleep(0.3)  # the owner died: the reaper ends it as cancelled
+    run_out_lease(url, owned)  # the owner died: the reaper ends it as cancelled
     assert store.reclaim(owned) == "cancelled"
     assert status(url, owned)["error_message"] == "cancelled by operator"
 
