@@ -49,23 +49,13 @@ from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, S3Config
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 from test_remote_vector_index_builder.fleet_harness import RedisServer
-from test_remote_vector_index_builder.support import make_settings
+from test_remote_vector_index_builder.support import make_settings, request_for
 
 T = TypeVar("T")
 
 
 def build_request(path: str = "idx/seg", **kw: Any) -> BuildRequest:
-    return BuildRequest.model_validate(
-        {
-            "repository_type": "s3",
-            "container_name": "b",
-            "vector_path": f"{path}.knnvec",
-            "doc_id_path": f"{path}.knndid",
-            "dimension": 8,
-            "doc_count": 10,
-            **kw,
-        }
-    )
+    return request_for("b", path, 8, 10, **kw)
 
 
 def fleet_config(url: str, replica: str = "r1", **kw: Any) -> FleetConfig:

@@ -14,6 +14,7 @@ from remote_vector_index_builder.core.errors import (
     StoreFullError,
 )
 from remote_vector_index_builder.core.params import BuildRequest
+from test_remote_vector_index_builder.support import request_for
 
 
 class FakeClock:
@@ -27,17 +28,7 @@ class FakeClock:
 
 
 def request(path: str = "idx/seg", **kw: Any) -> BuildRequest:
-    return BuildRequest.model_validate(
-        {
-            "repository_type": "s3",
-            "container_name": "b",
-            "vector_path": f"{path}.knnvec",
-            "doc_id_path": f"{path}.knndid",
-            "dimension": 8,
-            "doc_count": 10,
-            **kw,
-        }
-    )
+    return request_for("b", path, 8, 10, **kw)
 
 
 def test_active_jobs_never_expire_and_ttl_counts_from_finish() -> None:
