@@ -36,7 +36,6 @@ from remote_vector_index_builder.app.fleet_leases import FleetJobs
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     CHANNEL,
-    UNAVAILABLE,
     FleetConfig,
     FleetMetrics,
     FleetStore,
@@ -174,7 +173,7 @@ class Fleet:
             self.config.url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **options
         )
         self.metrics = FleetMetrics(registry)
-        self.health = Health(self.metrics)
+        self.health = Health(self.metrics, self.config.retry_after_s)
         self.store = FleetStore(sync_client, self.config, self.health)
         self.cache = StatusCache()
         self.wake = threading.Event()
@@ -358,14 +357,19 @@ class Fleet:
     def _listen_loop(self) -> None:
         while not self._closed.is_set():
             try:
-                for kind, job_id in self._events():
-                    if kind == "cancel":
-                        self.jobs.cancel_local(job_id)
-                    elif kind == "submitted":
-                        self.wake.set()
-            except UNAVAILABLE as exc:
-                self.health.error("events", exc)
-                self._closed.wait(1.0)
+                with self.health.guard("events"):
+                    for kind, job_id in self._events():
+                        if kind == "cancel":
+                            self.jobs.cancel_local(job_id)
+                        elif kind == "submitted":
+                            self.wake.set()
+            except JobStoreUnavailableError:
+                pass  # logged once per outage by Health
+            except Exception:
+                # A bug must not end the wake-ups for good (cancels would then wait for
+                # the next heartbeat, submits for the next poll): log it, listen again.
+                log.exception("fleet event listener failed; listening again")
+            self._closed.wait(1.0)
 
     def _events(self) -> Iterator[tuple[str, str]]:
         pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)

@@ -20,7 +20,7 @@ from remote_vector_index_builder.app.fleet_store import (
     StatusCache,
     progress_json,
 )
-from remote_vector_index_builder.app.jobs import Clock, Job, JobState
+from remote_vector_index_builder.app.jobs import Clock, Job, JobSnapshot, JobState
 from remote_vector_index_builder.core.errors import CancelledError, JobStoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,11 @@ class FleetJobs:
     """The runner's record of outcomes in fleet mode: the jobs this replica owns.
 
     ``finish`` records through the fenced ``complete`` script and, while Redis is
-    unreachable, keeps retrying (the lease is still renewed meanwhile, so no
-    other replica takes the job): the index is in S3 already and the client
-    keeps seeing RUNNING until the outcome is recorded.
+    unreachable or refuses writes, keeps retrying (the lease is still renewed
+    meanwhile, so no other replica takes the job): the index is in S3 already and
+    the client keeps seeing RUNNING until the outcome is recorded. Whatever else
+    goes wrong, the job leaves this replica's hands: its lease then runs out and
+    the reaper queues it again, instead of a heartbeat renewing it for ever.
     """
 
     def __init__(
@@ -54,19 +56,22 @@ class FleetJobs:
         metrics: FleetMetrics,
         clock: Clock,
         on_release: Callable[[], None],
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.cache = cache
         self.metrics = metrics
         self.clock = clock
         self.on_release = on_release
+        # When renewals happened (a seam: tests move it instead of waiting out a lease).
+        self.monotonic = monotonic
         self.closing = threading.Event()
         self._owned: dict[str, Owned] = {}
         self._lock = threading.Lock()
 
     def own(self, job: Job, attempt: int) -> None:
         with self._lock:
-            self._owned[job.id] = Owned(job, attempt, time.monotonic())
+            self._owned[job.id] = Owned(job, attempt, self.monotonic())
 
     def owned(self) -> list[Owned]:
         with self._lock:
@@ -107,7 +112,7 @@ class FleetJobs:
 
     def renewed(self, entry: Owned, cancel: bool) -> None:
         with self._lock:
-            entry.renewed_at = time.monotonic()
+            entry.renewed_at = self.monotonic()
         if cancel:
             entry.job.cancel_requested.set()
 
@@ -126,7 +131,7 @@ class FleetJobs:
         with self._lock:
             entry = self._owned.get(job.id)
             stale = entry is not None and (
-                time.monotonic() - entry.renewed_at > self.store.config.lease_s / 2
+                self.monotonic() - entry.renewed_at > self.store.config.lease_s / 2
             )
         if entry is not None and stale and not entry.lost:
             snap = job.snapshot()
@@ -135,10 +140,14 @@ class FleetJobs:
                     [(job.id, entry.attempt, "", progress_json(snap), snap.device or "")]
                 )
             except JobStoreUnavailableError:
-                kept, cancel = True, False  # unreachable is not lost: build on
+                kept, cancel = None, False  # unreachable is not lost: build on
+            except Exception:
+                # Not the build's fault: build on (the heartbeat keeps trying).
+                log.exception("job %s: renewing its lease failed; building on", job.id)
+                kept, cancel = None, False
             if kept:
                 self.renewed(entry, cancel)
-            else:
+            elif kept is not None:
                 self.lose(entry)
         if entry is not None and entry.lost:
             raise CancelledError(FENCED_MESSAGE)
@@ -162,40 +171,55 @@ class FleetJobs:
         ):
             return False
         snap = job.snapshot()
-        recorded = False
+        recorded: bool | None = None
+        try:
+            recorded = self._complete(entry, snap)
+        except Exception:
+            log.exception(
+                "job %s attempt %d: recording its outcome (%s) failed; it runs again once "
+                "its lease expires",
+                job.id,
+                entry.attempt,
+                state.value,
+            )
+        finally:
+            self._take(job)
+            self.on_release()
+        if recorded:
+            self.cache.put(job.id, snap.status_body())
+            return True
+        if recorded is False:
+            self.lose(entry, recorded_elsewhere=True)
+        return False
+
+    def _complete(self, entry: Owned, snap: JobSnapshot) -> bool | None:
+        """The ``complete`` script, retried while Redis cannot serve: recorded, fenced (False),
+        or None when the replica shuts down first."""
         delay = 0.1
         while True:
             try:
-                recorded = self.store.complete(
-                    job.id,
+                return self.store.complete(
+                    snap.id,
                     entry.attempt,
-                    state,
-                    file_name=file_name,
-                    error=error,
+                    snap.state,
+                    file_name=snap.file_name,
+                    error=snap.error,
                     device=snap.device,
                     index_bytes=snap.index_bytes,
                     quality=snap.quality,
                     progress=progress_json(snap),
                 )
-                break
             except JobStoreUnavailableError:
                 if self.closing.wait(delay):
                     log.error(
-                        "job %s: shutting down with Redis unreachable; the outcome (%s) is not "
-                        "recorded and the job will run again elsewhere once its lease expires",
-                        job.id,
-                        state.value,
+                        "job %s: shutting down while Redis cannot serve; the outcome (%s) is "
+                        "not recorded and the job will run again elsewhere once its lease "
+                        "expires",
+                        snap.id,
+                        snap.state.value,
                     )
-                    break
+                    return None
                 delay = min(delay * 2, 2.0)
-        self._take(job)
-        self.on_release()
-        if recorded:
-            self.cache.put(job.id, snap.status_body())
-            return True
-        if not self.closing.is_set():
-            self.lose(entry, recorded_elsewhere=True)
-        return False
 
     def hand_back(self, job: Job) -> bool:
         """Shutdown: re-queue the job for another replica (not counted as an interruption)."""

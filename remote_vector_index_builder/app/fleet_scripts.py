@@ -6,9 +6,18 @@ never both move the same job. Times come from the Redis server's clock
 fencing token: an owner whose attempt is no longer the job's cannot renew,
 record or release it. Nothing newer than Redis 5.0 is used (tested on 6.2).
 
+A full Redis (``maxmemory`` with ``noeviction``) refuses commands that may use
+more memory, but in a script it judges only the *first* write: once a script
+has written, it runs to its end (a script is atomic). So every step that writes
+starts with such a command (HSET, HINCRBY, ZADD) and reads before it: a full
+Redis refuses the whole step, as it would refuse one write, instead of letting
+it through after a first DEL or ZREM (a submit accepted past ``maxmemory``).
+Only steps that free memory (pruning ``{rvib}:jobs``) run when Redis is full.
+
 Key layout (all keys share the hash tag ``{rvib}``, one Cluster slot):
 
-* ``{rvib}:job:<id>`` hash: the job (see ``fleet.FIELDS``); expires only once terminal
+* ``{rvib}:job:<id>`` hash: the job (``fleet_store.snapshot_from_hash`` reads it); expires
+  only once terminal
 * ``{rvib}:queue`` zset: queued ids by submission time (FIFO; a reclaimed job keeps its place)
 * ``{rvib}:leases`` zset: owned ids by lease expiry (server ms)
 * ``{rvib}:jobs`` zset: every known id by submission time, for listings (pruned lazily)
@@ -53,10 +62,10 @@ end
 local active = redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[4])
 if active >= tonumber(ARGV[4]) then return {'full', tostring(active)} end
 local now = now_ms()
+redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'fp', ARGV[2], 'req', ARGV[3], 'state', 'queued',
   'attempt', attempt, 'interrupted', 0, 'submitted_at', now, 'cancel', 0)
-redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZADD', KEYS[3], now, ARGV[1])
 redis.call('PUBLISH', ARGV[5], 'submitted ' .. ARGV[1])
 return {'created', 'queued'}
@@ -66,9 +75,10 @@ return {'created', 'queued'}
 # Returns the new attempt (the fencing token), or 0 if the job is no longer queued.
 CLAIM = _PRELUDE + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
 local now = now_ms()
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
 local expires = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'downloading', 'owner', ARGV[2], 'started_at', now,
   'lease_until', expires)
@@ -115,10 +125,13 @@ local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not score then return 'none' end
 local now = now_ms()
 if tonumber(score) > now then return 'alive' end
-redis.call('ZREM', KEYS[3], ARGV[1])
 local f = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'submitted_at', 'attempt', 'owner')
-if not f[1] or f[1] == 'queued' or TERMINAL[f[1]] then return 'none' end
+if not f[1] or f[1] == 'queued' or TERMINAL[f[1]] then
+  redis.call('ZREM', KEYS[3], ARGV[1])  -- a stale lease: dropping it frees memory
+  return 'none'
+end
 local runs = redis.call('HINCRBY', KEYS[1], 'interrupted', 1)
+redis.call('ZREM', KEYS[3], ARGV[1])
 local outcome
 if f[2] == '1' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'error', ARGV[5], 'finished_at', now)
@@ -145,8 +158,8 @@ return outcome
 # The owner hands the job back (shutdown): queued again in its old place, not an interruption.
 RELEASE = _PRELUDE + """
 if not owns(KEYS[1], ARGV[2], ARGV[3]) then return 0 end
-redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '')
+redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[1], 'lease_until')
 redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'submitted_at'), ARGV[1])
 redis.call('PUBLISH', ARGV[4], 'submitted ' .. ARGV[1])
@@ -162,9 +175,9 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
 if TERMINAL[state] then return {'terminal', state} end
 if state == 'queued' then
-  redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'error', ARGV[3], 'finished_at', now_ms(),
     'cancel', 1)
+  redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {'cancelled', state}
 end
@@ -177,8 +190,8 @@ return {'requested', state}
 # Returns the ids of the replicas registered now (this one included).
 REGISTER = _PRELUDE + """
 local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """

@@ -3,8 +3,10 @@
 Imported only when ``RVIB_REDIS_URL`` is set, so one process never imports
 ``redis``. Every lifecycle change is one script in ``fleet_scripts``; this
 module calls them and translates Redis being unreachable into
-``JobStoreUnavailableError`` (once, here). It also holds the bounded cache of
-last-known ``/_status`` bodies answered while Redis is not reachable.
+``JobStoreUnavailableError`` (once, here): Redis unreachable, and Redis
+refusing the step (full, read-only, a failed save: see ``outage``), both mean
+"not now", never a bug. It also holds the bounded cache of last-known
+``/_status`` bodies answered while Redis is not reachable.
 
 What Redis must be in production: ``maxmemory-policy noeviction`` (an evicted
 job hash is a 404, which makes the data node give up and build on its own
@@ -16,11 +18,13 @@ submits). Redis 6.2 or newer; every key shares the hash tag ``{rvib}``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -56,17 +60,41 @@ INTERRUPTED_MESSAGE = (
 )
 # Last-known /_status bodies answered while Redis is unreachable.
 STATUS_CACHE_SIZE = 10_000
-# What "Redis is unavailable" looks like (refused, timed out, loading its append-only
-# file after a restart, a replica promoted but read-only). Any other Redis error is a
-# bug here and surfaces as one (a 500 with its traceback), not as an outage.
-UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
+# Redis answers that mean "not now", not "a bug here": it refuses writes while full
+# (maxmemory with noeviction: OOM), after a failed save (MISCONF), without enough
+# replicas (NOREPLICAS), as a read-only replica (READONLY), to a user without the rights
+# (NOPERM), while it loads its data (LOADING), while a script runs too long (BUSY), and
+# as a replica that lost its primary (MASTERDOWN). A script relays the refusal of one of
+# its commands inside its own error ("Error running script ...: -OOM ..."), a pipeline
+# after "caused error: ", so the code is looked for there too.
+REFUSALS = ("OOM", "MISCONF", "NOREPLICAS", "NOPERM", "READONLY", "LOADING", "BUSY", "MASTERDOWN")
+_REFUSAL = re.compile(rf"(?:^|-|: )({'|'.join(REFUSALS)})\b")
+_REFUSAL_CLASSES: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
+    # redis-py strips these codes from the message it keeps.
+    (redis.exceptions.OutOfMemoryError, "OOM"),
+    (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.NoPermissionError, "NOPERM"),
 )
 # Client timeouts: a dead Redis answers 503 within these, never a hung request.
 CONNECT_TIMEOUT_S = 1.0
 COMMAND_TIMEOUT_S = 3.0
+
+
+def outage(exc: BaseException) -> str | None:
+    """Why ``exc`` means Redis cannot serve now: "unreachable" or its refusal code.
+
+    None for anything else: a bug here, which surfaces as one (a 500 with its
+    traceback, a logged traceback in a loop), never as an outage.
+    """
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return "unreachable"
+    for cls, code in _REFUSAL_CLASSES:
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, redis.exceptions.ResponseError):
+        found = _REFUSAL.search(str(exc))
+        return None if found is None else found.group(1)
+    return None
 
 
 def job_key(job_id: str) -> str:
@@ -142,25 +170,46 @@ class FleetMetrics:
 
 
 class Health:
-    """When this replica last failed to reach Redis (shared by its threads)."""
+    """When this replica last found Redis unable to serve (shared by its threads).
 
-    def __init__(self, metrics: FleetMetrics) -> None:
+    The one place a Redis outage becomes ``JobStoreUnavailableError`` (``guard``);
+    ``retry_after_s`` is the ``Retry-After`` the endpoints answer it with.
+    """
+
+    def __init__(self, metrics: FleetMetrics, retry_after_s: int | None = None) -> None:
         self.metrics = metrics
+        self.retry_after_s = retry_after_s
         self._lock = threading.Lock()
         self._last_error = float("-inf")
         self._down = False
 
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Translate an outage raised in the block (``outage``); other errors pass through."""
+        try:
+            yield
+        except redis.exceptions.RedisError as exc:
+            if outage(exc) is None:
+                raise
+            raise self.error(what, exc) from exc
+        self.ok()
+
     def error(self, what: str, exc: Exception) -> JobStoreUnavailableError:
+        reason = outage(exc) or "unreachable"
         with self._lock:
             self._last_error = time.monotonic()
             first = not self._down
             self._down = True
         self.metrics.redis_errors.inc()
         if first:
-            log.warning("the job store (Redis) is unreachable (%s): %s", what, exc)
-        return JobStoreUnavailableError(
-            f"the job store (Redis) is unreachable ({type(exc).__name__}); retry later"
-        )
+            log.warning("the job store (Redis) cannot serve (%s, %s): %s", what, reason, exc)
+        if reason == "unreachable":
+            message = f"the job store (Redis) is unreachable ({type(exc).__name__}); retry later"
+        else:
+            # Redis's own words say what to fix ("used memory > 'maxmemory'", a failed save).
+            detail = str(exc).rpartition(reason)[2].strip(" .:")[:200]
+            message = f"the job store (Redis) refuses writes now ({reason} {detail}); retry later"
+        return JobStoreUnavailableError(message, self.retry_after_s)
 
     def ok(self) -> None:
         with self._lock:
@@ -208,12 +257,8 @@ class FleetStore:
         self._expired = client.register_script(scripts.EXPIRED)
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        try:
-            result = fn()
-        except UNAVAILABLE as exc:
-            raise self.health.error(what, exc) from exc
-        self.health.ok()
-        return result
+        with self.health.guard(what):
+            return fn()
 
     @property
     def client(self) -> Any:

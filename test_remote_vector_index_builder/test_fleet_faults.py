@@ -1,0 +1,267 @@
+"""The fleet's edges against a real redis-server, in process: Redis full (``maxmemory``
+with ``noeviction``) or refusing writes after a failed save (MISCONF), errors while
+recording, unreadable entries, re-claims, and the loops that must survive them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from remote_vector_index_builder.app.fleet_leases import FleetJobs
+from remote_vector_index_builder.app.fleet_store import (
+    JOBS,
+    QUEUE,
+    REPLICAS,
+    FleetMetrics,
+    FleetStore,
+    StatusCache,
+)
+from remote_vector_index_builder.app.jobs import Job, JobState
+from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.core.errors import JobStoreUnavailableError
+from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.s3_calls import S3Config
+from test_remote_vector_index_builder.fleet_harness import RedisServer
+from test_remote_vector_index_builder.support import (
+    fleet_status,
+    fleet_submit,
+    make_settings,
+    request_for,
+    required_body,
+    run_out_lease,
+    sync_store,
+    with_service,
+)
+
+TICK = threading.Event()  # never set: ``TICK.wait(s)`` paces a wait on a condition
+
+
+def build_request(path: str = "idx/seg", **kw: Any) -> BuildRequest:
+    return request_for("b", path, 8, 10, **kw)
+
+
+def wait_until(what: str, check: Callable[[], Any], polls: int = 1000) -> Any:
+    for _ in range(polls):
+        value = check()
+        if value:
+            return value
+        TICK.wait(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+# Redis unable to take writes, and how it gets there and back.
+CONDITIONS = {
+    "full": ("OOM", RedisServer.fill, RedisServer.unfill),
+    "unsaving": ("MISCONF", RedisServer.break_saves, RedisServer.mend_saves),
+}
+
+
+@pytest.fixture(params=sorted(CONDITIONS))
+def refusing(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Any]:
+    """``(code, start, stop)``: ``start()`` makes Redis refuse writes, ``stop()`` mends it."""
+    code, start, stop = CONDITIONS[request.param]
+    stopped = [False]
+
+    def mend() -> None:
+        if not stopped[0]:
+            stopped[0] = True
+            stop(redis_server)
+
+    yield code, lambda: start(redis_server), mend
+    mend()
+
+
+def everything(r: Any) -> dict[str, Any]:
+    """Every key the fleet writes, read back whole."""
+    found: dict[str, Any] = {}
+    for key in sorted(r.keys("*")):
+        kind = r.type(key)
+        if kind == "hash":
+            found[key] = r.hgetall(key)
+        elif kind == "zset":
+            found[key] = r.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            found[key] = r.xrange(key)
+        else:
+            found[key] = r.get(key)
+    return found
+
+
+def fleet_jobs(store: FleetStore, released: list[int] | None = None, **kw: Any) -> FleetJobs:
+    metrics = FleetMetrics(CollectorRegistry())
+    done = released if released is not None else []
+    return FleetJobs(store, StatusCache(), metrics, float, lambda: done.append(1), **kw)
+
+
+def owned_job(store: FleetStore, jobs: FleetJobs, request: BuildRequest) -> Job:
+    """``request`` submitted and claimed by ``store``'s replica, held by ``jobs``."""
+    attempt = store.claim(fleet_submit(store.config.url, request))
+    assert attempt >= 1
+    job = Job(id=request.job_id, request=request, submitted_at=0.0, attempt=attempt)
+    jobs.own(job, attempt)
+    return job
+
+
+def test_redis_refusing_writes_refuses_every_step_whole(
+    redis_server: RedisServer, refusing: Any
+) -> None:
+    """Full (OOM) or after a failed save (MISCONF): every lifecycle step is one outage.
+
+    Nothing moves: a submit is not accepted past ``maxmemory`` (a script whose first
+    write was a DEL or ZREM used to get through), no half step is left behind, and
+    each refusal is ``JobStoreUnavailableError`` (503 with ``Retry-After``), not a bug.
+    """
+    code, start, stop = refusing
+    url = redis_server.url
+    store = sync_store(url)
+    queued = fleet_submit(url, build_request("idx/queued"))
+    owned = fleet_submit(url, build_request("idx/owned"))
+    lapsed = fleet_submit(url, build_request("idx/lapsed"))
+    assert store.claim(owned) == 1 and store.claim(lapsed) == 1
+    run_out_lease(url, lapsed)
+    store.register({})
+    r = redis_server.admin()
+    before = everything(r)
+    done: dict[str, Any] = {"device": "cpu", "index_bytes": 1, "quality": None, "progress": "{}"}
+    steps: dict[str, Callable[[], Any]] = {
+        "submit": lambda: fleet_submit(url, build_request("idx/new")),
+        "resubmit": lambda: fleet_submit(url, build_request("idx/queued")),  # no write: fine
+        "cancel": lambda: with_service(url, lambda s: s.cancel(queued)),
+        "claim": lambda: store.claim(queued),
+        "renew": lambda: store.renew([(owned, 1, "building", "{}", "cpu")]),
+        "complete": lambda: store.complete(
+            owned, 1, JobState.COMPLETED, file_name="owned.faiss", error=None, **done
+        ),
+        "release": lambda: store.release(owned, 1),
+        "reclaim": lambda: store.reclaim(lapsed),
+        "register": lambda: store.register({}),
+    }
+    start()
+    refused = []
+    for name, step in steps.items():
+        try:
+            step()
+        except JobStoreUnavailableError as exc:
+            assert exc.retry_after_s == 7 and code in str(exc), exc
+            refused.append(name)
+    assert refused == [name for name in steps if name != "resubmit"]
+    del before[REPLICAS]  # the registration's expiry is Redis's clock: compared below
+    after = everything(r)
+    assert after.pop(REPLICAS)[0][0] == "r1"
+    assert after == before
+    stop()
+    assert store.claim(queued) == 1
+    assert store.complete(owned, 1, JobState.COMPLETED, file_name="owned.faiss", error=None, **done)
+    assert store.reclaim(lapsed) == "queued"
+    assert fleet_submit(url, build_request("idx/new")) in r.zrange(QUEUE, 0, -1)
+
+
+def test_an_outcome_is_recorded_once_redis_takes_writes_again(
+    redis_server: RedisServer, refusing: Any
+) -> None:
+    """COMPLETE refused used to raise out of ``finish``: the job stayed owned, its lease
+    renewed for ever, RUNNING until the replica restarted. Now it waits Redis out."""
+    _, start, stop = refusing
+    store = sync_store(redis_server.url)
+    released: list[int] = []
+    jobs = fleet_jobs(store, released)
+    job = owned_job(store, jobs, build_request())
+    start()
+    result: list[Any] = []
+
+    def finish() -> None:
+        try:
+            result.append(jobs.finish(job, JobState.COMPLETED, file_name="seg.faiss"))
+        except BaseException as exc:
+            result.append(exc)
+            raise
+
+    recorder = threading.Thread(target=finish)
+    recorder.start()
+    # Refused at least once: still this replica's (the heartbeat keeps its lease) meanwhile.
+    wait_until("a refusal", lambda: not store.health.reachable() or result)
+    assert result == [] and [e.job for e in jobs.owned()] == [job]
+    stop()
+    recorder.join(timeout=30)
+    assert result == [True] and jobs.owned() == [] and released == [1]
+    assert fleet_status(redis_server.url, job.id)["task_status"] == "COMPLETED_INDEX_BUILD"
+
+
+def test_a_failure_to_record_leaves_the_job_to_the_reaper(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error that is no outage (here an outcome that cannot be encoded) while recording:
+    the job leaves this replica's hands, so its lease runs out and it runs again."""
+    store = sync_store(redis_server.url)
+    released: list[int] = []
+    jobs = fleet_jobs(store, released)
+    job = owned_job(store, jobs, build_request())
+    with caplog.at_level(logging.ERROR):
+        recorded = jobs.finish(
+            job, JobState.COMPLETED, file_name="seg.faiss", quality={"recall": np.float32(0.9)}
+        )
+    assert recorded is False and jobs.owned() == [] and released == [1]
+    [record] = [r for r in caplog.records if "recording its outcome" in r.getMessage()]
+    assert record.exc_info is not None and job.id in record.getMessage()
+    run_out_lease(redis_server.url, job.id)  # no heartbeat renews it any more
+    assert store.reclaim(job.id) == "queued"
+
+
+def test_a_checkpoint_builds_on_while_redis_refuses_writes(
+    redis_server: RedisServer, refusing: Any
+) -> None:
+    """The renewal of a stale lease at a checkpoint, refused: the build goes on (it used
+    to fail as "unexpected error"), and the refusal is no confirmed renewal."""
+    _, start, stop = refusing
+    store = sync_store(redis_server.url, lease_s=10.0)
+    now = [0.0]
+    jobs = fleet_jobs(store, monotonic=lambda: now[0])
+    job = owned_job(store, jobs, build_request())
+    now[0] = 6.0  # past half a lease since the claim: the checkpoint renews
+    start()
+    jobs.checkpoint(job)
+    assert not job.cancel_requested.is_set()
+    [entry] = jobs.owned()
+    assert entry.renewed_at == 0.0 and not entry.lost
+    stop()
+    jobs.checkpoint(job)
+    assert entry.renewed_at == 6.0
+
+
+def test_the_endpoints_answer_503_with_retry_after_while_redis_refuses_writes(
+    s3_config: S3Config, redis_server: RedisServer, refusing: Any
+) -> None:
+    code, start, stop = refusing
+    r = redis_server.admin()
+    settings = make_settings(
+        s3_config,
+        redis_url=redis_server.url,
+        replica_id="solo",
+        redis_retry_after_seconds=11,
+        max_workers=1,
+    )
+    body = required_body("nowhere", "idx/a", 8, 10)
+    # Queued, and it stays queued: no replica here can ever hold it.
+    known = fleet_submit(redis_server.url, request_for("nowhere", "idx/huge", 768, 10**9))
+    with TestClient(create_app(settings)) as client:
+        start()
+        answers = [client.post("/_build", json=body), client.delete(f"/_jobs/{known}")]
+        for answer in answers:
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "11"
+            assert code in answer.json()["detail"]
+        assert r.zrange(JOBS, 0, -1) == [known]  # nothing accepted past the refusal
+        # Reads go on.
+        assert client.get(f"/_status/{known}").json()["task_status"] == "RUNNING_INDEX_BUILD"
+        assert list(client.get("/_jobs").json()) == [known]
+        stop()
+        assert client.post("/_build", json=body).status_code == 200
+        assert client.delete(f"/_jobs/{known}").status_code == 202
+        assert r.zcard(JOBS) == 2
