@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from remote_vector_index_builder.app.fleet import Placement
 from remote_vector_index_builder.app.fleet_leases import FleetJobs
 from remote_vector_index_builder.app.fleet_store import (
+    AUDIT,
     JOBS,
     QUEUE,
     REPLICAS,
@@ -26,9 +29,12 @@ from remote_vector_index_builder.app.fleet_store import (
 )
 from remote_vector_index_builder.app.jobs import Job, JobState
 from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.app.runner import MemoryBudget
+from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.core.errors import JobStoreUnavailableError
+from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.s3_calls import S3Config
+from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, S3Config
 from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import (
     fleet_status,
@@ -265,3 +271,41 @@ def test_the_endpoints_answer_503_with_retry_after_while_redis_refuses_writes(
         assert client.post("/_build", json=body).status_code == 200
         assert client.delete(f"/_jobs/{known}").status_code == 202
         assert r.zcard(JOBS) == 2
+
+
+def estimate(request: BuildRequest) -> memory.MemoryEstimate:
+    return memory.estimate(request, upload=UploadPlan(MIN_PART_SIZE, 2), add_batch_rows=10_000)
+
+
+@pytest.mark.parametrize("fault", ["unsaving", "a bug"])
+def test_a_failed_claim_gives_its_memory_back_and_the_replica_claims_again(
+    redis_server: RedisServer, fault: str
+) -> None:
+    """The reservation made for a claim went back only on an outage: a few seconds of
+    MISCONF (then classified as a bug) or any other error, and a replica whose memory
+    holds one build never claimed again, although Redis was fine and /_ready said 200."""
+    url = redis_server.url
+    store = sync_store(url)
+    budget = MemoryBudget(estimate(build_request()).host_bytes, 0)  # one build at a time
+    placement = Placement(store, budget, estimate)
+    first = fleet_submit(url, build_request("idx/first"))
+    second = fleet_submit(url, build_request("idx/second"))
+    r = redis_server.admin()
+    if fault == "unsaving":
+        redis_server.break_saves()
+        with pytest.raises(JobStoreUnavailableError):
+            placement.take()
+        redis_server.mend_saves()
+        expected = first
+    else:
+        # The claim script fails at its last step (the audit stream is no stream).
+        r.delete(AUDIT)
+        r.set(AUDIT, "not a stream")
+        with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+            placement.take()
+        r.delete(AUDIT)
+        expected = second  # the first is left leased: its lease runs out, the reaper has it
+    assert budget.usage()[1] == 0
+    claimed = placement.take()
+    assert claimed is not None and claimed.job_id == expected
+    assert budget.usage()[1] == claimed.need.host_bytes

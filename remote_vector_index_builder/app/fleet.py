@@ -123,15 +123,17 @@ class Placement:
                 if now - seen >= self.starvation_s:
                     return None  # hold this replica's memory for the job that waited
                 continue
+            attempt = 0
             try:
                 attempt = self.store.claim(job_id)
-            except JobStoreUnavailableError:
-                self.budget.release(need)
-                raise
+            finally:
+                # Not claimed (another replica was faster, Redis cannot serve, a bug):
+                # the reservation goes back, or this replica never claims again.
+                if attempt == 0:
+                    self.budget.release(need)
             self._first_seen.pop(job_id, None)
             self._requests.pop(job_id, None)
-            if attempt == 0:  # another replica was faster
-                self.budget.release(need)
+            if attempt == 0:
                 continue
             return Claimed(job_id, attempt, request, need)
         return None
@@ -274,10 +276,13 @@ class Fleet:
         self.jobs.own(job, claimed.attempt)
         try:
             runner.submit(job, reserved=claimed.need)
-        except ServiceUnavailableError:
+        except BaseException as exc:
+            # Never queued here: its memory goes back, the job to the fleet.
             runner.budget.release(claimed.need)
             self.jobs.hand_back(job)
-            return False
+            if isinstance(exc, ServiceUnavailableError):
+                return False  # shutting down
+            raise
         self.metrics.claimed.inc()
         log.info("job %s attempt %d claimed by %s", job.id, claimed.attempt, self.config.replica_id)
         return True
