@@ -5,9 +5,11 @@ recording, unreadable entries, re-claims, and the loops that must survive them.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from remote_vector_index_builder.app.fleet import Placement
 from remote_vector_index_builder.app.fleet_leases import FleetJobs
+from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     AUDIT,
     JOBS,
@@ -26,17 +29,21 @@ from remote_vector_index_builder.app.fleet_store import (
     FleetMetrics,
     FleetStore,
     StatusCache,
+    job_key,
 )
 from remote_vector_index_builder.app.jobs import Job, JobState
 from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.app.routes import JobDetail, JobSummary
 from remote_vector_index_builder.app.runner import MemoryBudget
 from remote_vector_index_builder.core import memory
-from remote_vector_index_builder.core.errors import JobStoreUnavailableError
+from remote_vector_index_builder.core.errors import JobConflictError, JobStoreUnavailableError
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, S3Config
+from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import (
+    fast_body,
     fleet_status,
     fleet_submit,
     make_settings,
@@ -44,6 +51,8 @@ from test_remote_vector_index_builder.support import (
     required_body,
     run_out_lease,
     sync_store,
+    upload,
+    wait_terminal,
     with_service,
 )
 
@@ -309,3 +318,86 @@ def test_a_failed_claim_gives_its_memory_back_and_the_replica_claims_again(
     claimed = placement.take()
     assert claimed is not None and claimed.job_id == expected
     assert budget.usage()[1] == claimed.need.host_bytes
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# Stored requests this version cannot parse back, as another version (or an accepted
+# request nested past the JSON parser's depth) leaves them in Redis.
+UNREADABLE: dict[str, Callable[[dict[str, Any]], None]] = {
+    "data_type": lambda req: req.update(data_type="float8"),  # a newer version's value
+    "recursion limit": lambda req: req["index_parameters"]["algorithm_parameters"].update(
+        future=nested(300)
+    ),
+}
+
+
+def make_unreadable(r: Any, job_id: str, how: str) -> None:
+    request = json.loads(r.hget(job_key(job_id), "req"))
+    UNREADABLE[how](request)
+    r.hset(job_key(job_id), "req", json.dumps(request))
+
+
+def test_an_unreadable_stored_request_fails_and_the_queue_moves_on(
+    redis_server: RedisServer,
+) -> None:
+    """Such an entry made every replica's claim loop raise before the jobs behind it, and
+    every listing answer 500. Now each reader gets past it and the claim loop fails it."""
+    url = redis_server.url
+    r = redis_server.admin()
+    bad = {how: fleet_submit(url, build_request(f"idx/{n}")) for n, how in enumerate(UNREADABLE)}
+    good = fleet_submit(url, build_request("idx/good"))
+    for how, job_id in bad.items():
+        make_unreadable(r, job_id, how)
+    listing = {snap.id: snap for snap in with_service(url, lambda s: s.snapshots())}
+    assert set(listing) == {*bad.values(), good}
+    newer = listing[bad["data_type"]]
+    assert newer.request is None and newer.state is JobState.QUEUED
+    summary = JobSummary.model_validate(newer.summary())  # what GET /_jobs answers
+    assert (summary.bucket, summary.data_type, summary.dimension) == ("b", "float8", 8)
+    placement = Placement(sync_store(url), MemoryBudget(2**40, 0), estimate)
+    claimed = placement.take()
+    assert claimed is not None and claimed.job_id == good
+    for how, job_id in bad.items():
+        body = fleet_status(url, job_id)
+        assert body["task_status"] == "FAILED_INDEX_BUILD"
+        assert body["error_message"].startswith("this replica cannot read the stored build request")
+        assert how in body["error_message"]
+        with pytest.raises(JobConflictError, match="already ended"):  # DELETE's usual 409
+            with_service(url, partial(FleetJobService.cancel, job_id=job_id))
+    assert r.zrange(QUEUE, 0, -1) == []
+
+
+def test_an_unreadable_queued_request_can_be_cancelled(redis_server: RedisServer) -> None:
+    """DELETE cancelled it but answered 500: rendering the answer parsed the request."""
+    url = redis_server.url
+    job_id = fleet_submit(url, build_request())
+    make_unreadable(redis_server.admin(), job_id, "recursion limit")
+    snap = with_service(url, lambda s: s.cancel(job_id))
+    detail = JobDetail.model_validate(snap.detail(0.0))  # what DELETE answers (202)
+    assert detail.state is JobState.CANCELLED and detail.vector_path == "idx/seg.knnvec"
+    assert fleet_status(url, job_id)["error_message"] == "cancelled by operator"
+
+
+def test_a_replica_gets_past_an_unreadable_request_to_the_job_behind_it(
+    s3_config: S3Config, s3_client: Any, bucket: str, redis_server: RedisServer
+) -> None:
+    url = redis_server.url
+    upload(s3_client, bucket, "idx/ok", clustered(300, 16))
+    poisoned = fleet_submit(url, request_for(bucket, "idx/poison", 16, 300))
+    make_unreadable(redis_server.admin(), poisoned, "data_type")
+    settings = make_settings(s3_config, redis_url=url, replica_id="solo", max_workers=1)
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/_build", json=fast_body(bucket, "idx/ok", 16, 300)).json()
+        assert wait_terminal(client, job_id["job_id"])["task_status"] == "COMPLETED_INDEX_BUILD"
+        failed = wait_terminal(client, poisoned)
+        assert "cannot read the stored build request" in failed["error_message"]
+        listing = client.get("/_jobs")
+        assert listing.status_code == 200 and listing.json()[poisoned]["data_type"] == "float8"
+        assert client.get(f"/_jobs/{poisoned}").json()["state"] == "failed"
+        assert client.delete(f"/_jobs/{poisoned}").status_code == 409

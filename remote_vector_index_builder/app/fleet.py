@@ -43,6 +43,7 @@ from remote_vector_index_builder.app.fleet_store import (
     StatusCache,
     client_options,
     progress_json,
+    read_request,
 )
 from remote_vector_index_builder.app.jobs import Clock, Job, JobState
 from remote_vector_index_builder.app.runner import MemoryBudget, Runner
@@ -51,6 +52,7 @@ from remote_vector_index_builder.core.errors import (
     InsufficientMemoryError,
     JobStoreUnavailableError,
     ServiceUnavailableError,
+    UnreadableRequestError,
 )
 from remote_vector_index_builder.core.memory import MemoryEstimate
 from remote_vector_index_builder.core.params import BuildRequest
@@ -139,14 +141,24 @@ class Placement:
         return None
 
     def _request(self, job_id: str) -> BuildRequest | None:
+        """The queued job's request; None (skip it) if it is gone or cannot be read."""
         request = self._requests.get(job_id)
         if request is None:
             text = self.store.request_json(job_id)
             if text is None:
                 return None
-            request = BuildRequest.model_validate_json(text)
+            try:
+                request = read_request(text)
+            except UnreadableRequestError as exc:
+                # Skipped forever, it would stall every replica's queue: it fails instead.
+                self._reject(job_id, str(exc))
+                return None
             self._requests[job_id] = request
         return request
+
+    def _reject(self, job_id: str, error: str) -> None:
+        if self.store.reject(job_id, error):
+            log.warning("job %s failed before it was claimed: %s", job_id, error)
 
     def _forget_except(self, ids: Iterable[str]) -> None:
         keep = set(ids)

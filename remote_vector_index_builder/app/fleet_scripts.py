@@ -22,7 +22,8 @@ Key layout (all keys share the hash tag ``{rvib}``, one Cluster slot):
 * ``{rvib}:leases`` zset: owned ids by lease expiry (server ms)
 * ``{rvib}:jobs`` zset: every known id by submission time, for listings (pruned lazily)
 * ``{rvib}:replicas`` zset: replica ids by registration expiry
-* ``{rvib}:audit`` stream: start / end / reclaimed / released events, for operators and tests
+* ``{rvib}:audit`` stream: start / end / reclaimed / released / rejected events, for operators
+  and tests
 """
 
 from __future__ import annotations
@@ -165,6 +166,21 @@ redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'submitted_at'), ARGV[1]
 redis.call('PUBLISH', ARGV[4], 'submitted ' .. ARGV[1])
 audit(KEYS[4], 'event', 'released', 'job', ARGV[1], 'attempt', ARGV[3], 'replica', ARGV[2],
   'at', now_ms())
+return 1
+"""
+
+# KEYS: job, queue, audit. ARGV: id, error, ttl ms.
+# A queued job no replica can take (its stored request cannot be read, its bucket is not
+# allowed any more) ends failed, so the jobs behind it move on. Returns 1, or 0 if it was no
+# longer queued.
+REJECT = _PRELUDE + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[2], 'finished_at', now)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+audit(KEYS[3], 'event', 'rejected', 'job', ARGV[1], 'state', 'failed', 'at', now)
 return 1
 """
 

@@ -32,12 +32,16 @@ import redis
 import redis.exceptions
 from cachetools import LRUCache
 from prometheus_client import CollectorRegistry, Counter
+from pydantic import ValidationError
 
 from remote_vector_index_builder.app import fleet_scripts as scripts
 from remote_vector_index_builder.app.jobs import JobSnapshot, JobState
 from remote_vector_index_builder.app.runner import CANCELLED_MESSAGE
 from remote_vector_index_builder.app.settings import Settings
-from remote_vector_index_builder.core.errors import JobStoreUnavailableError
+from remote_vector_index_builder.core.errors import (
+    JobStoreUnavailableError,
+    UnreadableRequestError,
+)
 from remote_vector_index_builder.core.params import BuildRequest
 
 log = logging.getLogger(__name__)
@@ -255,6 +259,7 @@ class FleetStore:
         self._register = client.register_script(scripts.REGISTER)
         self._stats = client.register_script(scripts.STATS)
         self._expired = client.register_script(scripts.EXPIRED)
+        self._reject = client.register_script(scripts.REJECT)
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         with self.health.guard(what):
@@ -328,6 +333,12 @@ class FleetStore:
             progress,
         ]
         return int(self.call("complete", lambda: self._complete(keys=keys, args=args))) == 1
+
+    def reject(self, job_id: str, error: str) -> bool:
+        """Fail a queued job that no replica can take; False if it was no longer queued."""
+        keys = [job_key(job_id), QUEUE, AUDIT]
+        args: list[Arg] = [job_id, error, self.config.ttl_ms]
+        return int(self.call("reject", lambda: self._reject(keys=keys, args=args))) == 1
 
     def release(self, job_id: str, attempt: int) -> bool:
         keys = [job_key(job_id), QUEUE, LEASES, AUDIT]
@@ -409,15 +420,49 @@ def _ms(value: str | None) -> float | None:
     return int(value) / 1000 if value else None
 
 
+def read_request(text: str) -> BuildRequest:
+    """A stored request; ``UnreadableRequestError`` says why this version cannot parse it
+    (deeper than the JSON parser goes, an enum value of a newer version, ...)."""
+    try:
+        return BuildRequest.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        reason = f"{where}: {first['msg']}" if where else first["msg"]
+        raise UnreadableRequestError(
+            f"this replica cannot read the stored build request ({reason[:300]}); submit the "
+            "build again (after an upgrade, once every replica runs the same version)"
+        ) from exc
+
+
+def _lenient_fields(text: str) -> dict[str, Any]:
+    """What can be read of a request ``read_request`` refused, for listings."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def snapshot_from_hash(fields: dict[str, str]) -> JobSnapshot:
-    """The same snapshot the in-memory store gives, from a job's hash."""
+    """The same snapshot the in-memory store gives, from a job's hash.
+
+    An unreadable stored request does not make the job unreadable: its snapshot has
+    no ``request``, only the fields that could be read (``raw_request``).
+    """
     state = JobState(fields["state"])
+    try:
+        request: BuildRequest | None = read_request(fields["req"])
+        raw: dict[str, Any] | None = None
+    except UnreadableRequestError:
+        request, raw = None, _lenient_fields(fields["req"])
     progress = json.loads(fields["progress"]) if fields.get("progress") else {}
     quality = fields.get("quality")
     index_bytes = fields.get("index_bytes")
     return JobSnapshot(
         id=fields["id"],
-        request=BuildRequest.model_validate_json(fields["req"]),
+        request=request,
+        raw_request=raw,
         state=state,
         attempt=int(fields.get("attempt") or 0),
         submitted_at=_ms(fields.get("submitted_at")) or 0.0,
