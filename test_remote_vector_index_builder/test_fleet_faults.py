@@ -24,6 +24,7 @@ from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     AUDIT,
     JOBS,
+    LEASES,
     QUEUE,
     REPLICAS,
     FleetMetrics,
@@ -32,17 +33,22 @@ from remote_vector_index_builder.app.fleet_store import (
     job_key,
 )
 from remote_vector_index_builder.app.jobs import Job, JobState
-from remote_vector_index_builder.app.main import create_app
+from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.app.routes import JobDetail, JobSummary
 from remote_vector_index_builder.app.runner import MemoryBudget
 from remote_vector_index_builder.core import memory
-from remote_vector_index_builder.core.errors import JobConflictError, JobStoreUnavailableError
+from remote_vector_index_builder.core.errors import (
+    CancelledError,
+    JobConflictError,
+    JobStoreUnavailableError,
+)
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, S3Config
 from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import (
+    GatedBuilder,
     fast_body,
     fleet_status,
     fleet_submit,
@@ -52,6 +58,7 @@ from test_remote_vector_index_builder.support import (
     run_out_lease,
     sync_store,
     upload,
+    wait_idle,
     wait_terminal,
     with_service,
 )
@@ -121,7 +128,7 @@ def owned_job(store: FleetStore, jobs: FleetJobs, request: BuildRequest) -> Job:
     attempt = store.claim(fleet_submit(store.config.url, request))
     assert attempt >= 1
     job = Job(id=request.job_id, request=request, submitted_at=0.0, attempt=attempt)
-    jobs.own(job, attempt)
+    jobs.own(job)
     return job
 
 
@@ -401,3 +408,69 @@ def test_a_replica_gets_past_an_unreadable_request_to_the_job_behind_it(
         assert listing.status_code == 200 and listing.json()[poisoned]["data_type"] == "float8"
         assert client.get(f"/_jobs/{poisoned}").json()["state"] == "failed"
         assert client.delete(f"/_jobs/{poisoned}").status_code == 409
+
+
+def test_claiming_a_job_again_fences_this_replicas_older_attempt(
+    redis_server: RedisServer,
+) -> None:
+    """The newer attempt replaced the older one's entry, unfenced: both built on."""
+    url = redis_server.url
+    store = sync_store(url)
+    jobs = fleet_jobs(store)
+    old = owned_job(store, jobs, build_request())
+    run_out_lease(url, old.id)  # its lease lapsed (a long pause) and it was queued again
+    assert store.reclaim(old.id) == "queued"
+    new = owned_job(store, jobs, build_request())
+    assert (old.attempt, new.attempt) == (1, 2)
+    assert old.cancel_requested.is_set() and not new.cancel_requested.is_set()
+    with pytest.raises(CancelledError):
+        jobs.checkpoint(old)
+    jobs.checkpoint(new)
+    assert jobs.active() == [new]
+    assert not jobs.finish(old, JobState.COMPLETED, file_name="old.faiss")
+    assert jobs.finish(new, JobState.COMPLETED, file_name="seg.faiss")
+    assert jobs.owned() == []
+    ends = [
+        (e["attempt"], e["state"])
+        for _, e in redis_server.admin().xrange(AUDIT)
+        if e["event"] == "end"
+    ]
+    assert ends == [("2", "completed")]
+
+
+def test_a_replica_never_runs_two_builds_of_a_job_it_claims_again(
+    s3_config: S3Config, s3_client: Any, bucket: str, redis_server: RedisServer
+) -> None:
+    """Through the app: its own reaper queues the job again while its build is paused,
+    its claim loop takes it back; the older build stops and records nothing, and both
+    threads count as busy until they end (the futures were keyed by id only)."""
+    upload(s3_client, bucket, "idx/twice", clustered(4000, 16))
+    builder = GatedBuilder(add_batch_rows=1000, pause_after=1)
+    settings = make_settings(
+        s3_config,
+        redis_url=redis_server.url,
+        replica_id="solo",
+        lease_seconds=60,
+        heartbeat_seconds=30,  # renewals at start-up, then only long after this test
+        add_batch_rows=1000,
+    )
+    app = create_app(settings, Overrides(builder=builder))
+    r = redis_server.admin()
+    with TestClient(app) as client:
+        job_id = client.post("/_build", json=fast_body(bucket, "idx/twice", 16, 4000)).json()[
+            "job_id"
+        ]
+        assert builder.paused.wait(timeout=30)
+        r.zadd(LEASES, {job_id: 0}, xx=True)  # the lease lapsed (as after a long pause)
+        fleet = app.state.fleet
+        wait_until("claimed again", lambda: len(fleet.jobs.owned()) == 2)
+        [old, new] = sorted(fleet.jobs.owned(), key=lambda entry: entry.attempt)
+        assert (old.attempt, new.attempt) == (1, 2)
+        assert old.lost and old.job.cancel_requested.is_set()
+        assert app.state.runner.busy() == 2
+        builder.resume.set()
+        assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+        wait_idle(client)
+        assert fleet.jobs.owned() == []
+        events = [(e["event"], e["attempt"]) for _, e in r.xrange(AUDIT)]
+        assert events == [("start", "1"), ("reclaimed", "1"), ("start", "2"), ("end", "2")]

@@ -285,7 +285,7 @@ class Fleet:
             submitted_at=self.clock(),
             attempt=claimed.attempt,
         )
-        self.jobs.own(job, claimed.attempt)
+        self.jobs.own(job)
         try:
             runner.submit(job, reserved=claimed.need)
         except BaseException as exc:

@@ -2,7 +2,9 @@
 
 This is the runner's ``RunnerJobs`` in fleet mode. The attempt number a job
 was claimed with fences it: a build whose lease another replica took over
-stops at its next checkpoint and records nothing.
+stops at its next checkpoint and records nothing. Entries are held by
+``(job id, attempt)``: a replica whose lease lapsed and that claims the same
+job again holds two attempts of it for a while, and only the newest may go on.
 """
 
 from __future__ import annotations
@@ -66,12 +68,24 @@ class FleetJobs:
         # When renewals happened (a seam: tests move it instead of waiting out a lease).
         self.monotonic = monotonic
         self.closing = threading.Event()
-        self._owned: dict[str, Owned] = {}
+        self._owned: dict[tuple[str, int], Owned] = {}
         self._lock = threading.Lock()
 
-    def own(self, job: Job, attempt: int) -> None:
+    def own(self, job: Job) -> None:
+        """Hold ``job``, claimed as attempt ``job.attempt``; an older attempt here is fenced."""
+        entry = Owned(job, job.attempt, self.monotonic())
         with self._lock:
-            self._owned[job.id] = Owned(job, attempt, self.monotonic())
+            older = [e for k, e in self._owned.items() if k[0] == job.id and not e.lost]
+            self._owned[(job.id, job.attempt)] = entry
+        for old in older:
+            self.lose(
+                old, why=f"this replica claimed attempt {job.attempt} after its lease expired"
+            )
+
+    def _entry(self, job: Job) -> Owned | None:
+        """``job``'s entry (this very attempt, not another one of the same id); under the lock."""
+        entry = self._owned.get((job.id, job.attempt))
+        return entry if entry is not None and entry.job is job else None
 
     def owned(self) -> list[Owned]:
         with self._lock:
@@ -83,20 +97,22 @@ class FleetJobs:
 
     def _take(self, job: Job) -> Owned | None:
         with self._lock:
-            entry = self._owned.get(job.id)
-            if entry is None or entry.job is not job:
-                return None
-            del self._owned[job.id]
+            entry = self._entry(job)
+            if entry is not None:
+                del self._owned[(job.id, job.attempt)]
             return entry
 
-    def lose(self, entry: Owned, *, recorded_elsewhere: bool = False) -> None:
+    def lose(
+        self, entry: Owned, *, recorded_elsewhere: bool = False, why: str = FENCED_MESSAGE
+    ) -> None:
         """Another replica owns the job now: stop at the next checkpoint, record nothing.
 
         A renewal refused because this replica has just recorded the outcome itself
         (a heartbeat racing ``finish``) is no loss: the entry is gone by then.
         """
         with self._lock:
-            if not recorded_elsewhere and self._owned.get(entry.job.id) is not entry:
+            held = self._owned.get((entry.job.id, entry.attempt))
+            if not recorded_elsewhere and held is not entry:
                 return
             first = not entry.lost
             entry.lost = True
@@ -107,7 +123,7 @@ class FleetJobs:
                 "job %s attempt %d fenced: %s; this replica stops it and records nothing",
                 entry.job.id,
                 entry.attempt,
-                FENCED_MESSAGE,
+                why,
             )
 
     def renewed(self, entry: Owned, cancel: bool) -> None:
@@ -118,8 +134,8 @@ class FleetJobs:
 
     def cancel_local(self, job_id: str) -> None:
         with self._lock:
-            entry = self._owned.get(job_id)
-        if entry is not None:
+            entries = [entry for key, entry in self._owned.items() if key[0] == job_id]
+        for entry in entries:
             entry.job.cancel_requested.set()
 
     def checkpoint(self, job: Job) -> None:
@@ -129,7 +145,7 @@ class FleetJobs:
         its heartbeat thread has noticed; it must not do another batch unfenced.
         """
         with self._lock:
-            entry = self._owned.get(job.id)
+            entry = self._entry(job)
             stale = entry is not None and (
                 self.monotonic() - entry.renewed_at > self.store.config.lease_s / 2
             )
@@ -163,9 +179,12 @@ class FleetJobs:
         quality: dict[str, Any] | None = None,
     ) -> bool:
         with self._lock:
-            entry = self._owned.get(job.id)
-            if entry is None or entry.job is not job or entry.lost:
-                return False
+            entry = self._entry(job)
+        if entry is None:
+            return False
+        if entry.lost:
+            self._take(job)  # its build has ended: nothing is left to fence
+            return False
         if not job.end(
             state, file_name, error, self.clock(), index_bytes=index_bytes, quality=quality
         ):

@@ -309,9 +309,10 @@ class Runner:
             initializer=_start_build_thread,
             initargs=(config.build_nice, config.omp_threads),
         )
-        # By job id; the job is kept too because a cancelled job's id can be
-        # resubmitted while its old thread is still winding down.
-        self._futures: dict[str, tuple[Job, Future[None]]] = {}
+        # By job id and attempt: a cancelled job's id can be resubmitted while its old
+        # thread is still winding down, and a fleet replica can claim a job again while
+        # its fenced attempt stops. Both count as busy until their threads end.
+        self._futures: dict[tuple[str, int], tuple[Job, Future[None]]] = {}
         self._lock = threading.Lock()
         # Set when a build overran its time limit: its thread cannot be killed,
         # so the service reports itself unready for an orchestrator to restart it.
@@ -342,10 +343,15 @@ class Runner:
 
     def submit(self, job: Job, reserved: memory.MemoryEstimate | None = None) -> None:
         """Queue ``job`` for a build thread; ``reserved``: its memory is already held."""
+        key = (job.id, job.attempt)
         with self._lock:
             if not self.accepting:
                 raise ServiceUnavailableError(SHUTTING_DOWN_MESSAGE)
-            self._futures[job.id] = (job, self._pool.submit(self._run, job, reserved))
+            if key in self._futures:  # one process, the same attempt number after eviction
+                raise ServiceUnavailableError(
+                    f"an earlier build of job {job.id} is still stopping; retry shortly"
+                )
+            self._futures[key] = (job, self._pool.submit(self._run, job, reserved))
         if self.metrics is not None:
             self.metrics.jobs_submitted.labels(job.request.data_type.value).inc()
 
@@ -355,9 +361,9 @@ class Runner:
                 self._run_admitted(job, reserved)
             finally:
                 with self._lock:
-                    entry = self._futures.get(job.id)
+                    entry = self._futures.get((job.id, job.attempt))
                     if entry is not None and entry[0] is job:
-                        del self._futures[job.id]
+                        del self._futures[(job.id, job.attempt)]
                 set_stage(None)
                 if self.on_slot_free is not None:
                     self.on_slot_free()
@@ -458,12 +464,13 @@ class Runner:
         """Remove a queued job now; a running one stops at its next batch or stage boundary."""
         job.cancel_requested.set()
         self.budget.wake()
+        key = (job.id, job.attempt)
         with self._lock:
-            entry = self._futures.get(job.id)
+            entry = self._futures.get(key)
             never_ran = entry is not None and entry[0] is job and entry[1].cancel()
             if never_ran:
                 # It never ran, so ``_run`` will not forget it: do it here.
-                del self._futures[job.id]
+                del self._futures[key]
         if never_ran:
             self.record(job, CancelledError(CANCELLED_MESSAGE))
 
