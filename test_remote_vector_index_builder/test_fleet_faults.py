@@ -474,3 +474,52 @@ def test_a_replica_never_runs_two_builds_of_a_job_it_claims_again(
         assert fleet.jobs.owned() == []
         events = [(e["event"], e["attempt"]) for _, e in r.xrange(AUDIT)]
         assert events == [("start", "1"), ("reclaimed", "1"), ("start", "2"), ("end", "2")]
+
+
+def test_the_commit_check_confirms_the_lease_right_before_the_upload(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url
+    store = sync_store(url, lease_s=10.0)
+    now = [0.0]
+    jobs = fleet_jobs(store, monotonic=lambda: now[0])
+    job = owned_job(store, jobs, build_request())
+    r = redis_server.admin()
+    r.zadd(LEASES, {job.id: 1}, xx=True)  # about to run out (Redis's clock)
+    now[0] = 3.0
+    jobs.commit_check(job)  # renewed now, synchronously: not at the next heartbeat
+    assert float(r.zscore(LEASES, job.id)) > 1 and jobs.owned()[0].renewed_at == 3.0
+    # Taken over meanwhile (this replica's lease ran out): the upload stops, nothing recorded.
+    run_out_lease(url, job.id)
+    assert store.reclaim(job.id) == "queued"
+    assert sync_store(url, "r2").claim(job.id) == 2
+    with pytest.raises(CancelledError, match="another replica"):
+        jobs.commit_check(job)
+    assert not jobs.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+    assert fleet_status(url, job.id)["task_status"] == "RUNNING_INDEX_BUILD"
+
+
+@pytest.mark.parametrize("cut_off", ["unreachable", "full"])
+def test_an_owner_cut_off_from_redis_for_a_whole_lease_stops_before_it_uploads(
+    redis_server: RedisServer, cut_off: str
+) -> None:
+    """Cut off from Redis but not from S3 past its lease, the owner used to complete its
+    upload while another replica rebuilt the job: the file under a COMPLETED key could be
+    replaced. Within a lease nobody can have taken the job over: the upload goes on."""
+    store = sync_store(redis_server.url, lease_s=10.0)
+    now = [0.0]
+    jobs = fleet_jobs(store, monotonic=lambda: now[0])
+    job = owned_job(store, jobs, build_request())
+    if cut_off == "unreachable":
+        redis_server.kill()
+    else:
+        redis_server.fill()
+    now[0] = 9.9
+    jobs.commit_check(job)
+    assert not job.cancel_requested.is_set()
+    now[0] = 10.0
+    with pytest.raises(CancelledError, match="unconfirmed for 10 s"):
+        jobs.commit_check(job)
+    assert job.cancel_requested.is_set() and jobs.active() == []
+    assert not jobs.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+    assert jobs.owned() == []

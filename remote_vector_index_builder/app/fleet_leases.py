@@ -168,6 +168,43 @@ class FleetJobs:
         if entry is not None and entry.lost:
             raise CancelledError(FENCED_MESSAGE)
 
+    def commit_check(self, job: Job) -> None:
+        """Right before the index becomes visible in S3: confirm the lease now.
+
+        Another replica may own the job (its lease ran out while this one was cut
+        off from Redis but not from S3): the upload must stop rather than replace
+        that replica's file. Renewed synchronously; raises ``CancelledError`` (the
+        build records nothing) when the lease is lost, or when Redis cannot confirm
+        it and the last confirmation is a whole lease old. A shorter outage is no
+        loss: nobody can have taken the job over yet.
+        """
+        with self._lock:
+            entry = self._entry(job)
+        if entry is None or entry.lost:
+            raise CancelledError(FENCED_MESSAGE)  # no longer this replica's to commit
+        snap = job.snapshot()
+        try:
+            [(kept, cancel)] = self.store.renew(
+                [(job.id, entry.attempt, "", progress_json(snap), snap.device or "")]
+            )
+        except Exception as exc:
+            if not isinstance(exc, JobStoreUnavailableError):
+                log.exception("job %s: confirming its lease before the upload failed", job.id)
+            with self._lock:
+                unconfirmed_s = self.monotonic() - entry.renewed_at
+            if unconfirmed_s < self.store.config.lease_s:
+                return
+            why = (
+                f"its lease went unconfirmed for {unconfirmed_s:.0f} s (RVIB_LEASE_SECONDS is "
+                f"{self.store.config.lease_s:g}) and another replica may own the job now"
+            )
+            self.lose(entry, why=why)
+            raise CancelledError(why) from exc
+        if not kept:
+            self.lose(entry)
+            raise CancelledError(FENCED_MESSAGE)
+        self.renewed(entry, cancel)
+
     def finish(
         self,
         job: Job,

@@ -460,6 +460,9 @@ class JobStore:
     def checkpoint(self, job: Job) -> None:
         """Nothing but a cancel (which the runner checks itself) stops a build here."""
 
+    def commit_check(self, job: Job) -> None:
+        """One process holds no lease: nothing but a cancel stops the upload here."""
+
     def remove(self, job: Job) -> None:
         with self._lock:
             if self._active.get(job.id) is job:

@@ -121,6 +121,10 @@ class RunnerJobs(Protocol):
         """Between batches and parts: raise ``CancelledError`` if this build must stop."""
         ...
 
+    def commit_check(self, job: Job) -> None:
+        """Right before the index becomes visible: raise ``CancelledError`` if it must not."""
+        ...
+
     def hand_back(self, job: Job) -> bool:
         """Give a job this process cannot finish to another replica; False if there is none."""
         ...
@@ -198,12 +202,12 @@ class _JobTracker(workflow.Tracker):
         job: Job,
         clock: Clock,
         metrics: Metrics | None = None,
-        checkpoint: Callable[[Job], None] | None = None,
+        jobs: RunnerJobs | None = None,
     ) -> None:
         self.job = job
         self.clock = clock
         self.metrics = metrics
-        self.checkpoint = checkpoint
+        self.jobs = jobs
         self._stage: workflow.Stage | None = None
 
     def stage(self, stage: workflow.Stage, total: int) -> None:
@@ -232,9 +236,15 @@ class _JobTracker(workflow.Tracker):
         if self.metrics is not None:
             self.metrics.stage_seconds.labels(stage.value).observe(timing.seconds)
 
+    def commit_check(self) -> None:
+        if self.jobs is not None:
+            self.jobs.commit_check(self.job)
+        if self.job.cancel_requested.is_set():
+            raise CancelledError(CANCELLED_MESSAGE)
+
     def _check(self) -> None:
-        if self.checkpoint is not None:
-            self.checkpoint(self.job)
+        if self.jobs is not None:
+            self.jobs.checkpoint(self.job)
         if self.job.cancel_requested.is_set():
             raise CancelledError(CANCELLED_MESSAGE)
 
@@ -382,7 +392,7 @@ class Runner:
                 self.builder,
                 mode=self.config.mode,
                 tmp_dir=self.config.tmp_dir,
-                tracker=_JobTracker(job, self.clock, self.metrics, self.jobs.checkpoint),
+                tracker=_JobTracker(job, self.clock, self.metrics, self.jobs),
             )
         except BaseException as exc:
             # The failed build's frames hold its buffers and index: free them with
