@@ -523,3 +523,18 @@ def test_an_owner_cut_off_from_redis_for_a_whole_lease_stops_before_it_uploads(
     assert job.cancel_requested.is_set() and jobs.active() == []
     assert not jobs.finish(job, JobState.COMPLETED, file_name="seg.faiss")
     assert jobs.owned() == []
+
+
+def test_the_reaper_keeps_the_job_index_bounded(
+    s3_config: S3Config, redis_server: RedisServer
+) -> None:
+    """Finished jobs' hashes expire, their ids in {rvib}:jobs stayed until a GET /_jobs:
+    2,000 expired jobs left 2,000 ids. The reaper drops them; live ids stay."""
+    url = redis_server.url
+    r = redis_server.admin()
+    live = fleet_submit(url, request_for("nowhere", "idx/huge", 768, 10**9))  # never fits
+    r.zadd(JOBS, {f"expired-{n}": n for n in range(2000)})  # hashes gone, as after their TTL
+    settings = make_settings(s3_config, redis_url=url, replica_id="solo")
+    with TestClient(create_app(settings)):
+        wait_until("pruned", lambda: r.zcard(JOBS) == 1, polls=3000)
+    assert r.zrange(JOBS, 0, -1) == [live]

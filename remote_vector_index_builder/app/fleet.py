@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 QUEUE_SCAN = 16
 # How often a replica looks at the queue without a wake-up, and for expired leases.
 CLAIM_POLL_S = 0.5
+# Ids of {rvib}:jobs the reaper looks at per pass (every CLAIM_POLL_S) for expired hashes:
+# each replica sweeps about 500 ids a second, so the set holds the live jobs and at most
+# a few seconds' worth of expired ones.
+PRUNE_SCAN = 256
 # A queued job older than this that could fit here holds this replica's memory for
 # itself: smaller jobs behind it wait until it fits (no starvation of large jobs).
 STARVATION_S = 30.0
@@ -203,6 +207,7 @@ class Fleet:
         self._starvation_s = starvation_s
         self._lock = threading.Lock()
         self._alive: list[str] = []  # the replica registry at the last heartbeat
+        self._prune_at = 0  # where the reaper's sweep of {rvib}:jobs goes on (a rank)
 
     def start(self, runner: Runner) -> None:
         self._runner = runner
@@ -260,6 +265,9 @@ class Fleet:
                 log.exception("fleet claim loop failed; retrying")
 
     def _reap(self) -> None:
+        # Finished jobs' hashes expire on their own; their ids in {rvib}:jobs do not.
+        scanned, removed = self.store.prune(self._prune_at, PRUNE_SCAN)
+        self._prune_at = 0 if scanned < PRUNE_SCAN else self._prune_at + scanned - removed
         # Just reconnected: give owners one lease to renew before judging their leases.
         if self.health.seconds_since_error() < self.config.lease_s:
             return

@@ -20,7 +20,8 @@ Key layout (all keys share the hash tag ``{rvib}``, one Cluster slot):
   only once terminal
 * ``{rvib}:queue`` zset: queued ids by submission time (FIFO; a reclaimed job keeps its place)
 * ``{rvib}:leases`` zset: owned ids by lease expiry (server ms)
-* ``{rvib}:jobs`` zset: every known id by submission time, for listings (pruned lazily)
+* ``{rvib}:jobs`` zset: every known id by submission time, for listings (the reaper prunes
+  the ids whose hash expired)
 * ``{rvib}:replicas`` zset: replica ids by registration expiry
 * ``{rvib}:audit`` stream: start / end / reclaimed / released / rejected events, for operators
   and tests
@@ -217,6 +218,19 @@ STATS = _PRELUDE + """
 local now = now_ms()
 return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]),
   redis.call('ZCOUNT', KEYS[3], now, '+inf'), now}
+"""
+
+# KEYS: jobs, then the hash of each id in ARGV. Drops the ids whose hash is gone (a finished
+# job's TTL ran out). Only removes: it runs while Redis is full, and frees memory then.
+# Returns how many ids it dropped.
+PRUNE = _PRELUDE + """
+local removed = 0
+for i, id in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    removed = removed + redis.call('ZREM', KEYS[1], id)
+  end
+end
+return removed
 """
 
 # KEYS: leases. ARGV: how many. The ids whose lease expired by the server clock.

@@ -260,6 +260,7 @@ class FleetStore:
         self._stats = client.register_script(scripts.STATS)
         self._expired = client.register_script(scripts.EXPIRED)
         self._reject = client.register_script(scripts.REJECT)
+        self._prune = client.register_script(scripts.PRUNE)
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         with self.health.guard(what):
@@ -347,6 +348,19 @@ class FleetStore:
 
     def expired(self, count: int) -> list[str]:
         return list(self.call("leases", lambda: self._expired(keys=[LEASES], args=[count])))
+
+    def prune(self, start: int, count: int) -> tuple[int, int]:
+        """Drop expired ids among ``{rvib}:jobs``'s ``count`` from rank ``start``:
+        ``(ids looked at, ids dropped)``."""
+        ids = [
+            str(i)
+            for i in self.call("jobs", lambda: self._r.zrange(JOBS, start, start + count - 1))
+        ]
+        if not ids:
+            return 0, 0
+        keys = [JOBS, *(job_key(job_id) for job_id in ids)]
+        args: list[Arg] = list(ids)
+        return len(ids), int(self.call("prune", lambda: self._prune(keys=keys, args=args)))
 
     def reclaim(self, job_id: str) -> str:
         keys = [job_key(job_id), QUEUE, LEASES, AUDIT]
