@@ -143,7 +143,7 @@ def test_redis_refusing_writes_refuses_every_step_whole(
     """
     code, start, stop = refusing
     url = redis_server.url
-    store = sync_store(url)
+    store = sync_store(url, heartbeat_s=20.0)  # registered for 60 s: nothing expires here
     queued = fleet_submit(url, build_request("idx/queued"))
     owned = fleet_submit(url, build_request("idx/owned"))
     lapsed = fleet_submit(url, build_request("idx/lapsed"))

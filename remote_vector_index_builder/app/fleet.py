@@ -282,7 +282,8 @@ class Fleet:
         placement = self._placement
         assert runner is not None and placement is not None
         state = runner.state()
-        if not state.accepting or state.busy >= state.workers:
+        # Not ready (shutting down, or a build past its time limit still runs): no new work.
+        if not state.ready or state.busy >= state.workers:
             return False
         claimed = placement.take()
         if claimed is None:
