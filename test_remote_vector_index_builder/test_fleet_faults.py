@@ -23,6 +23,7 @@ from remote_vector_index_builder.app.fleet_leases import FleetJobs
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     AUDIT,
+    CHANNEL,
     JOBS,
     LEASES,
     QUEUE,
@@ -538,3 +539,57 @@ def test_the_reaper_keeps_the_job_index_bounded(
     with TestClient(create_app(settings)):
         wait_until("pruned", lambda: r.zcard(JOBS) == 1, polls=3000)
     assert r.zrange(JOBS, 0, -1) == [live]
+
+
+def test_the_event_listener_outlives_an_error_and_delivers_cancels_again(
+    s3_config: S3Config,
+    s3_client: Any,
+    bucket: str,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Redis error the listener did not expect (NOPERM on the events channel here)
+    ended its thread for good, silently: cancels then reached a running build only at its
+    next heartbeat (or never, with no heartbeat renewal due). Now it listens again."""
+    admin = redis_server.admin()
+    admin.execute_command(
+        "ACL", "SETUSER", "rvib", "on", ">secret", "~*", "+@all", "resetchannels", "&other"
+    )
+    upload(s3_client, bucket, "idx/listen", clustered(4000, 16))
+    job_id = fleet_submit(redis_server.url, request_for(bucket, "idx/listen", 16, 4000))
+    builder = GatedBuilder(add_batch_rows=1000, pause_after=1)
+    settings = make_settings(
+        s3_config,
+        redis_url=f"redis://rvib:secret@127.0.0.1:{redis_server.port}/0",
+        replica_id="solo",
+        lease_seconds=60,
+        heartbeat_seconds=30,  # no renewal (which carries the cancel flag too) in this test
+        add_batch_rows=1000,
+    )
+    app = create_app(settings, Overrides(builder=builder))
+    with caplog.at_level(logging.WARNING), TestClient(app) as client:
+        assert builder.paused.wait(timeout=30)
+        wait_until("refused", lambda: "(events, NOPERM)" in caplog.text)
+        admin.execute_command("ACL", "SETUSER", "rvib", "&{rvib}:events")
+        wait_until("listening", lambda: admin.pubsub_numsub(CHANNEL) == [(CHANNEL, 1)])
+        with_service(redis_server.url, partial(FleetJobService.cancel, job_id=job_id))
+        [entry] = app.state.fleet.jobs.owned()
+        wait_until("the cancel delivered", entry.job.cancel_requested.is_set)
+        builder.resume.set()
+        assert wait_terminal(client, job_id)["error_message"] == "cancelled by operator"
+
+
+def test_a_bucket_that_left_the_allow_list_fails_its_queued_jobs_at_claim(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url
+    placement = Placement(
+        sync_store(url), MemoryBudget(2**40, 0), estimate, allowed_buckets=frozenset({"kept"})
+    )
+    dropped = fleet_submit(url, request_for("dropped", "idx/a", 8, 10))
+    kept = fleet_submit(url, request_for("kept", "idx/b", 8, 10))
+    claimed = placement.take()
+    assert claimed is not None and claimed.job_id == kept
+    body = fleet_status(url, dropped)
+    assert body["task_status"] == "FAILED_INDEX_BUILD"
+    assert "'dropped' is no longer in this service's allow-list" in body["error_message"]

@@ -91,6 +91,10 @@ class Placement:
     (since this replica first saw it), nothing behind it is taken until it fits,
     so running builds drain and free its memory instead of a stream of small jobs
     keeping it out forever.
+
+    A queued job no replica may take fails instead of stalling the queue: a stored
+    request this version cannot read, or a bucket that left ``allowed_buckets``
+    (``RVIB_ALLOWED_BUCKETS``, checked at intake too) since it was accepted.
     """
 
     def __init__(
@@ -100,8 +104,10 @@ class Placement:
         estimate: Callable[[BuildRequest], MemoryEstimate],
         starvation_s: float = STARVATION_S,
         monotonic: Callable[[], float] = time.monotonic,
+        allowed_buckets: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
+        self.allowed_buckets = allowed_buckets
         self.budget = budget
         self.estimate = estimate
         self.starvation_s = starvation_s
@@ -119,6 +125,14 @@ class Placement:
             seen = self._first_seen.setdefault(job_id, now)
             request = self._request(job_id)
             if request is None:
+                continue
+            bucket = request.container_name
+            if self.allowed_buckets and bucket not in self.allowed_buckets:
+                self._reject(
+                    job_id,
+                    f"bucket {bucket!r} is no longer in this service's allow-list "
+                    "(RVIB_ALLOWED_BUCKETS); add it back, or build this segment elsewhere",
+                )
                 continue
             need = self.estimate(request)
             try:
@@ -205,13 +219,20 @@ class Fleet:
         self._runner: Runner | None = None
         self._placement: Placement | None = None
         self._starvation_s = starvation_s
+        self._allowed_buckets = settings.allowed_buckets
         self._lock = threading.Lock()
         self._alive: list[str] = []  # the replica registry at the last heartbeat
         self._prune_at = 0  # where the reaper's sweep of {rvib}:jobs goes on (a rank)
 
     def start(self, runner: Runner) -> None:
         self._runner = runner
-        self._placement = Placement(self.store, runner.budget, runner.estimate, self._starvation_s)
+        self._placement = Placement(
+            self.store,
+            runner.budget,
+            runner.estimate,
+            self._starvation_s,
+            allowed_buckets=self._allowed_buckets,
+        )
         self._claiming.set()
         for name, target in (
             ("fleet-claim", self._claim_loop),

@@ -70,9 +70,11 @@ STATUS_CACHE_SIZE = 10_000
 # (NOPERM), while it loads its data (LOADING), while a script runs too long (BUSY), and
 # as a replica that lost its primary (MASTERDOWN). A script relays the refusal of one of
 # its commands inside its own error ("Error running script ...: -OOM ..."), a pipeline
-# after "caused error: ", so the code is looked for there too.
+# after "caused error: ", so the code is looked for there too; Redis 6.2 words an ACL
+# refusal inside a script without its code ("The user executing the script can't ...").
 REFUSALS = ("OOM", "MISCONF", "NOREPLICAS", "NOPERM", "READONLY", "LOADING", "BUSY", "MASTERDOWN")
 _REFUSAL = re.compile(rf"(?:^|-|: )({'|'.join(REFUSALS)})\b")
+_SCRIPT_ACL = "The user executing the script can't"
 _REFUSAL_CLASSES: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
     # redis-py strips these codes from the message it keeps.
     (redis.exceptions.OutOfMemoryError, "OOM"),
@@ -97,7 +99,9 @@ def outage(exc: BaseException) -> str | None:
             return code
     if isinstance(exc, redis.exceptions.ResponseError):
         found = _REFUSAL.search(str(exc))
-        return None if found is None else found.group(1)
+        if found is not None:
+            return found.group(1)
+        return "NOPERM" if _SCRIPT_ACL in str(exc) else None
     return None
 
 
