@@ -169,7 +169,8 @@ class FleetMetrics:
         )
         self.redis_errors = Counter(
             "rvib_redis_errors",
-            "Redis commands that failed (unreachable, timeout)",
+            "Redis commands that failed for want of Redis (unreachable, timed out, or refused: "
+            "full, read-only, a failed save)",
             registry=registry,
         )
         self.claimed = Counter(
