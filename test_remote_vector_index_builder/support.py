@@ -22,13 +22,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from remote_vector_index_builder.app.fleet_health import FleetMetrics, Health
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     LEASES,
     FleetConfig,
-    FleetMetrics,
     FleetStore,
-    Health,
     StatusCache,
 )
 from remote_vector_index_builder.app.settings import Settings

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from remote_vector_index_builder.app.fleet import Placement
+from remote_vector_index_builder.app.fleet_health import FleetMetrics
 from remote_vector_index_builder.app.fleet_leases import FleetJobs
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
@@ -28,7 +29,6 @@ from remote_vector_index_builder.app.fleet_store import (
     LEASES,
     QUEUE,
     REPLICAS,
-    FleetMetrics,
     FleetStore,
     StatusCache,
     job_key,

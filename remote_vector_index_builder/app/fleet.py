@@ -32,14 +32,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from redis.backoff import NoBackoff
 
+from remote_vector_index_builder.app.fleet_health import FleetMetrics, Health
 from remote_vector_index_builder.app.fleet_leases import FleetJobs
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     CHANNEL,
     FleetConfig,
-    FleetMetrics,
     FleetStore,
-    Health,
     StatusCache,
     client_options,
     progress_json,

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from remote_vector_index_builder.app.fleet_health import FleetMetrics
 from remote_vector_index_builder.app.fleet_store import (
-    FleetMetrics,
     FleetStore,
     StatusCache,
     progress_json,
@@ -286,5 +286,7 @@ class FleetJobs:
         try:
             self.store.release(job.id, entry.attempt)
         except JobStoreUnavailableError:
-            log.warning("job %s: Redis unreachable; its lease will expire instead", job.id)
+            log.warning("job %s: Redis cannot serve; its lease will expire instead", job.id)
+        except Exception:
+            log.exception("job %s: handing it back failed; its lease will expire instead", job.id)
         return True

@@ -11,6 +11,7 @@ from typing import Any
 import redis.asyncio
 
 from remote_vector_index_builder.app import fleet_scripts as scripts
+from remote_vector_index_builder.app.fleet_health import Health
 from remote_vector_index_builder.app.fleet_store import (
     CHANNEL,
     JOBS,
@@ -18,7 +19,6 @@ from remote_vector_index_builder.app.fleet_store import (
     QUEUE,
     Arg,
     FleetConfig,
-    Health,
     StatusCache,
     job_key,
     snapshot_from_hash,

@@ -2,11 +2,10 @@
 
 Imported only when ``RVIB_REDIS_URL`` is set, so one process never imports
 ``redis``. Every lifecycle change is one script in ``fleet_scripts``; this
-module calls them and translates Redis being unreachable into
-``JobStoreUnavailableError`` (once, here): Redis unreachable, and Redis
-refusing the step (full, read-only, a failed save: see ``outage``), both mean
-"not now", never a bug. It also holds the bounded cache of last-known
-``/_status`` bodies answered while Redis is not reachable.
+module calls them, each through ``Health.guard`` (``fleet_health``), the one
+place Redis being unable to serve becomes ``JobStoreUnavailableError``. It also
+holds the bounded cache of last-known ``/_status`` bodies answered while Redis
+is not reachable, and reads a job's hash back as a ``JobSnapshot``.
 
 What Redis must be in production: ``maxmemory-policy noeviction`` (an evicted
 job hash is a 404, which makes the data node give up and build on its own
@@ -18,30 +17,23 @@ submits). Redis 6.2 or newer; every key shares the hash tag ``{rvib}``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import re
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
-import redis.exceptions
 from cachetools import LRUCache
-from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from remote_vector_index_builder.app import fleet_scripts as scripts
+from remote_vector_index_builder.app.fleet_health import Health
 from remote_vector_index_builder.app.jobs import JobSnapshot, JobState
 from remote_vector_index_builder.app.runner import CANCELLED_MESSAGE
 from remote_vector_index_builder.app.settings import Settings
-from remote_vector_index_builder.core.errors import (
-    JobStoreUnavailableError,
-    UnreadableRequestError,
-)
+from remote_vector_index_builder.core.errors import UnreadableRequestError
 from remote_vector_index_builder.core.params import BuildRequest
 
 log = logging.getLogger(__name__)
@@ -64,45 +56,9 @@ INTERRUPTED_MESSAGE = (
 )
 # Last-known /_status bodies answered while Redis is unreachable.
 STATUS_CACHE_SIZE = 10_000
-# Redis answers that mean "not now", not "a bug here": it refuses writes while full
-# (maxmemory with noeviction: OOM), after a failed save (MISCONF), without enough
-# replicas (NOREPLICAS), as a read-only replica (READONLY), to a user without the rights
-# (NOPERM), while it loads its data (LOADING), while a script runs too long (BUSY), and
-# as a replica that lost its primary (MASTERDOWN). A script relays the refusal of one of
-# its commands inside its own error ("Error running script ...: -OOM ..."), a pipeline
-# after "caused error: ", so the code is looked for there too; Redis 6.2 words an ACL
-# refusal inside a script without its code ("The user executing the script can't ...").
-REFUSALS = ("OOM", "MISCONF", "NOREPLICAS", "NOPERM", "READONLY", "LOADING", "BUSY", "MASTERDOWN")
-_REFUSAL = re.compile(rf"(?:^|-|: )({'|'.join(REFUSALS)})\b")
-_SCRIPT_ACL = "The user executing the script can't"
-_REFUSAL_CLASSES: tuple[tuple[type[redis.exceptions.RedisError], str], ...] = (
-    # redis-py strips these codes from the message it keeps.
-    (redis.exceptions.OutOfMemoryError, "OOM"),
-    (redis.exceptions.ReadOnlyError, "READONLY"),
-    (redis.exceptions.NoPermissionError, "NOPERM"),
-)
 # Client timeouts: a dead Redis answers 503 within these, never a hung request.
 CONNECT_TIMEOUT_S = 1.0
 COMMAND_TIMEOUT_S = 3.0
-
-
-def outage(exc: BaseException) -> str | None:
-    """Why ``exc`` means Redis cannot serve now: "unreachable" or its refusal code.
-
-    None for anything else: a bug here, which surfaces as one (a 500 with its
-    traceback, a logged traceback in a loop), never as an outage.
-    """
-    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-        return "unreachable"
-    for cls, code in _REFUSAL_CLASSES:
-        if isinstance(exc, cls):
-            return code
-    if isinstance(exc, redis.exceptions.ResponseError):
-        found = _REFUSAL.search(str(exc))
-        if found is not None:
-            return found.group(1)
-        return "NOPERM" if _SCRIPT_ACL in str(exc) else None
-    return None
 
 
 def job_key(job_id: str) -> str:
@@ -150,90 +106,6 @@ class FleetConfig:
     @property
     def ttl_ms(self) -> int:
         return int(self.ttl_s * 1000)
-
-
-class FleetMetrics:
-    """This replica's fleet counters, on the app's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.reclaimed = Counter(
-            "rvib_fleet_jobs_reclaimed",
-            "Jobs whose lease expired that this replica re-queued (or ended, after the "
-            "last attempt or a cancel)",
-            registry=registry,
-        )
-        self.leases_lost = Counter(
-            "rvib_fleet_leases_lost",
-            "Builds on this replica stopped because another replica took the job over",
-            registry=registry,
-        )
-        self.redis_errors = Counter(
-            "rvib_redis_errors",
-            "Redis commands that failed for want of Redis (unreachable, timed out, or refused: "
-            "full, read-only, a failed save)",
-            registry=registry,
-        )
-        self.claimed = Counter(
-            "rvib_fleet_jobs_claimed", "Jobs this replica took from the queue", registry=registry
-        )
-
-
-class Health:
-    """When this replica last found Redis unable to serve (shared by its threads).
-
-    The one place a Redis outage becomes ``JobStoreUnavailableError`` (``guard``);
-    ``retry_after_s`` is the ``Retry-After`` the endpoints answer it with.
-    """
-
-    def __init__(self, metrics: FleetMetrics, retry_after_s: int | None = None) -> None:
-        self.metrics = metrics
-        self.retry_after_s = retry_after_s
-        self._lock = threading.Lock()
-        self._last_error = float("-inf")
-        self._down = False
-
-    @contextlib.contextmanager
-    def guard(self, what: str) -> Iterator[None]:
-        """Translate an outage raised in the block (``outage``); other errors pass through."""
-        try:
-            yield
-        except redis.exceptions.RedisError as exc:
-            if outage(exc) is None:
-                raise
-            raise self.error(what, exc) from exc
-        self.ok()
-
-    def error(self, what: str, exc: Exception) -> JobStoreUnavailableError:
-        reason = outage(exc) or "unreachable"
-        with self._lock:
-            self._last_error = time.monotonic()
-            first = not self._down
-            self._down = True
-        self.metrics.redis_errors.inc()
-        if first:
-            log.warning("the job store (Redis) cannot serve (%s, %s): %s", what, reason, exc)
-        if reason == "unreachable":
-            message = f"the job store (Redis) is unreachable ({type(exc).__name__}); retry later"
-        else:
-            # Redis's own words say what to fix ("used memory > 'maxmemory'", a failed save).
-            detail = str(exc).rpartition(reason)[2].strip(" .:")[:200]
-            message = f"the job store (Redis) refuses writes now ({reason} {detail}); retry later"
-        return JobStoreUnavailableError(message, self.retry_after_s)
-
-    def ok(self) -> None:
-        with self._lock:
-            if self._down:
-                log.info("the job store (Redis) is reachable again")
-            self._down = False
-
-    def reachable(self) -> bool:
-        """False from a failed command until the next one that succeeds."""
-        with self._lock:
-            return not self._down
-
-    def seconds_since_error(self) -> float:
-        with self._lock:
-            return time.monotonic() - self._last_error
 
 
 def client_options(config: FleetConfig) -> dict[str, Any]:
