@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import redis
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te"}
 
@@ -110,6 +112,46 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
             self.process = None
+
+    def admin(self) -> Any:
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+    def fill(self) -> None:
+        """Redis full: ``maxmemory`` below what it uses, ``noeviction``: writes answer OOM."""
+        self.admin().config_set("maxmemory", 1)
+
+    def unfill(self) -> None:
+        self.admin().config_set("maxmemory", 0)
+
+    def break_saves(self) -> None:
+        """MISCONF: a snapshot into a removed directory fails, and Redis stops every write."""
+        r = self.admin()
+        gone = self.directory / "removed"
+        gone.mkdir(exist_ok=True)
+        r.config_set("save", "3600 1")
+        r.config_set("dir", str(gone))
+        gone.rmdir()
+        self._save(r, "err")
+
+    def mend_saves(self) -> None:
+        r = self.admin()
+        r.config_set("dir", str(self.directory))
+        self._save(r, "ok")
+        r.config_set("save", "")
+
+    def _save(self, r: Any, expected: str) -> None:
+        r.bgsave()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            info = r.info("persistence")
+            if not info["rdb_bgsave_in_progress"] and info["rdb_last_bgsave_status"] == expected:
+                return
+            # Between reads, wait on the server: one that exits ends the wait.
+            assert self.process is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.process.wait(timeout=0.01)
+                raise RuntimeError(f"redis-server on port {self.port} exited with {code}")
+        raise RuntimeError(f"redis-server's background save never ended {expected!r}")
 
     def __enter__(self) -> RedisServer:
         self.start()

@@ -1,20 +1,35 @@
 """What the tests share to drive the service: settings, a clock, request bodies, uploads,
-waits and gated components. Test modules import from here (and from ``data.py`` for
-seeded blobs, ``faultproxy.py`` for the fault proxy), never from each other or conftest.
+waits, gated components, and the fleet's stores on a real Redis in this process. Test
+modules import from here (and from ``data.py`` for seeded blobs, ``faultproxy.py`` for the
+fault proxy), never from each other or conftest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import redis
+import redis.asyncio
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from remote_vector_index_builder.app.fleet_health import FleetMetrics, Health
+from remote_vector_index_builder.app.fleet_service import FleetJobService
+from remote_vector_index_builder.app.fleet_store import (
+    LEASES,
+    FleetConfig,
+    FleetStore,
+    StatusCache,
+)
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.dataset import Dataset
@@ -24,6 +39,7 @@ from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import ObjectInfo, S3Config
 from test_remote_vector_index_builder.data import doc_id_blob, vector_blob
 
+T = TypeVar("T")
 STATUS_KEYS = {"task_status", "file_name", "error_message"}
 # Small graphs build fast on a busy 2-core machine; the code paths are the same.
 FAST = {"space_type": "l2", "algorithm_parameters": {"m": 8, "ef_construction": 16}}
@@ -236,3 +252,69 @@ def readme_variables() -> set[str]:
         if line.startswith("| `"):
             names.update(re.findall(r"`([A-Z][A-Z0-9_]*\*?)`", line.split("|")[1]))
     return names
+
+
+# --------------------------------------------------------------------------------------
+# The fleet's stores in this process, on a real redis-server (conftest's ``redis_server``)
+# --------------------------------------------------------------------------------------
+
+
+def fleet_config(url: str, replica: str = "r1", **kw: Any) -> FleetConfig:
+    values: dict[str, Any] = {
+        "url": url,
+        "replica_id": replica,
+        "lease_s": 0.3,
+        "heartbeat_s": 0.05,
+        "max_attempts": 3,
+        "retry_after_s": 7,
+        "ttl_s": 60.0,
+        "max_active": 100,
+    }
+    values.update(kw)
+    return FleetConfig(**values)
+
+
+def sync_store(url: str, replica: str = "r1", **kw: Any) -> FleetStore:
+    config = fleet_config(url, replica, **kw)
+    health = Health(FleetMetrics(CollectorRegistry()), config.retry_after_s)
+    return FleetStore(redis.Redis.from_url(url, decode_responses=True), config, health)
+
+
+def with_service(
+    url: str,
+    body: Callable[[FleetJobService], Awaitable[T]],
+    cache: StatusCache | None = None,
+    **config: Any,
+) -> T:
+    """Run ``body`` on a fresh service in its own event loop (the client belongs to it)."""
+
+    async def main() -> T:
+        client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        settings = fleet_config(url, **config)
+        service = FleetJobService(
+            client,
+            settings,
+            cache or StatusCache(),
+            Health(FleetMetrics(CollectorRegistry()), settings.retry_after_s),
+            time.time,
+        )
+        try:
+            return await body(service)
+        finally:
+            await service.close()
+
+    return asyncio.run(main())
+
+
+def fleet_submit(url: str, request: BuildRequest) -> str:
+    return with_service(url, lambda s: s.submit(request))
+
+
+def fleet_status(url: str, job_id: str) -> dict[str, Any]:
+    return with_service(url, lambda s: s.status(job_id))
+
+
+def run_out_lease(url: str, job_id: str) -> None:
+    """The owner stopped renewing: its lease's expiry (Redis's clock, ms) lies in the past."""
+    r: Any = redis.Redis.from_url(url, decode_responses=True)
+    assert r.zadd(LEASES, {job_id: 0}, xx=True, ch=True) == 1

@@ -35,6 +35,7 @@ from test_remote_vector_index_builder.support import (
     fast_body,
     make_settings,
     upload,
+    wait_idle,
     wait_terminal,
 )
 
@@ -255,7 +256,7 @@ def test_heart_beat_reports_readiness(service: Callable[..., TestClient]) -> Non
     assert client.get("/_ready").json() == {"ready": True}
 
 
-def test_build_over_the_time_limit_fails_and_service_reports_unready(
+def test_build_over_the_time_limit_fails_and_service_takes_no_builds_until_its_thread_ends(
     service: Callable[..., TestClient], s3_client: Any, bucket: str, object_store: Any
 ) -> None:
     clock = Clock()
@@ -274,17 +275,54 @@ def test_build_over_the_time_limit_fails_and_service_reports_unready(
     assert "exceeded the time limit of 600 s" in status["error_message"]
     assert client.get("/_ready").status_code == 503
     assert client.get("/_heart_beat").json()["ready"] is False
-    # The stuck thread notices the cancellation once it moves on; other jobs still run.
+    # While its thread runs, no build is accepted: not the same request again (two builds
+    # of one key at once), not another one; the answer says why.
+    for stem in ("idx/stuck", "idx/next"):
+        refused = client.post("/_build", json=build_body(bucket, stem, 16, 300))
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert "RVIB_JOB_TIME_LIMIT_SECONDS" in refused.json()["detail"]
+    # The stuck thread notices the cancellation once it moves on: then builds are taken again.
     store.gate.set()
+    wait_idle(client)
+    assert client.get("/_ready").status_code == 200
     next_id = client.post("/_build", json=build_body(bucket, "idx/next", 16, 300)).json()["job_id"]
     assert wait_terminal(client, next_id)["task_status"] == "COMPLETED_INDEX_BUILD"
-    idle = threading.Event()
-    for _ in range(1000):
-        if runner.busy() == 0:
-            break
-        idle.wait(0.01)
-    assert runner.busy() == 0
     assert not s3_client.list_objects_v2(Bucket=bucket, Prefix="idx/stuck.faiss").get("Contents")
+
+
+@pytest.mark.parametrize("held", ["memory", "thread"])
+def test_jobs_queued_behind_a_build_past_its_time_limit_fail_instead_of_waiting(
+    service: Callable[..., TestClient],
+    s3_client: Any,
+    bucket: str,
+    object_store: Any,
+    held: str,
+) -> None:
+    """They waited for ever: for the stuck build's memory, or for its thread."""
+    from remote_vector_index_builder.core.params import BuildRequest
+
+    clock = Clock()
+    store = GatedStore(object_store)
+    workers = 2 if held == "memory" else 1
+    client = service(store=store, clock=clock, job_time_limit_seconds=600, max_workers=workers)
+    runner = client.app.state.runner  # type: ignore[attr-defined]
+    bodies = [build_body(bucket, f"idx/{stem}", 16, 300) for stem in ("stuck", "behind")]
+    for stem in ("stuck", "behind"):
+        upload(s3_client, bucket, f"idx/{stem}", clustered(300, 16))
+    if held == "memory":
+        one = runner.estimate(BuildRequest.model_validate(bodies[0])).host_bytes
+        runner.budget.host_limit = int(one * 1.5)  # fits one build, never two
+    stuck_id = client.post("/_build", json=bodies[0]).json()["job_id"]
+    assert store.waiting.acquire(timeout=10)
+    behind_id = client.post("/_build", json=bodies[1]).json()["job_id"]
+    assert client.get(f"/_jobs/{behind_id}").json()["state"] == "queued"
+    clock.now += 601
+    assert [j.id for j in runner.check_time_limits()] == [stuck_id]
+    failed = wait_terminal(client, behind_id)
+    assert failed["task_status"] == "FAILED_INDEX_BUILD"
+    assert "cannot be stopped and holds the memory or the build thread" in failed["error_message"]
+    store.gate.set()
+    wait_idle(client)
 
 
 def test_store_full_of_active_jobs_answers_429_with_retry_after(

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -18,7 +17,6 @@ import pytest
 import redis
 import redis.asyncio
 from fastapi.testclient import TestClient
-from prometheus_client import CollectorRegistry
 
 from remote_vector_index_builder.app.fleet import STARVATION_S, Placement
 from remote_vector_index_builder.app.fleet_service import FleetJobService
@@ -27,10 +25,6 @@ from remote_vector_index_builder.app.fleet_store import (
     CHANNEL,
     LEASES,
     QUEUE,
-    FleetConfig,
-    FleetMetrics,
-    FleetStore,
-    Health,
     StatusCache,
     job_key,
 )
@@ -49,73 +43,21 @@ from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, S3Config
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 from test_remote_vector_index_builder.fleet_harness import RedisServer
-from test_remote_vector_index_builder.support import make_settings, request_for
+from test_remote_vector_index_builder.support import (
+    fleet_status,
+    fleet_submit,
+    make_settings,
+    request_for,
+    run_out_lease,
+    sync_store,
+    with_service,
+)
 
 T = TypeVar("T")
 
 
 def build_request(path: str = "idx/seg", **kw: Any) -> BuildRequest:
     return request_for("b", path, 8, 10, **kw)
-
-
-def fleet_config(url: str, replica: str = "r1", **kw: Any) -> FleetConfig:
-    values: dict[str, Any] = {
-        "url": url,
-        "replica_id": replica,
-        "lease_s": 0.3,
-        "heartbeat_s": 0.05,
-        "max_attempts": 3,
-        "retry_after_s": 7,
-        "ttl_s": 60.0,
-        "max_active": 100,
-    }
-    values.update(kw)
-    return FleetConfig(**values)
-
-
-def sync_store(url: str, replica: str = "r1", **kw: Any) -> FleetStore:
-    config = fleet_config(url, replica, **kw)
-    health = Health(FleetMetrics(CollectorRegistry()))
-    return FleetStore(redis.Redis.from_url(url, decode_responses=True), config, health)
-
-
-def with_service(
-    url: str,
-    body: Callable[[FleetJobService], Awaitable[T]],
-    cache: StatusCache | None = None,
-    **config: Any,
-) -> T:
-    """Run ``body`` on a fresh service in its own event loop (the client belongs to it)."""
-
-    async def main() -> T:
-        client = redis.asyncio.Redis.from_url(url, decode_responses=True)
-        service = FleetJobService(
-            client,
-            fleet_config(url, **config),
-            cache or StatusCache(),
-            Health(FleetMetrics(CollectorRegistry())),
-            time.time,
-        )
-        try:
-            return await body(service)
-        finally:
-            await service.close()
-
-    return asyncio.run(main())
-
-
-def submit(url: str, request: BuildRequest) -> str:
-    return with_service(url, lambda s: s.submit(request))
-
-
-def status(url: str, job_id: str) -> dict[str, Any]:
-    return with_service(url, lambda s: s.status(job_id))
-
-
-def run_out_lease(url: str, job_id: str) -> None:
-    """The owner stopped renewing: its lease's expiry (Redis's clock, ms) lies in the past."""
-    r: Any = redis.Redis.from_url(url, decode_responses=True)
-    assert r.zadd(LEASES, {job_id: 0}, xx=True, ch=True) == 1
 
 
 def test_concurrent_duplicate_submits_create_one_job(redis_server: RedisServer) -> None:
@@ -130,7 +72,7 @@ def test_concurrent_duplicate_submits_create_one_job(redis_server: RedisServer) 
     assert r.zrange(QUEUE, 0, -1) == [request.job_id]
     assert r.hget(job_key(request.job_id), "attempt") == "0"
     with pytest.raises(JobConflictError, match="different build parameters"):
-        submit(url, build_request(dimension=16))
+        fleet_submit(url, build_request(dimension=16))
 
 
 def test_store_full_of_active_jobs_refuses(redis_server: RedisServer) -> None:
@@ -148,7 +90,7 @@ def test_store_full_of_active_jobs_refuses(redis_server: RedisServer) -> None:
 def test_claim_lease_reclaim_and_fencing(redis_server: RedisServer) -> None:
     url = redis_server.url
     a, b = sync_store(url, "r1"), sync_store(url, "r2")
-    job_id = submit(url, build_request())
+    job_id = fleet_submit(url, build_request())
     assert [a.claim(job_id), b.claim(job_id)] == [1, 0]
     assert b.renew([(job_id, 1, "", "{}", "cpu")]) == [(False, False)]
     assert a.renew([(job_id, 1, "building", "{}", "cpu")]) == [(True, False)]
@@ -156,7 +98,7 @@ def test_claim_lease_reclaim_and_fencing(redis_server: RedisServer) -> None:
     run_out_lease(url, job_id)
     assert b.expired(10) == [job_id]
     assert b.reclaim(job_id) == "queued"
-    assert status(url, job_id)["task_status"] == "RUNNING_INDEX_BUILD"
+    assert fleet_status(url, job_id)["task_status"] == "RUNNING_INDEX_BUILD"
     assert b.claim(job_id) == 2
     # The old owner comes back: it can neither renew nor record.
     assert a.renew([(job_id, 1, "", "{}", "cpu")]) == [(False, False)]
@@ -166,12 +108,12 @@ def test_claim_lease_reclaim_and_fencing(redis_server: RedisServer) -> None:
     r: Any = redis.Redis.from_url(url, decode_responses=True)
     assert 0 < r.pttl(job_key(job_id)) <= 60_000  # the finished TTL counts from now
     assert r.zcard(LEASES) == 0 and r.zcard(QUEUE) == 0
-    assert status(url, job_id) == {
+    assert fleet_status(url, job_id) == {
         "task_status": "COMPLETED_INDEX_BUILD",
         "file_name": "seg.faiss",
         "error_message": None,
     }
-    assert submit(url, build_request()) == job_id and r.zcard(QUEUE) == 0  # exists, not new
+    assert fleet_submit(url, build_request()) == job_id and r.zcard(QUEUE) == 0  # exists, not new
     events = [(e["event"], e["attempt"], e["replica"]) for _, e in r.xrange(AUDIT)]
     assert events == [
         ("start", "1", "r1"),
@@ -186,34 +128,34 @@ def test_a_job_interrupted_max_attempts_times_fails_with_that_message(
 ) -> None:
     url = redis_server.url
     store = sync_store(url, lease_s=0.05, max_attempts=2)
-    job_id = submit(url, build_request())
+    job_id = fleet_submit(url, build_request())
     outcomes = []
     for attempt in (1, 2):
         assert store.claim(job_id) == attempt
         run_out_lease(url, job_id)
         outcomes.append(store.reclaim(job_id))
     assert outcomes == ["queued", "failed"]
-    body = status(url, job_id)
+    body = fleet_status(url, job_id)
     assert body["task_status"] == "FAILED_INDEX_BUILD"
     assert body["error_message"].startswith("the build was interrupted 2 times")
     # A new request starts afresh, attempt numbers still climbing (they fence).
-    assert submit(url, build_request()) == job_id
+    assert fleet_submit(url, build_request()) == job_id
     assert store.claim(job_id) == 3
 
 
 def test_cancel_queued_and_owned_jobs(redis_server: RedisServer) -> None:
     url = redis_server.url
     store = sync_store(url, lease_s=0.2)
-    queued = submit(url, build_request("idx/q"))
+    queued = fleet_submit(url, build_request("idx/q"))
     snap = with_service(url, lambda s: s.cancel(queued))
     assert snap.state is JobState.CANCELLED and snap.error == "cancelled by operator"
-    assert status(url, queued)["error_message"] == "cancelled by operator"
+    assert fleet_status(url, queued)["error_message"] == "cancelled by operator"
     with pytest.raises(JobConflictError, match="nothing to cancel"):
         with_service(url, lambda s: s.cancel(queued))
     with pytest.raises(JobNotFoundError):
         with_service(url, lambda s: s.cancel("never-seen"))
 
-    owned = submit(url, build_request("idx/o"))
+    owned = fleet_submit(url, build_request("idx/o"))
     assert store.claim(owned) == 1
     client: Any = redis.Redis.from_url(url, decode_responses=True)
     events = client.pubsub(ignore_subscribe_messages=True)
@@ -229,14 +171,15 @@ def test_cancel_queued_and_owned_jobs(redis_server: RedisServer) -> None:
     assert store.renew([(owned, 1, "", "{}", "cpu")]) == [(True, True)]  # the flag, too
     run_out_lease(url, owned)  # the owner died: the reaper ends it as cancelled
     assert store.reclaim(owned) == "cancelled"
-    assert status(url, owned)["error_message"] == "cancelled by operator"
+    assert fleet_status(url, owned)["error_message"] == "cancelled by operator"
 
 
 def test_release_hands_a_job_back_without_counting_an_interruption(
     redis_server: RedisServer,
 ) -> None:
     url = redis_server.url
-    first, second = submit(url, build_request("idx/1")), submit(url, build_request("idx/2"))
+    first = fleet_submit(url, build_request("idx/1"))
+    second = fleet_submit(url, build_request("idx/2"))
     store = sync_store(url)
     assert store.claim(first) == 1
     assert store.release(first, 1)
@@ -251,7 +194,7 @@ def test_scripts_survive_a_flushed_script_cache(redis_server: RedisServer) -> No
     """A Redis failover or restart forgets loaded scripts; redis-py loads them again."""
     url = redis_server.url
     store = sync_store(url)
-    job_id = submit(url, build_request())
+    job_id = fleet_submit(url, build_request())
     redis.Redis.from_url(url).script_flush()
     assert store.claim(job_id) == 1
     redis.Redis.from_url(url).script_flush()
@@ -263,7 +206,7 @@ def test_status_while_redis_is_down_comes_from_the_cache_or_is_a_503(
 ) -> None:
     url = redis_server.url
     cache = StatusCache()
-    job_id = submit(url, build_request())
+    job_id = fleet_submit(url, build_request())
     assert with_service(url, lambda s: s.status(job_id), cache)["task_status"] == (
         "RUNNING_INDEX_BUILD"
     )
@@ -415,7 +358,7 @@ def test_a_large_job_is_not_starved_by_a_stream_of_small_ones(redis_server: Redi
     running: list[memory.MemoryEstimate] = []
 
     def submit_small() -> str:
-        return submit(url, next(smalls))
+        return fleet_submit(url, next(smalls))
 
     def take() -> str | None:
         claimed = placement.take()
@@ -427,7 +370,7 @@ def test_a_large_job_is_not_starved_by_a_stream_of_small_ones(redis_server: Redi
 
     first = submit_small()
     assert take() == first  # a small build holds memory from now on
-    large_id = submit(url, large)
+    large_id = fleet_submit(url, large)
     # Inside the window: small jobs behind the large one are taken while it waits.
     for at in (0.0, STARVATION_S / 2, STARVATION_S - 1):
         clock[0] = at

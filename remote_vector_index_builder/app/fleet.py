@@ -32,18 +32,17 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from redis.backoff import NoBackoff
 
+from remote_vector_index_builder.app.fleet_health import FleetMetrics, Health
 from remote_vector_index_builder.app.fleet_leases import FleetJobs
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     CHANNEL,
-    UNAVAILABLE,
     FleetConfig,
-    FleetMetrics,
     FleetStore,
-    Health,
     StatusCache,
     client_options,
     progress_json,
+    read_request,
 )
 from remote_vector_index_builder.app.jobs import Clock, Job, JobState
 from remote_vector_index_builder.app.runner import MemoryBudget, Runner
@@ -52,6 +51,7 @@ from remote_vector_index_builder.core.errors import (
     InsufficientMemoryError,
     JobStoreUnavailableError,
     ServiceUnavailableError,
+    UnreadableRequestError,
 )
 from remote_vector_index_builder.core.memory import MemoryEstimate
 from remote_vector_index_builder.core.params import BuildRequest
@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 QUEUE_SCAN = 16
 # How often a replica looks at the queue without a wake-up, and for expired leases.
 CLAIM_POLL_S = 0.5
+# Ids of {rvib}:jobs the reaper looks at per pass (every CLAIM_POLL_S) for expired hashes:
+# each replica sweeps about 500 ids a second, so the set holds the live jobs and at most
+# a few seconds' worth of expired ones.
+PRUNE_SCAN = 256
 # A queued job older than this that could fit here holds this replica's memory for
 # itself: smaller jobs behind it wait until it fits (no starvation of large jobs).
 STARVATION_S = 30.0
@@ -86,6 +90,10 @@ class Placement:
     (since this replica first saw it), nothing behind it is taken until it fits,
     so running builds drain and free its memory instead of a stream of small jobs
     keeping it out forever.
+
+    A queued job no replica may take fails instead of stalling the queue: a stored
+    request this version cannot read, or a bucket that left ``allowed_buckets``
+    (``RVIB_ALLOWED_BUCKETS``, checked at intake too) since it was accepted.
     """
 
     def __init__(
@@ -95,8 +103,10 @@ class Placement:
         estimate: Callable[[BuildRequest], MemoryEstimate],
         starvation_s: float = STARVATION_S,
         monotonic: Callable[[], float] = time.monotonic,
+        allowed_buckets: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
+        self.allowed_buckets = allowed_buckets
         self.budget = budget
         self.estimate = estimate
         self.starvation_s = starvation_s
@@ -115,6 +125,14 @@ class Placement:
             request = self._request(job_id)
             if request is None:
                 continue
+            bucket = request.container_name
+            if self.allowed_buckets and bucket not in self.allowed_buckets:
+                self._reject(
+                    job_id,
+                    f"bucket {bucket!r} is no longer in this service's allow-list "
+                    "(RVIB_ALLOWED_BUCKETS); add it back, or build this segment elsewhere",
+                )
+                continue
             need = self.estimate(request)
             try:
                 self.budget.check_fits(need)
@@ -124,28 +142,40 @@ class Placement:
                 if now - seen >= self.starvation_s:
                     return None  # hold this replica's memory for the job that waited
                 continue
+            attempt = 0
             try:
                 attempt = self.store.claim(job_id)
-            except JobStoreUnavailableError:
-                self.budget.release(need)
-                raise
+            finally:
+                # Not claimed (another replica was faster, Redis cannot serve, a bug):
+                # the reservation goes back, or this replica never claims again.
+                if attempt == 0:
+                    self.budget.release(need)
             self._first_seen.pop(job_id, None)
             self._requests.pop(job_id, None)
-            if attempt == 0:  # another replica was faster
-                self.budget.release(need)
+            if attempt == 0:
                 continue
             return Claimed(job_id, attempt, request, need)
         return None
 
     def _request(self, job_id: str) -> BuildRequest | None:
+        """The queued job's request; None (skip it) if it is gone or cannot be read."""
         request = self._requests.get(job_id)
         if request is None:
             text = self.store.request_json(job_id)
             if text is None:
                 return None
-            request = BuildRequest.model_validate_json(text)
+            try:
+                request = read_request(text)
+            except UnreadableRequestError as exc:
+                # Skipped forever, it would stall every replica's queue: it fails instead.
+                self._reject(job_id, str(exc))
+                return None
             self._requests[job_id] = request
         return request
+
+    def _reject(self, job_id: str, error: str) -> None:
+        if self.store.reject(job_id, error):
+            log.warning("job %s failed before it was claimed: %s", job_id, error)
 
     def _forget_except(self, ids: Iterable[str]) -> None:
         keep = set(ids)
@@ -174,7 +204,7 @@ class Fleet:
             self.config.url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **options
         )
         self.metrics = FleetMetrics(registry)
-        self.health = Health(self.metrics)
+        self.health = Health(self.metrics, self.config.retry_after_s)
         self.store = FleetStore(sync_client, self.config, self.health)
         self.cache = StatusCache()
         self.wake = threading.Event()
@@ -188,12 +218,20 @@ class Fleet:
         self._runner: Runner | None = None
         self._placement: Placement | None = None
         self._starvation_s = starvation_s
+        self._allowed_buckets = settings.allowed_buckets
         self._lock = threading.Lock()
         self._alive: list[str] = []  # the replica registry at the last heartbeat
+        self._prune_at = 0  # where the reaper's sweep of {rvib}:jobs goes on (a rank)
 
     def start(self, runner: Runner) -> None:
         self._runner = runner
-        self._placement = Placement(self.store, runner.budget, runner.estimate, self._starvation_s)
+        self._placement = Placement(
+            self.store,
+            runner.budget,
+            runner.estimate,
+            self._starvation_s,
+            allowed_buckets=self._allowed_buckets,
+        )
         self._claiming.set()
         for name, target in (
             ("fleet-claim", self._claim_loop),
@@ -247,6 +285,9 @@ class Fleet:
                 log.exception("fleet claim loop failed; retrying")
 
     def _reap(self) -> None:
+        # Finished jobs' hashes expire on their own; their ids in {rvib}:jobs do not.
+        scanned, removed = self.store.prune(self._prune_at, PRUNE_SCAN)
+        self._prune_at = 0 if scanned < PRUNE_SCAN else self._prune_at + scanned - removed
         # Just reconnected: give owners one lease to renew before judging their leases.
         if self.health.seconds_since_error() < self.config.lease_s:
             return
@@ -261,7 +302,8 @@ class Fleet:
         placement = self._placement
         assert runner is not None and placement is not None
         state = runner.state()
-        if not state.accepting or state.busy >= state.workers:
+        # Not ready (shutting down, or a build past its time limit still runs): no new work.
+        if not state.ready or state.busy >= state.workers:
             return False
         claimed = placement.take()
         if claimed is None:
@@ -272,13 +314,16 @@ class Fleet:
             submitted_at=self.clock(),
             attempt=claimed.attempt,
         )
-        self.jobs.own(job, claimed.attempt)
+        self.jobs.own(job)
         try:
             runner.submit(job, reserved=claimed.need)
-        except ServiceUnavailableError:
+        except BaseException as exc:
+            # Never queued here: its memory goes back, the job to the fleet.
             runner.budget.release(claimed.need)
             self.jobs.hand_back(job)
-            return False
+            if isinstance(exc, ServiceUnavailableError):
+                return False  # shutting down
+            raise
         self.metrics.claimed.inc()
         log.info("job %s attempt %d claimed by %s", job.id, claimed.attempt, self.config.replica_id)
         return True
@@ -358,14 +403,19 @@ class Fleet:
     def _listen_loop(self) -> None:
         while not self._closed.is_set():
             try:
-                for kind, job_id in self._events():
-                    if kind == "cancel":
-                        self.jobs.cancel_local(job_id)
-                    elif kind == "submitted":
-                        self.wake.set()
-            except UNAVAILABLE as exc:
-                self.health.error("events", exc)
-                self._closed.wait(1.0)
+                with self.health.guard("events"):
+                    for kind, job_id in self._events():
+                        if kind == "cancel":
+                            self.jobs.cancel_local(job_id)
+                        elif kind == "submitted":
+                            self.wake.set()
+            except JobStoreUnavailableError:
+                pass  # logged once per outage by Health
+            except Exception:
+                # A bug must not end the wake-ups for good (cancels would then wait for
+                # the next heartbeat, submits for the next poll): log it, listen again.
+                log.exception("fleet event listener failed; listening again")
+            self._closed.wait(1.0)
 
     def _events(self) -> Iterator[tuple[str, str]]:
         pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)

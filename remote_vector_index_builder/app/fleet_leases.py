@@ -2,7 +2,9 @@
 
 This is the runner's ``RunnerJobs`` in fleet mode. The attempt number a job
 was claimed with fences it: a build whose lease another replica took over
-stops at its next checkpoint and records nothing.
+stops at its next checkpoint and records nothing. Entries are held by
+``(job id, attempt)``: a replica whose lease lapsed and that claims the same
+job again holds two attempts of it for a while, and only the newest may go on.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from remote_vector_index_builder.app.fleet_health import FleetMetrics
 from remote_vector_index_builder.app.fleet_store import (
-    FleetMetrics,
     FleetStore,
     StatusCache,
     progress_json,
 )
-from remote_vector_index_builder.app.jobs import Clock, Job, JobState
+from remote_vector_index_builder.app.jobs import Clock, Job, JobSnapshot, JobState
 from remote_vector_index_builder.core.errors import CancelledError, JobStoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,11 @@ class FleetJobs:
     """The runner's record of outcomes in fleet mode: the jobs this replica owns.
 
     ``finish`` records through the fenced ``complete`` script and, while Redis is
-    unreachable, keeps retrying (the lease is still renewed meanwhile, so no
-    other replica takes the job): the index is in S3 already and the client
-    keeps seeing RUNNING until the outcome is recorded.
+    unreachable or refuses writes, keeps retrying (the lease is still renewed
+    meanwhile, so no other replica takes the job): the index is in S3 already and
+    the client keeps seeing RUNNING until the outcome is recorded. Whatever else
+    goes wrong, the job leaves this replica's hands: its lease then runs out and
+    the reaper queues it again, instead of a heartbeat renewing it for ever.
     """
 
     def __init__(
@@ -54,19 +58,34 @@ class FleetJobs:
         metrics: FleetMetrics,
         clock: Clock,
         on_release: Callable[[], None],
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.cache = cache
         self.metrics = metrics
         self.clock = clock
         self.on_release = on_release
+        # When renewals happened (a seam: tests move it instead of waiting out a lease).
+        self.monotonic = monotonic
         self.closing = threading.Event()
-        self._owned: dict[str, Owned] = {}
+        self._owned: dict[tuple[str, int], Owned] = {}
         self._lock = threading.Lock()
 
-    def own(self, job: Job, attempt: int) -> None:
+    def own(self, job: Job) -> None:
+        """Hold ``job``, claimed as attempt ``job.attempt``; an older attempt here is fenced."""
+        entry = Owned(job, job.attempt, self.monotonic())
         with self._lock:
-            self._owned[job.id] = Owned(job, attempt, time.monotonic())
+            older = [e for k, e in self._owned.items() if k[0] == job.id and not e.lost]
+            self._owned[(job.id, job.attempt)] = entry
+        for old in older:
+            self.lose(
+                old, why=f"this replica claimed attempt {job.attempt} after its lease expired"
+            )
+
+    def _entry(self, job: Job) -> Owned | None:
+        """``job``'s entry (this very attempt, not another one of the same id); under the lock."""
+        entry = self._owned.get((job.id, job.attempt))
+        return entry if entry is not None and entry.job is job else None
 
     def owned(self) -> list[Owned]:
         with self._lock:
@@ -78,20 +97,22 @@ class FleetJobs:
 
     def _take(self, job: Job) -> Owned | None:
         with self._lock:
-            entry = self._owned.get(job.id)
-            if entry is None or entry.job is not job:
-                return None
-            del self._owned[job.id]
+            entry = self._entry(job)
+            if entry is not None:
+                del self._owned[(job.id, job.attempt)]
             return entry
 
-    def lose(self, entry: Owned, *, recorded_elsewhere: bool = False) -> None:
+    def lose(
+        self, entry: Owned, *, recorded_elsewhere: bool = False, why: str = FENCED_MESSAGE
+    ) -> None:
         """Another replica owns the job now: stop at the next checkpoint, record nothing.
 
         A renewal refused because this replica has just recorded the outcome itself
         (a heartbeat racing ``finish``) is no loss: the entry is gone by then.
         """
         with self._lock:
-            if not recorded_elsewhere and self._owned.get(entry.job.id) is not entry:
+            held = self._owned.get((entry.job.id, entry.attempt))
+            if not recorded_elsewhere and held is not entry:
                 return
             first = not entry.lost
             entry.lost = True
@@ -102,19 +123,19 @@ class FleetJobs:
                 "job %s attempt %d fenced: %s; this replica stops it and records nothing",
                 entry.job.id,
                 entry.attempt,
-                FENCED_MESSAGE,
+                why,
             )
 
     def renewed(self, entry: Owned, cancel: bool) -> None:
         with self._lock:
-            entry.renewed_at = time.monotonic()
+            entry.renewed_at = self.monotonic()
         if cancel:
             entry.job.cancel_requested.set()
 
     def cancel_local(self, job_id: str) -> None:
         with self._lock:
-            entry = self._owned.get(job_id)
-        if entry is not None:
+            entries = [entry for key, entry in self._owned.items() if key[0] == job_id]
+        for entry in entries:
             entry.job.cancel_requested.set()
 
     def checkpoint(self, job: Job) -> None:
@@ -124,9 +145,9 @@ class FleetJobs:
         its heartbeat thread has noticed; it must not do another batch unfenced.
         """
         with self._lock:
-            entry = self._owned.get(job.id)
+            entry = self._entry(job)
             stale = entry is not None and (
-                time.monotonic() - entry.renewed_at > self.store.config.lease_s / 2
+                self.monotonic() - entry.renewed_at > self.store.config.lease_s / 2
             )
         if entry is not None and stale and not entry.lost:
             snap = job.snapshot()
@@ -135,13 +156,54 @@ class FleetJobs:
                     [(job.id, entry.attempt, "", progress_json(snap), snap.device or "")]
                 )
             except JobStoreUnavailableError:
-                kept, cancel = True, False  # unreachable is not lost: build on
+                kept, cancel = None, False  # unreachable is not lost: build on
+            except Exception:
+                # Not the build's fault: build on (the heartbeat keeps trying).
+                log.exception("job %s: renewing its lease failed; building on", job.id)
+                kept, cancel = None, False
             if kept:
                 self.renewed(entry, cancel)
-            else:
+            elif kept is not None:
                 self.lose(entry)
         if entry is not None and entry.lost:
             raise CancelledError(FENCED_MESSAGE)
+
+    def commit_check(self, job: Job) -> None:
+        """Right before the index becomes visible in S3: confirm the lease now.
+
+        Another replica may own the job (its lease ran out while this one was cut
+        off from Redis but not from S3): the upload must stop rather than replace
+        that replica's file. Renewed synchronously; raises ``CancelledError`` (the
+        build records nothing) when the lease is lost, or when Redis cannot confirm
+        it and the last confirmation is a whole lease old. A shorter outage is no
+        loss: nobody can have taken the job over yet.
+        """
+        with self._lock:
+            entry = self._entry(job)
+        if entry is None or entry.lost:
+            raise CancelledError(FENCED_MESSAGE)  # no longer this replica's to commit
+        snap = job.snapshot()
+        try:
+            [(kept, cancel)] = self.store.renew(
+                [(job.id, entry.attempt, "", progress_json(snap), snap.device or "")]
+            )
+        except Exception as exc:
+            if not isinstance(exc, JobStoreUnavailableError):
+                log.exception("job %s: confirming its lease before the upload failed", job.id)
+            with self._lock:
+                unconfirmed_s = self.monotonic() - entry.renewed_at
+            if unconfirmed_s < self.store.config.lease_s:
+                return
+            why = (
+                f"its lease went unconfirmed for {unconfirmed_s:.0f} s (RVIB_LEASE_SECONDS is "
+                f"{self.store.config.lease_s:g}) and another replica may own the job now"
+            )
+            self.lose(entry, why=why)
+            raise CancelledError(why) from exc
+        if not kept:
+            self.lose(entry)
+            raise CancelledError(FENCED_MESSAGE)
+        self.renewed(entry, cancel)
 
     def finish(
         self,
@@ -154,48 +216,66 @@ class FleetJobs:
         quality: dict[str, Any] | None = None,
     ) -> bool:
         with self._lock:
-            entry = self._owned.get(job.id)
-            if entry is None or entry.job is not job or entry.lost:
-                return False
+            entry = self._entry(job)
+        if entry is None:
+            return False
+        if entry.lost:
+            self._take(job)  # its build has ended: nothing is left to fence
+            return False
         if not job.end(
             state, file_name, error, self.clock(), index_bytes=index_bytes, quality=quality
         ):
             return False
         snap = job.snapshot()
-        recorded = False
+        recorded: bool | None = None
+        try:
+            recorded = self._complete(entry, snap)
+        except Exception:
+            log.exception(
+                "job %s attempt %d: recording its outcome (%s) failed; it runs again once "
+                "its lease expires",
+                job.id,
+                entry.attempt,
+                state.value,
+            )
+        finally:
+            self._take(job)
+            self.on_release()
+        if recorded:
+            self.cache.put(job.id, snap.status_body())
+            return True
+        if recorded is False:
+            self.lose(entry, recorded_elsewhere=True)
+        return False
+
+    def _complete(self, entry: Owned, snap: JobSnapshot) -> bool | None:
+        """The ``complete`` script, retried while Redis cannot serve: recorded, fenced (False),
+        or None when the replica shuts down first."""
         delay = 0.1
         while True:
             try:
-                recorded = self.store.complete(
-                    job.id,
+                return self.store.complete(
+                    snap.id,
                     entry.attempt,
-                    state,
-                    file_name=file_name,
-                    error=error,
+                    snap.state,
+                    file_name=snap.file_name,
+                    error=snap.error,
                     device=snap.device,
                     index_bytes=snap.index_bytes,
                     quality=snap.quality,
                     progress=progress_json(snap),
                 )
-                break
             except JobStoreUnavailableError:
                 if self.closing.wait(delay):
                     log.error(
-                        "job %s: shutting down with Redis unreachable; the outcome (%s) is not "
-                        "recorded and the job will run again elsewhere once its lease expires",
-                        job.id,
-                        state.value,
+                        "job %s: shutting down while Redis cannot serve; the outcome (%s) is "
+                        "not recorded and the job will run again elsewhere once its lease "
+                        "expires",
+                        snap.id,
+                        snap.state.value,
                     )
-                    break
+                    return None
                 delay = min(delay * 2, 2.0)
-        self._take(job)
-        self.on_release()
-        if recorded:
-            self.cache.put(job.id, snap.status_body())
-            return True
-        if not self.closing.is_set():
-            self.lose(entry, recorded_elsewhere=True)
-        return False
 
     def hand_back(self, job: Job) -> bool:
         """Shutdown: re-queue the job for another replica (not counted as an interruption)."""
@@ -206,5 +286,7 @@ class FleetJobs:
         try:
             self.store.release(job.id, entry.attempt)
         except JobStoreUnavailableError:
-            log.warning("job %s: Redis unreachable; its lease will expire instead", job.id)
+            log.warning("job %s: Redis cannot serve; its lease will expire instead", job.id)
+        except Exception:
+            log.exception("job %s: handing it back failed; its lease will expire instead", job.id)
         return True

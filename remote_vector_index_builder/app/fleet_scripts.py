@@ -6,14 +6,25 @@ never both move the same job. Times come from the Redis server's clock
 fencing token: an owner whose attempt is no longer the job's cannot renew,
 record or release it. Nothing newer than Redis 5.0 is used (tested on 6.2).
 
+A full Redis (``maxmemory`` with ``noeviction``) refuses commands that may use
+more memory, but in a script it judges only the *first* write: once a script
+has written, it runs to its end (a script is atomic). So every step that writes
+starts with such a command (HSET, HINCRBY, ZADD) and reads before it: a full
+Redis refuses the whole step, as it would refuse one write, instead of letting
+it through after a first DEL or ZREM (a submit accepted past ``maxmemory``).
+Only steps that free memory (pruning ``{rvib}:jobs``) run when Redis is full.
+
 Key layout (all keys share the hash tag ``{rvib}``, one Cluster slot):
 
-* ``{rvib}:job:<id>`` hash: the job (see ``fleet.FIELDS``); expires only once terminal
+* ``{rvib}:job:<id>`` hash: the job (``fleet_store.snapshot_from_hash`` reads it); expires
+  only once terminal
 * ``{rvib}:queue`` zset: queued ids by submission time (FIFO; a reclaimed job keeps its place)
 * ``{rvib}:leases`` zset: owned ids by lease expiry (server ms)
-* ``{rvib}:jobs`` zset: every known id by submission time, for listings (pruned lazily)
+* ``{rvib}:jobs`` zset: every known id by submission time, for listings (the reaper prunes
+  the ids whose hash expired)
 * ``{rvib}:replicas`` zset: replica ids by registration expiry
-* ``{rvib}:audit`` stream: start / end / reclaimed / released events, for operators and tests
+* ``{rvib}:audit`` stream: start / end / reclaimed / released / rejected events, for operators
+  and tests
 """
 
 from __future__ import annotations
@@ -53,10 +64,10 @@ end
 local active = redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[4])
 if active >= tonumber(ARGV[4]) then return {'full', tostring(active)} end
 local now = now_ms()
+redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'fp', ARGV[2], 'req', ARGV[3], 'state', 'queued',
   'attempt', attempt, 'interrupted', 0, 'submitted_at', now, 'cancel', 0)
-redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZADD', KEYS[3], now, ARGV[1])
 redis.call('PUBLISH', ARGV[5], 'submitted ' .. ARGV[1])
 return {'created', 'queued'}
@@ -66,9 +77,10 @@ return {'created', 'queued'}
 # Returns the new attempt (the fencing token), or 0 if the job is no longer queued.
 CLAIM = _PRELUDE + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
 local now = now_ms()
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
 local expires = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'downloading', 'owner', ARGV[2], 'started_at', now,
   'lease_until', expires)
@@ -115,10 +127,13 @@ local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not score then return 'none' end
 local now = now_ms()
 if tonumber(score) > now then return 'alive' end
-redis.call('ZREM', KEYS[3], ARGV[1])
 local f = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'submitted_at', 'attempt', 'owner')
-if not f[1] or f[1] == 'queued' or TERMINAL[f[1]] then return 'none' end
+if not f[1] or f[1] == 'queued' or TERMINAL[f[1]] then
+  redis.call('ZREM', KEYS[3], ARGV[1])  -- a stale lease: dropping it frees memory
+  return 'none'
+end
 local runs = redis.call('HINCRBY', KEYS[1], 'interrupted', 1)
+redis.call('ZREM', KEYS[3], ARGV[1])
 local outcome
 if f[2] == '1' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'error', ARGV[5], 'finished_at', now)
@@ -145,13 +160,28 @@ return outcome
 # The owner hands the job back (shutdown): queued again in its old place, not an interruption.
 RELEASE = _PRELUDE + """
 if not owns(KEYS[1], ARGV[2], ARGV[3]) then return 0 end
-redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '')
+redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[1], 'lease_until')
 redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'submitted_at'), ARGV[1])
 redis.call('PUBLISH', ARGV[4], 'submitted ' .. ARGV[1])
 audit(KEYS[4], 'event', 'released', 'job', ARGV[1], 'attempt', ARGV[3], 'replica', ARGV[2],
   'at', now_ms())
+return 1
+"""
+
+# KEYS: job, queue, audit. ARGV: id, error, ttl ms.
+# A queued job no replica can take (its stored request cannot be read, its bucket is not
+# allowed any more) ends failed, so the jobs behind it move on. Returns 1, or 0 if it was no
+# longer queued.
+REJECT = _PRELUDE + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[2], 'finished_at', now)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+audit(KEYS[3], 'event', 'rejected', 'job', ARGV[1], 'state', 'failed', 'at', now)
 return 1
 """
 
@@ -162,9 +192,9 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
 if TERMINAL[state] then return {'terminal', state} end
 if state == 'queued' then
-  redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'error', ARGV[3], 'finished_at', now_ms(),
     'cancel', 1)
+  redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {'cancelled', state}
 end
@@ -177,8 +207,8 @@ return {'requested', state}
 # Returns the ids of the replicas registered now (this one included).
 REGISTER = _PRELUDE + """
 local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
@@ -188,6 +218,19 @@ STATS = _PRELUDE + """
 local now = now_ms()
 return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]),
   redis.call('ZCOUNT', KEYS[3], now, '+inf'), now}
+"""
+
+# KEYS: jobs, then the hash of each id in ARGV. Drops the ids whose hash is gone (a finished
+# job's TTL ran out). Only removes: it runs while Redis is full, and frees memory then.
+# Returns how many ids it dropped.
+PRUNE = _PRELUDE + """
+local removed = 0
+for i, id in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    removed = removed + redis.call('ZREM', KEYS[1], id)
+  end
+end
+return removed
 """
 
 # KEYS: leases. ARGV: how many. The ids whose lease expired by the server clock.

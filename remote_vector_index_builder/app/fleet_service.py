@@ -11,15 +11,14 @@ from typing import Any
 import redis.asyncio
 
 from remote_vector_index_builder.app import fleet_scripts as scripts
+from remote_vector_index_builder.app.fleet_health import Health
 from remote_vector_index_builder.app.fleet_store import (
     CHANNEL,
     JOBS,
     LEASES,
     QUEUE,
-    UNAVAILABLE,
     Arg,
     FleetConfig,
-    Health,
     StatusCache,
     job_key,
     snapshot_from_hash,
@@ -57,11 +56,6 @@ class FleetJobService:
     def now(self) -> float:
         return self.clock()
 
-    def _unavailable(self, what: str, exc: Exception) -> JobStoreUnavailableError:
-        error = self.health.error(what, exc)
-        error.retry_after_s = self.config.retry_after_s
-        return error
-
     async def submit(self, request: BuildRequest) -> str:
         job_id = request.job_id
         keys = [job_key(job_id), QUEUE, JOBS, LEASES]
@@ -72,11 +66,8 @@ class FleetJobService:
             self.config.max_active,
             CHANNEL,
         ]
-        try:
+        with self.health.guard("submit"):
             outcome, detail = await self._submit(keys=keys, args=args)
-        except UNAVAILABLE as exc:
-            raise self._unavailable("submit", exc) from exc
-        self.health.ok()
         if outcome == "conflict":
             raise JobConflictError(
                 f"job {job_id} for {request.vector_path!r} already exists with "
@@ -93,16 +84,15 @@ class FleetJobService:
 
     async def status(self, job_id: str) -> dict[str, Any]:
         try:
-            state, file_name, error = await self._r.hmget(
-                job_key(job_id), ["state", "file_name", "error"]
-            )
-        except UNAVAILABLE as exc:
+            with self.health.guard("status"):
+                state, file_name, error = await self._r.hmget(
+                    job_key(job_id), ["state", "file_name", "error"]
+                )
+        except JobStoreUnavailableError:
             cached = self.cache.get(job_id)
             if cached is not None:
-                self.health.error("status", exc)
                 return cached
-            raise self._unavailable("status", exc) from exc
-        self.health.ok()
+            raise
         if state is None:
             raise _not_found(job_id)
         body = status_body(JobState(state), file_name or None, error or None)
@@ -110,35 +100,27 @@ class FleetJobService:
         return body
 
     async def snapshot(self, job_id: str) -> JobSnapshot:
-        try:
+        with self.health.guard("read job"):
             fields = await self._r.hgetall(job_key(job_id))
-        except UNAVAILABLE as exc:
-            raise self._unavailable("read job", exc) from exc
         if not fields:
             raise _not_found(job_id)
         return snapshot_from_hash(fields)
 
     async def snapshots(self) -> list[JobSnapshot]:
-        try:
+        with self.health.guard("list jobs"):
             ids = await self._r.zrange(JOBS, 0, -1)
             pipe = self._r.pipeline(transaction=False)
             for job_id in ids:
                 pipe.hgetall(job_key(job_id))
             hashes = await pipe.execute() if ids else []
-            gone = [job_id for job_id, fields in zip(ids, hashes, strict=True) if not fields]
-            if gone:  # expired finished jobs leave the listing too
-                await self._r.zrem(JOBS, *gone)
-        except UNAVAILABLE as exc:
-            raise self._unavailable("list jobs", exc) from exc
+        # An id whose hash expired is left out here (a read); the reaper drops it.
         return [snapshot_from_hash(fields) for fields in hashes if fields]
 
     async def cancel(self, job_id: str) -> JobSnapshot:
         keys = [job_key(job_id), QUEUE]
         args: list[Arg] = [job_id, self.config.ttl_ms, CANCELLED_MESSAGE, CHANNEL]
-        try:
+        with self.health.guard("cancel"):
             outcome, state = await self._cancel(keys=keys, args=args)
-        except UNAVAILABLE as exc:
-            raise self._unavailable("cancel", exc) from exc
         if outcome == "missing":
             raise _not_found(job_id)
         if outcome == "terminal":

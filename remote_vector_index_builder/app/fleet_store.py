@@ -2,9 +2,10 @@
 
 Imported only when ``RVIB_REDIS_URL`` is set, so one process never imports
 ``redis``. Every lifecycle change is one script in ``fleet_scripts``; this
-module calls them and translates Redis being unreachable into
-``JobStoreUnavailableError`` (once, here). It also holds the bounded cache of
-last-known ``/_status`` bodies answered while Redis is not reachable.
+module calls them, each through ``Health.guard`` (``fleet_health``), the one
+place Redis being unable to serve becomes ``JobStoreUnavailableError``. It also
+holds the bounded cache of last-known ``/_status`` bodies answered while Redis
+is not reachable, and reads a job's hash back as a ``JobSnapshot``.
 
 What Redis must be in production: ``maxmemory-policy noeviction`` (an evicted
 job hash is a 404, which makes the data node give up and build on its own
@@ -19,21 +20,20 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
-import redis.exceptions
 from cachetools import LRUCache
-from prometheus_client import CollectorRegistry, Counter
+from pydantic import ValidationError
 
 from remote_vector_index_builder.app import fleet_scripts as scripts
+from remote_vector_index_builder.app.fleet_health import Health
 from remote_vector_index_builder.app.jobs import JobSnapshot, JobState
 from remote_vector_index_builder.app.runner import CANCELLED_MESSAGE
 from remote_vector_index_builder.app.settings import Settings
-from remote_vector_index_builder.core.errors import JobStoreUnavailableError
+from remote_vector_index_builder.core.errors import UnreadableRequestError
 from remote_vector_index_builder.core.params import BuildRequest
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,6 @@ INTERRUPTED_MESSAGE = (
 )
 # Last-known /_status bodies answered while Redis is unreachable.
 STATUS_CACHE_SIZE = 10_000
-# What "Redis is unavailable" looks like (refused, timed out, loading its append-only
-# file after a restart, a replica promoted but read-only). Any other Redis error is a
-# bug here and surfaces as one (a 500 with its traceback), not as an outage.
-UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-)
 # Client timeouts: a dead Redis answers 503 within these, never a hung request.
 CONNECT_TIMEOUT_S = 1.0
 COMMAND_TIMEOUT_S = 3.0
@@ -116,68 +108,6 @@ class FleetConfig:
         return int(self.ttl_s * 1000)
 
 
-class FleetMetrics:
-    """This replica's fleet counters, on the app's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.reclaimed = Counter(
-            "rvib_fleet_jobs_reclaimed",
-            "Jobs whose lease expired that this replica re-queued (or ended, after the "
-            "last attempt or a cancel)",
-            registry=registry,
-        )
-        self.leases_lost = Counter(
-            "rvib_fleet_leases_lost",
-            "Builds on this replica stopped because another replica took the job over",
-            registry=registry,
-        )
-        self.redis_errors = Counter(
-            "rvib_redis_errors",
-            "Redis commands that failed (unreachable, timeout)",
-            registry=registry,
-        )
-        self.claimed = Counter(
-            "rvib_fleet_jobs_claimed", "Jobs this replica took from the queue", registry=registry
-        )
-
-
-class Health:
-    """When this replica last failed to reach Redis (shared by its threads)."""
-
-    def __init__(self, metrics: FleetMetrics) -> None:
-        self.metrics = metrics
-        self._lock = threading.Lock()
-        self._last_error = float("-inf")
-        self._down = False
-
-    def error(self, what: str, exc: Exception) -> JobStoreUnavailableError:
-        with self._lock:
-            self._last_error = time.monotonic()
-            first = not self._down
-            self._down = True
-        self.metrics.redis_errors.inc()
-        if first:
-            log.warning("the job store (Redis) is unreachable (%s): %s", what, exc)
-        return JobStoreUnavailableError(
-            f"the job store (Redis) is unreachable ({type(exc).__name__}); retry later"
-        )
-
-    def ok(self) -> None:
-        with self._lock:
-            if self._down:
-                log.info("the job store (Redis) is reachable again")
-            self._down = False
-
-    def reachable(self) -> bool:
-        """False from a failed command until the next one that succeeds."""
-        with self._lock:
-            return not self._down
-
-    def seconds_since_error(self) -> float:
-        with self._lock:
-            return time.monotonic() - self._last_error
-
-
 def client_options(config: FleetConfig) -> dict[str, Any]:
     return {
         "decode_responses": True,
@@ -206,14 +136,12 @@ class FleetStore:
         self._register = client.register_script(scripts.REGISTER)
         self._stats = client.register_script(scripts.STATS)
         self._expired = client.register_script(scripts.EXPIRED)
+        self._reject = client.register_script(scripts.REJECT)
+        self._prune = client.register_script(scripts.PRUNE)
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        try:
-            result = fn()
-        except UNAVAILABLE as exc:
-            raise self.health.error(what, exc) from exc
-        self.health.ok()
-        return result
+        with self.health.guard(what):
+            return fn()
 
     @property
     def client(self) -> Any:
@@ -284,6 +212,12 @@ class FleetStore:
         ]
         return int(self.call("complete", lambda: self._complete(keys=keys, args=args))) == 1
 
+    def reject(self, job_id: str, error: str) -> bool:
+        """Fail a queued job that no replica can take; False if it was no longer queued."""
+        keys = [job_key(job_id), QUEUE, AUDIT]
+        args: list[Arg] = [job_id, error, self.config.ttl_ms]
+        return int(self.call("reject", lambda: self._reject(keys=keys, args=args))) == 1
+
     def release(self, job_id: str, attempt: int) -> bool:
         keys = [job_key(job_id), QUEUE, LEASES, AUDIT]
         args: list[Arg] = [job_id, self.config.replica_id, attempt, CHANNEL]
@@ -291,6 +225,19 @@ class FleetStore:
 
     def expired(self, count: int) -> list[str]:
         return list(self.call("leases", lambda: self._expired(keys=[LEASES], args=[count])))
+
+    def prune(self, start: int, count: int) -> tuple[int, int]:
+        """Drop expired ids among ``{rvib}:jobs``'s ``count`` from rank ``start``:
+        ``(ids looked at, ids dropped)``."""
+        ids = [
+            str(i)
+            for i in self.call("jobs", lambda: self._r.zrange(JOBS, start, start + count - 1))
+        ]
+        if not ids:
+            return 0, 0
+        keys = [JOBS, *(job_key(job_id) for job_id in ids)]
+        args: list[Arg] = list(ids)
+        return len(ids), int(self.call("prune", lambda: self._prune(keys=keys, args=args)))
 
     def reclaim(self, job_id: str) -> str:
         keys = [job_key(job_id), QUEUE, LEASES, AUDIT]
@@ -364,15 +311,49 @@ def _ms(value: str | None) -> float | None:
     return int(value) / 1000 if value else None
 
 
+def read_request(text: str) -> BuildRequest:
+    """A stored request; ``UnreadableRequestError`` says why this version cannot parse it
+    (deeper than the JSON parser goes, an enum value of a newer version, ...)."""
+    try:
+        return BuildRequest.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        reason = f"{where}: {first['msg']}" if where else first["msg"]
+        raise UnreadableRequestError(
+            f"this replica cannot read the stored build request ({reason[:300]}); submit the "
+            "build again (after an upgrade, once every replica runs the same version)"
+        ) from exc
+
+
+def _lenient_fields(text: str) -> dict[str, Any]:
+    """What can be read of a request ``read_request`` refused, for listings."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def snapshot_from_hash(fields: dict[str, str]) -> JobSnapshot:
-    """The same snapshot the in-memory store gives, from a job's hash."""
+    """The same snapshot the in-memory store gives, from a job's hash.
+
+    An unreadable stored request does not make the job unreadable: its snapshot has
+    no ``request``, only the fields that could be read (``raw_request``).
+    """
     state = JobState(fields["state"])
+    try:
+        request: BuildRequest | None = read_request(fields["req"])
+        raw: dict[str, Any] | None = None
+    except UnreadableRequestError:
+        request, raw = None, _lenient_fields(fields["req"])
     progress = json.loads(fields["progress"]) if fields.get("progress") else {}
     quality = fields.get("quality")
     index_bytes = fields.get("index_bytes")
     return JobSnapshot(
         id=fields["id"],
-        request=BuildRequest.model_validate_json(fields["req"]),
+        request=request,
+        raw_request=raw,
         state=state,
         attempt=int(fields.get("attempt") or 0),
         submitted_at=_ms(fields.get("submitted_at")) or 0.0,

@@ -91,10 +91,13 @@ class JobSnapshot:
     """
 
     id: str
-    request: BuildRequest
+    # None: the fleet stored a request this version cannot parse (``raw_request`` holds
+    # what could be read of it, for listings); such a job never builds here.
+    request: BuildRequest | None
     state: JobState
     attempt: int
     submitted_at: float
+    raw_request: dict[str, Any] | None = None
     started_at: float | None = None
     finished_at: float | None = None
     file_name: str | None = None
@@ -122,20 +125,46 @@ class JobSnapshot:
     def status_body(self) -> dict[str, Any]:
         return status_body(self.state, self.file_name, self.error)
 
+    def _request_summary(self) -> dict[str, Any]:
+        r = self.request
+        if r is not None:
+            return {
+                "tenant_id": r.tenant_id,
+                "bucket": r.container_name,
+                "vector_path": r.vector_path,
+                "data_type": r.data_type.value,
+                "dimension": r.dimension,
+                "doc_count": r.doc_count,
+                "vector_bytes": r.vector_blob_bytes,
+            }
+        # What could be read of an unreadable request; its size is unknown (0).
+        raw = self.raw_request or {}
+
+        def text(key: str) -> str:
+            value = raw.get(key)
+            return value if isinstance(value, str) else ""
+
+        def number(key: str) -> int:
+            value = raw.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+        return {
+            "tenant_id": text("tenant_id"),
+            "bucket": text("container_name"),
+            "vector_path": text("vector_path"),
+            "data_type": text("data_type"),
+            "dimension": number("dimension"),
+            "doc_count": number("doc_count"),
+            "vector_bytes": 0,
+        }
+
     def summary(self) -> dict[str, Any]:
         """What operators see in ``GET /_jobs``."""
-        r = self.request
         return {
             "task_status": self.task_status.value,
             "state": self.state.value,
             "attempt": self.attempt,
-            "tenant_id": r.tenant_id,
-            "bucket": r.container_name,
-            "vector_path": r.vector_path,
-            "data_type": r.data_type.value,
-            "dimension": r.dimension,
-            "doc_count": r.doc_count,
-            "vector_bytes": r.vector_blob_bytes,
+            **self._request_summary(),
             "submitted_at": self.submitted_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
@@ -430,6 +459,9 @@ class JobStore:
 
     def checkpoint(self, job: Job) -> None:
         """Nothing but a cancel (which the runner checks itself) stops a build here."""
+
+    def commit_check(self, job: Job) -> None:
+        """One process holds no lease: nothing but a cancel stops the upload here."""
 
     def remove(self, job: Job) -> None:
         with self._lock:

@@ -42,8 +42,14 @@ CANCELLED_MESSAGE = "cancelled by operator"
 SHUTDOWN_MESSAGE = "the build service shut down before this build finished; submit the build again"
 SHUTTING_DOWN_MESSAGE = "the build service is shutting down; retry elsewhere"
 TIME_LIMIT_UNREADY = (
-    "a build exceeded RVIB_JOB_TIME_LIMIT_SECONDS and its thread cannot be reclaimed; "
-    "restart this service"
+    "a build exceeded RVIB_JOB_TIME_LIMIT_SECONDS and its thread cannot be stopped; this "
+    "service takes no builds until that thread ends: restart it"
+)
+# A queued job that can only start once such a thread ends waits for nothing that comes.
+STUCK_MESSAGE = (
+    "a build that exceeded RVIB_JOB_TIME_LIMIT_SECONDS cannot be stopped and holds the memory "
+    "or the build thread this job was waiting for; restart the service and submit the build "
+    "again"
 )
 
 
@@ -121,6 +127,10 @@ class RunnerJobs(Protocol):
         """Between batches and parts: raise ``CancelledError`` if this build must stop."""
         ...
 
+    def commit_check(self, job: Job) -> None:
+        """Right before the index becomes visible: raise ``CancelledError`` if it must not."""
+        ...
+
     def hand_back(self, job: Job) -> bool:
         """Give a job this process cannot finish to another replica; False if there is none."""
         ...
@@ -134,6 +144,9 @@ class MemoryBudget:
         self.gpu_limit = gpu_limit
         self.host_reserved = 0
         self.gpu_reserved = 0
+        # Held by builds past their time limit, whose threads cannot be stopped.
+        self.host_stuck = 0
+        self.gpu_stuck = 0
         self._cond = threading.Condition()
 
     def check_fits(self, need: memory.MemoryEstimate) -> None:
@@ -151,7 +164,11 @@ class MemoryBudget:
             )
 
     def acquire(self, need: memory.MemoryEstimate, cancelled: threading.Event) -> bool:
-        """Wait until ``need`` fits; False if cancelled while waiting."""
+        """Wait until ``need`` fits; False if cancelled while waiting.
+
+        Raises ``ServiceUnavailableError`` once it cannot fit beside what stuck builds
+        hold (``stick``): that memory is not coming back.
+        """
         with self._cond:
             while not cancelled.is_set():
                 if (
@@ -161,8 +178,25 @@ class MemoryBudget:
                     self.host_reserved += need.host_bytes
                     self.gpu_reserved += need.gpu_bytes
                     return True
+                if (
+                    self.host_stuck + need.host_bytes > self.host_limit
+                    or self.gpu_stuck + need.gpu_bytes > self.gpu_limit
+                ):
+                    raise ServiceUnavailableError(STUCK_MESSAGE)
                 self._cond.wait(timeout=0.5)
             return False
+
+    def stick(self, need: memory.MemoryEstimate) -> None:
+        """``need``, reserved by a build past its time limit, stays held until its thread ends."""
+        with self._cond:
+            self.host_stuck += need.host_bytes
+            self.gpu_stuck += need.gpu_bytes
+            self._cond.notify_all()
+
+    def unstick(self, need: memory.MemoryEstimate) -> None:
+        with self._cond:
+            self.host_stuck -= need.host_bytes
+            self.gpu_stuck -= need.gpu_bytes
 
     def try_acquire(self, need: memory.MemoryEstimate) -> bool:
         """Reserve ``need`` if it fits now, without waiting (the fleet's claimer)."""
@@ -198,12 +232,12 @@ class _JobTracker(workflow.Tracker):
         job: Job,
         clock: Clock,
         metrics: Metrics | None = None,
-        checkpoint: Callable[[Job], None] | None = None,
+        jobs: RunnerJobs | None = None,
     ) -> None:
         self.job = job
         self.clock = clock
         self.metrics = metrics
-        self.checkpoint = checkpoint
+        self.jobs = jobs
         self._stage: workflow.Stage | None = None
 
     def stage(self, stage: workflow.Stage, total: int) -> None:
@@ -232,9 +266,15 @@ class _JobTracker(workflow.Tracker):
         if self.metrics is not None:
             self.metrics.stage_seconds.labels(stage.value).observe(timing.seconds)
 
+    def commit_check(self) -> None:
+        if self.jobs is not None:
+            self.jobs.commit_check(self.job)
+        if self.job.cancel_requested.is_set():
+            raise CancelledError(CANCELLED_MESSAGE)
+
     def _check(self) -> None:
-        if self.checkpoint is not None:
-            self.checkpoint(self.job)
+        if self.jobs is not None:
+            self.jobs.checkpoint(self.job)
         if self.job.cancel_requested.is_set():
             raise CancelledError(CANCELLED_MESSAGE)
 
@@ -309,13 +349,18 @@ class Runner:
             initializer=_start_build_thread,
             initargs=(config.build_nice, config.omp_threads),
         )
-        # By job id; the job is kept too because a cancelled job's id can be
-        # resubmitted while its old thread is still winding down.
-        self._futures: dict[str, tuple[Job, Future[None]]] = {}
+        # By job id and attempt: a cancelled job's id can be resubmitted while its old
+        # thread is still winding down, and a fleet replica can claim a job again while
+        # its fenced attempt stops. Both count as busy until their threads end.
+        self._futures: dict[tuple[str, int], tuple[Job, Future[None]]] = {}
         self._lock = threading.Lock()
-        # Set when a build overran its time limit: its thread cannot be killed,
-        # so the service reports itself unready for an orchestrator to restart it.
+        # Set while a build that overran its time limit still runs: its thread cannot be
+        # killed, so the service takes no builds and reports itself unready for an
+        # orchestrator to restart it. Those builds' reservations, by (id, attempt);
+        # ``_reserved`` holds every running build's.
         self.unhealthy = threading.Event()
+        self._stuck: dict[tuple[str, int], memory.MemoryEstimate] = {}
+        self._reserved: dict[tuple[str, int], memory.MemoryEstimate] = {}
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
         if config.time_limit_s is not None:
@@ -333,19 +378,27 @@ class Runner:
         )
 
     def admit(self, request: BuildRequest) -> memory.MemoryEstimate:
-        """Refuse what can never run; called before a job is created."""
+        """Refuse what can never run, or not here now; called before a job is created."""
         if not self.accepting:
             raise ServiceUnavailableError(SHUTTING_DOWN_MESSAGE)
+        if self.unhealthy.is_set():
+            # Also keeps a job failed by the time limit from running twice at once.
+            raise ServiceUnavailableError(TIME_LIMIT_UNREADY)
         need = self.estimate(request)
         self.budget.check_fits(need)
         return need
 
     def submit(self, job: Job, reserved: memory.MemoryEstimate | None = None) -> None:
         """Queue ``job`` for a build thread; ``reserved``: its memory is already held."""
+        key = (job.id, job.attempt)
         with self._lock:
             if not self.accepting:
                 raise ServiceUnavailableError(SHUTTING_DOWN_MESSAGE)
-            self._futures[job.id] = (job, self._pool.submit(self._run, job, reserved))
+            if key in self._futures:  # one process, the same attempt number after eviction
+                raise ServiceUnavailableError(
+                    f"an earlier build of job {job.id} is still stopping; retry shortly"
+                )
+            self._futures[key] = (job, self._pool.submit(self._run, job, reserved))
         if self.metrics is not None:
             self.metrics.jobs_submitted.labels(job.request.data_type.value).inc()
 
@@ -355,18 +408,27 @@ class Runner:
                 self._run_admitted(job, reserved)
             finally:
                 with self._lock:
-                    entry = self._futures.get(job.id)
+                    entry = self._futures.get((job.id, job.attempt))
                     if entry is not None and entry[0] is job:
-                        del self._futures[job.id]
+                        del self._futures[(job.id, job.attempt)]
                 set_stage(None)
                 if self.on_slot_free is not None:
                     self.on_slot_free()
 
     def _run_admitted(self, job: Job, reserved: memory.MemoryEstimate | None) -> None:
         need = reserved or self.estimate(job.request)
-        if reserved is None and not self.budget.acquire(need, job.cancel_requested):
-            self.record(job, CancelledError(CANCELLED_MESSAGE))
-            return
+        if reserved is None:
+            try:
+                acquired = self.budget.acquire(need, job.cancel_requested)
+            except ServiceUnavailableError as exc:
+                self.record(job, exc)
+                return
+            if not acquired:
+                self.record(job, CancelledError(CANCELLED_MESSAGE))
+                return
+        key = (job.id, job.attempt)
+        with self._lock:
+            self._reserved[key] = need
         job.begin(self.clock(), self.builder.name, need.host_bytes)
         outcome: workflow.BuildResult | BaseException
         try:
@@ -376,7 +438,7 @@ class Runner:
                 self.builder,
                 mode=self.config.mode,
                 tmp_dir=self.config.tmp_dir,
-                tracker=_JobTracker(job, self.clock, self.metrics, self.jobs.checkpoint),
+                tracker=_JobTracker(job, self.clock, self.metrics, self.jobs),
             )
         except BaseException as exc:
             # The failed build's frames hold its buffers and index: free them with
@@ -387,6 +449,7 @@ class Runner:
             # Released before the outcome is recorded: whoever sees the job
             # finished also sees its memory free for the next one.
             job.released()
+            self._unstick(key)
             self.budget.release(need)
         if isinstance(outcome, BaseException):
             self.record(job, outcome)
@@ -458,12 +521,13 @@ class Runner:
         """Remove a queued job now; a running one stops at its next batch or stage boundary."""
         job.cancel_requested.set()
         self.budget.wake()
+        key = (job.id, job.attempt)
         with self._lock:
-            entry = self._futures.get(job.id)
+            entry = self._futures.get(key)
             never_ran = entry is not None and entry[0] is job and entry[1].cancel()
             if never_ran:
                 # It never ran, so ``_run`` will not forget it: do it here.
-                del self._futures[job.id]
+                del self._futures[key]
         if never_ran:
             self.record(job, CancelledError(CANCELLED_MESSAGE))
 
@@ -486,8 +550,45 @@ class Runner:
             )
             if self._finish(job, JobState.FAILED, error=message, reason="time_limit"):
                 log.error("job %s: %s", job.id, message)
-                self.unhealthy.set()
+                self._stick((job.id, job.attempt))
+        if overdue:
+            self._fail_queued_behind_stuck_threads()
         return overdue
+
+    def _stick(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            need = self._reserved.get(key)
+            if need is None or key in self._stuck:
+                return
+            self._stuck[key] = need
+            self.unhealthy.set()
+        self.budget.stick(need)  # wakes the jobs waiting for memory: some never fit now
+
+    def _unstick(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            self._reserved.pop(key, None)
+            need = self._stuck.pop(key, None)
+            if need is None:
+                return
+            if not self._stuck:
+                self.unhealthy.clear()
+        self.budget.unstick(need)
+        log.warning("job %s: the build past its time limit has stopped", key[0])
+
+    def _fail_queued_behind_stuck_threads(self) -> None:
+        """Jobs queued for a build thread when every thread is stuck: none will start."""
+        with self._lock:
+            if len(self._stuck) < self.config.max_workers:
+                return
+            waiting = [(key, job, future) for key, (job, future) in self._futures.items()]
+        for key, job, future in waiting:
+            if not future.cancel():
+                continue  # running (a stuck one) or done
+            with self._lock:
+                if self._futures.get(key, (None,))[0] is job:
+                    del self._futures[key]
+            if not self.jobs.hand_back(job):  # a fleet's other replicas can take it
+                self.record(job, ServiceUnavailableError(STUCK_MESSAGE))
 
     def _watch(self) -> None:
         while not self._stopping.wait(self.config.watchdog_interval_s):

@@ -19,6 +19,7 @@
         ├── JobNotFoundError      unknown or long expired job (404)
         ├── StoreFullError        job store full of active jobs (429)
         ├── InsufficientMemoryError  the job can never fit in the limits (507)
+        ├── UnreadableRequestError   a stored request this version cannot parse (fleet)
         └── ServiceUnavailableError  shutting down (503)
             └── JobStoreUnavailableError  the fleet's Redis cannot be reached (503)
 
@@ -98,6 +99,10 @@ class StoreFullError(ServiceError):
 
 
 class InsufficientMemoryError(ServiceError):
+    pass
+
+
+class UnreadableRequestError(ServiceError):
     pass
 
 

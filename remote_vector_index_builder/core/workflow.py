@@ -76,6 +76,10 @@ class Tracker:
     def stage_finished(self, stage: Stage, timing: StageTiming) -> None:
         """``stage`` completed (not called when it raised)."""
 
+    def commit_check(self) -> None:
+        """Right before the request that makes the index visible (CompleteMultipartUpload,
+        a single PutObject); raising stops the upload (the fleet: a lease not confirmed)."""
+
 
 @dataclass(frozen=True)
 class StageProgress:
