@@ -25,6 +25,7 @@ from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64
 from remote_vector_index_builder.core.index_builder import IndexBuilder, PreparedIndex
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import NumberedUploads, ObjectStore
+from remote_vector_index_builder.core.overlapped_upload import OverlappedWrite
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.quality import QualityReport
 
@@ -163,12 +164,12 @@ def _start_overlap(
     prepared: PreparedIndex | None,
     data: Dataset,
     sse: str | None,
-) -> index_io.OverlappedWrite | None:
+) -> OverlappedWrite | None:
     if request.skip_stored_vectors or prepared is None:
         return None
     if not isinstance(store, NumberedUploads):
         return None
-    return index_io.OverlappedWrite.start(
+    return OverlappedWrite.start(
         store,
         request.container_name,
         request.index_key,
@@ -272,7 +273,7 @@ def run(
     """Build the index for ``request`` and upload it beside the vectors.
 
     ``overlap_upload`` (memory mode): send the index's storage section while
-    the graph is built (``index_io.OverlappedWrite``), where the builder
+    the graph is built (``overlapped_upload.OverlappedWrite``), where the builder
     prepared a CPU HNSW index and the store takes numbered parts.
     """
     tracker = tracker or Tracker()
