@@ -179,9 +179,6 @@ class GatedStore:
     def head(self, bucket: str, key: str) -> ObjectInfo:
         return self.inner.head(bucket, key)
 
-    def exists(self, bucket: str, key: str) -> bool:
-        return self.inner.exists(bucket, key)
-
     def open_upload(self, *args: Any, **kwargs: Any) -> Upload:
         return self.inner.open_upload(*args, **kwargs)
 

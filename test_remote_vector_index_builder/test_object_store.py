@@ -54,6 +54,10 @@ def upload_bytes(store: ObjectStore, bucket: str, key: str, data: bytes, **kwarg
     assert upload.bytes_written == len(data)
 
 
+def no_object(client: S3Client, bucket: str, key: str) -> bool:
+    return not client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents")
+
+
 def no_multipart_uploads(client: S3Client, bucket: str) -> bool:
     return not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
@@ -261,7 +265,8 @@ def test_missing_key(object_store: S3ObjectStore, bucket: str):
         object_store.download(bucket, "segment/missing.knnvec")
     assert f"s3://{bucket}/segment/missing.knnvec" in str(caught.value)
     assert "does not exist" in str(caught.value)
-    assert not object_store.exists(bucket, "segment/missing.knnvec")
+    with pytest.raises(ObjectNotFoundError):
+        object_store.head(bucket, "segment/missing.knnvec")
 
 
 def test_missing_bucket(object_store: S3ObjectStore):
@@ -269,7 +274,7 @@ def test_missing_bucket(object_store: S3ObjectStore):
         object_store.download("rvib-no-such-bucket", "x.knnvec")
     assert "rvib-no-such-bucket" in str(caught.value)
     with pytest.raises(BucketNotFoundError):
-        object_store.exists("rvib-no-such-bucket", "x.knnvec")
+        object_store.head("rvib-no-such-bucket", "x.knnvec")
     with pytest.raises(BucketNotFoundError), object_store.open_upload("rvib-no-such-bucket", "y"):
         pass
 
@@ -293,7 +298,7 @@ def test_cancelling_a_multipart_upload_leaves_nothing_behind(
     with pytest.raises(CancelledError, match="job cancelled"):
         upload_bytes(object_store, bucket, "index.faiss", random_bytes(5 * PART), progress=progress)
 
-    assert not object_store.exists(bucket, "index.faiss")
+    assert no_object(s3_client, bucket, "index.faiss")
     assert no_multipart_uploads(s3_client, bucket)
 
 
@@ -308,7 +313,7 @@ def test_failed_upload_of_a_file_leaves_nothing_behind(
 
     with pytest.raises(CancelledError):
         object_store.upload_file(bucket, "index.faiss", path, progress=progress)
-    assert not object_store.exists(bucket, "index.faiss")
+    assert no_object(s3_client, bucket, "index.faiss")
     assert no_multipart_uploads(s3_client, bucket)
 
 

@@ -4,7 +4,8 @@ With ``skip_stored_vectors`` the stream is composed here, because the stock
 ``IndexIDMap`` writer does not pass ``IO_FLAG_SKIP_STORAGE`` down to the inner
 index: we write the ``IxMp`` header, the inner CAGRA-typed HNSW with the flag,
 and the id map ourselves. For an index with storage this composition is byte
-for byte what ``faiss.write_index`` writes (``test_index_io`` proves it).
+for byte what ``faiss.write_index`` writes (``test_cpu_builder``'s
+``test_composed_id_map_stream_is_byte_identical_to_faiss`` proves it).
 """
 
 from __future__ import annotations

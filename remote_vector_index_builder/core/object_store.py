@@ -25,7 +25,6 @@ from zlib_ng import zlib_ng
 from remote_vector_index_builder.core.errors import (
     DatasetError,
     IntegrityError,
-    ObjectNotFoundError,
     ObjectStoreError,
 )
 from remote_vector_index_builder.core.multipart import (
@@ -100,7 +99,6 @@ class ObjectStore(Protocol):
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
     ) -> int: ...
-    def exists(self, bucket: str, key: str) -> bool: ...
 
 
 @runtime_checkable
@@ -184,18 +182,8 @@ class S3ObjectStore:
     def upload_plan(self) -> UploadPlan:
         return self._plan
 
-    def _head(self, op: str, bucket: str, key: str) -> ObjectInfo:
-        return self._s3.head(op, bucket, key)
-
     def head(self, bucket: str, key: str) -> ObjectInfo:
-        return self._head("head", bucket, key)
-
-    def exists(self, bucket: str, key: str) -> bool:
-        try:
-            self._head("exists check", bucket, key)
-        except ObjectNotFoundError:
-            return False
-        return True
+        return self._s3.head("head", bucket, key)
 
     def download(
         self,

@@ -53,11 +53,6 @@ def overlap_part(size: int) -> int:
     return max(MIN_PART_SIZE, -(-size // OVERLAP_PART_NUMBERS))
 
 
-def overlap_buffer_bytes(size: int) -> int:
-    """Memory the overlapped parts hold during the build: in flight plus one being cut."""
-    return overlap_part(size) * (OVERLAP_PARTS_IN_FLIGHT + 1)
-
-
 @dataclass(frozen=True)
 class _TailLayout:
     prefix: bytes  # the storage section's header, through the codes' length field
@@ -175,11 +170,6 @@ class OverlappedWrite:
             bucket, key, sse_kms_key_id=sse_kms_key_id, slots=OVERLAP_PARTS_IN_FLIGHT
         )
         return cls(upload, inner, layout, store.upload_plan)
-
-    @property
-    def early_bytes(self) -> int:
-        """Bytes of the index already sent."""
-        return self._upload.bytes_sent
 
     def stored(self, start: int, stop: int) -> None:
         """Rows ``[start, stop)`` are in the storage for good."""

@@ -267,7 +267,6 @@ def run(
     mode: SerializationMode = SerializationMode.MEMORY,
     tmp_dir: str | Path | None = None,
     tracker: Tracker | None = None,
-    check_values: bool = True,
     overlap_upload: bool = True,
 ) -> BuildResult:
     """Build the index for ``request`` and upload it beside the vectors.
@@ -306,8 +305,7 @@ def run(
 
     with timer.measure(Stage.PARSE, request.doc_count) as span:
         data = dataset_stage.parse(request, vector_blob, doc_id_blob)
-        if check_values:
-            dataset_stage.check_values(data)
+        dataset_stage.check_values(data)
         span.nbytes = vector_blob.nbytes
         tracker.advance(request.doc_count)
     # ``data`` now holds the only references to the blobs.
