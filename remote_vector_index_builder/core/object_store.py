@@ -9,6 +9,7 @@ direction. botocore errors are translated once, in ``core.s3_errors``, into
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.client
 import logging
@@ -225,8 +226,9 @@ class S3ObjectStore:
         default for multipart uploads, "<base64>-<parts>") the CRC32 of the
         parts' CRC32s, so it needs the part boundaries: the first part's size,
         all parts but the last being equal (what SDKs upload), or else every
-        part's size. Some stores report neither the type nor the suffix (moto):
-        a multipart object is then checked both ways.
+        part's size; of one part, the CRC32 of the object's CRC32. Some stores
+        report neither the type nor the suffix (moto): a multipart object is
+        then checked both ways.
         """
         value, _, suffix = stored.partition("-")
         etag_parts = info.etag.strip('"').rpartition("-")[2]
@@ -234,8 +236,15 @@ class S3ObjectStore:
         full = crc32_b64(buffer.data)
         if full == value and info.checksum_type != "COMPOSITE" and not suffix:
             return None
-        if parts < 2 or info.checksum_type == "FULL_OBJECT":
+        if parts == 0 or info.checksum_type == "FULL_OBJECT":
             return f"CRC32 of the object {full}, S3 stored {value}"
+        if parts == 1:
+            # One part (a client that always uploads multipart): S3 stores the CRC32 of
+            # that part's CRC32, which is the object's; no part sizes needed.
+            composite = crc32_b64(base64.b64decode(full))
+            if composite == value:
+                return None
+            return f"composite CRC32 of the one part {composite}, S3 stored {value}"
         try:
             composite = self._composite_crc32(bucket, key, info, parts, buffer, value)
         except ObjectStoreError as exc:
