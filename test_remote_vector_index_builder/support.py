@@ -185,6 +185,9 @@ class GatedStore:
     def upload_file(self, *args: Any, **kwargs: Any) -> int:
         return self.inner.upload_file(*args, **kwargs)
 
+    def abort_incomplete_uploads(self, bucket: str, key: str) -> int:
+        return self.inner.abort_incomplete_uploads(bucket, key)
+
 
 class GatedBuilder:
     """The real CPU builder, paused after ``pause_after`` batches until a test resumes it."""

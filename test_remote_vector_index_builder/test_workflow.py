@@ -137,6 +137,28 @@ def test_errors_are_typed_and_leave_no_index(
     assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
+def test_an_attempt_first_aborts_the_uploads_an_earlier_attempt_left(
+    s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    vectors = clustered(200, 8)
+    s3_client.put_object(Bucket=bucket, Key="left/seg.knnvec", Body=vector_blob(vectors))
+    s3_client.put_object(Bucket=bucket, Key="left/seg.knndid", Body=doc_id_blob(np.arange(200)))
+    request = request_for(bucket, "left/seg", 8, 200)
+    # What attempts killed (kill -9) during their overlapped upload leave behind: an
+    # upload with parts sent; two of them. A key that only starts alike is not ours.
+    for key in (request.index_key, request.index_key, f"{request.index_key}.other"):
+        upload_id = s3_client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        s3_client.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=10000, Body=b"x" * 1024
+        )
+
+    workflow.run(request, object_store, CpuBuilder())
+
+    left = s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [upload["Key"] for upload in left] == [f"{request.index_key}.other"]
+    assert request.index_key in keys(s3_client, bucket)
+
+
 def test_build_cli_against_local_s3(
     s3_client: Any,
     bucket: str,
@@ -342,7 +364,8 @@ def test_overlap_falls_back_when_the_tail_is_too_small(
         store = S3ObjectStore(make_s3_client(config), config)
         builder = KeepingBuilder()
         workflow.run(request_for(bucket, "tiny", 32, 500), store, builder)
-        assert not [s for s in proxy.seen if "uploads" in s.target]  # no multipart upload
+        # No multipart upload (the only "?uploads" request lists an earlier attempt's).
+        assert not [s for s in proxy.seen if "uploads" in s.target and s.method != "GET"]
     uploaded = s3_client.get_object(Bucket=bucket, Key="tiny.faiss")["Body"].read()
     sequential = io.BytesIO()
     index_io.write(builder.built, sequential)

@@ -113,6 +113,32 @@ def abort_upload(s3: S3Calls, where: str, target: dict[str, Any], upload_id: str
             raise
 
 
+def abort_incomplete(s3: S3Calls, bucket: str, key: str) -> int:
+    """Abort every incomplete multipart upload of exactly ``key``; returns how many.
+
+    What a process killed mid-upload leaves behind (its parts are stored, and
+    billed, until aborted). Listed by prefix, so keys that only start with
+    ``key`` are skipped.
+    """
+    where = f"listing of incomplete uploads of s3://{bucket}/{key}"
+    target = {"Bucket": bucket, "Key": key}
+    aborted, markers = 0, dict[str, str]()
+    while True:
+        listing = s3.call(
+            where, s3.client.list_multipart_uploads, Bucket=bucket, Prefix=key, **markers
+        )
+        for upload in listing.get("Uploads", []):
+            if upload.get("Key") == key and "UploadId" in upload:
+                abort_upload(s3, f"upload of s3://{bucket}/{key}", target, upload["UploadId"])
+                aborted += 1
+        if not listing.get("IsTruncated"):
+            return aborted
+        markers = {
+            "KeyMarker": listing.get("NextKeyMarker", ""),
+            "UploadIdMarker": listing.get("NextUploadIdMarker", ""),
+        }
+
+
 class _Abortable(Protocol):
     def abort(self) -> None: ...
 

@@ -33,6 +33,7 @@ from remote_vector_index_builder.core.multipart import (
     NumberedUpload,
     ReadInto,
     UploadPlan,
+    abort_incomplete,
     crc32_b64,
 )
 from remote_vector_index_builder.core.s3_calls import (
@@ -100,6 +101,7 @@ class ObjectStore(Protocol):
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
     ) -> int: ...
+    def abort_incomplete_uploads(self, bucket: str, key: str) -> int: ...
 
 
 @runtime_checkable
@@ -372,6 +374,10 @@ class S3ObjectStore:
         with upload, open(path, "rb", buffering=0) as file:
             upload.write_from(file)
         return upload.bytes_written
+
+    def abort_incomplete_uploads(self, bucket: str, key: str) -> int:
+        """Abort the incomplete multipart uploads of exactly ``key`` (an earlier attempt's)."""
+        return abort_incomplete(self._s3, bucket, key)
 
 
 def _composite_crc32(buffer: np.ndarray, sizes: list[int]) -> str:

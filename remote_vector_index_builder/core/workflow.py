@@ -22,6 +22,7 @@ from pathlib import Path
 from remote_vector_index_builder.core import dataset as dataset_stage
 from remote_vector_index_builder.core import index_io, memory, quality
 from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64
+from remote_vector_index_builder.core.errors import ObjectStoreError
 from remote_vector_index_builder.core.index_builder import IndexBuilder, PreparedIndex
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import NumberedUploads, ObjectStore
@@ -179,6 +180,23 @@ def _start_overlap(
     )
 
 
+def _abort_earlier_uploads(store: ObjectStore, bucket: str, key: str) -> None:
+    """Abort what an earlier attempt killed mid-upload left under the index key.
+
+    Every attempt starts with it, before its own upload opens, so it works the
+    same in one process and in a fleet (where another replica may have run the
+    attempt before). A clean-up: a failure is logged, the build goes on, and the
+    bucket's lifecycle rule (README) is the backstop.
+    """
+    try:
+        aborted = store.abort_incomplete_uploads(bucket, key)
+    except ObjectStoreError as exc:
+        log.warning("%s; incomplete uploads of an earlier attempt may remain", exc)
+        return
+    if aborted:
+        log.info("aborted %d incomplete multipart upload(s) of an earlier attempt", aborted)
+
+
 def peak_rss_bytes() -> int:
     """High-water mark of this process's resident memory.
 
@@ -288,6 +306,7 @@ def run(
 
     total_in = request.vector_blob_bytes + request.doc_id_blob_bytes
     with timer.measure(Stage.DOWNLOAD, total_in) as span:
+        _abort_earlier_uploads(store, bucket, request.index_key)
         # Sizes are checked before any byte is fetched; the source object's
         # encryption key is reused for the index.
         vector_info = store.head(bucket, request.vector_path)
