@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Runs right before the request that makes an object visible (CompleteMultipartUpload,
+# PutObject); raising stops the upload (``workflow.Tracker.commit_check``).
+CommitCheck = Callable[[], None]
+
 # A streamed upload does not know its size: the part size doubles every
 # _PARTS_PER_SIZE_STEP parts, so 16 MiB parts reach ~960 GiB, not 156 GiB, within
 # S3's 10,000 parts, while small objects keep small parts.
@@ -277,8 +281,12 @@ class NumberedUpload:
             part["ChecksumCRC32"] = response["ChecksumCRC32"]
         return part
 
-    def complete(self) -> None:
-        """Wait for every part, then join them into the object (in part-number order)."""
+    def complete(self, commit_check: CommitCheck | None = None) -> None:
+        """Wait for every part, then join them into the object (in part-number order).
+
+        ``commit_check`` runs right before the request that makes the object
+        visible; if it raises, the upload is aborted and nothing is visible.
+        """
         if self._state != "open":
             raise ObjectStoreError(f"{self._where} failed: the upload was aborted")
         try:
@@ -287,6 +295,8 @@ class NumberedUpload:
             parts = [self._parts[number].result() for number in sorted(self._parts)]
             upload = {"UploadId": self._upload_id, "MultipartUpload": {"Parts": parts}}
             complete = self._s3.client.complete_multipart_upload
+            if commit_check is not None:
+                commit_check()
             try:
                 self._s3.call(self._where, complete, **self._object, **upload)
             except ObjectStoreError as exc:
@@ -333,7 +343,8 @@ class MultipartUpload:
 
     An object smaller than one part is one PutObject. At most ``slots`` parts
     are in flight (``write`` blocks beyond that), so memory stays near
-    ``(slots + 1) * part_size`` whatever the object's size.
+    ``(slots + 1) * part_size`` whatever the object's size. ``commit_check``
+    runs right before the PutObject or CompleteMultipartUpload (``close``).
     """
 
     def __init__(
@@ -345,8 +356,10 @@ class MultipartUpload:
         report: Progress,
         part_size: int,
         slots: int,
+        commit_check: CommitCheck | None = None,
     ) -> None:
         self._s3 = s3
+        self._commit_check = commit_check
         self._bucket, self._key, self._sse = bucket, key, sse
         self._report = report
         self._where = f"upload of s3://{bucket}/{key}"
@@ -442,7 +455,7 @@ class MultipartUpload:
             else:
                 if self._filled:
                     self._send_buffer()
-                self._upload.complete()
+                self._upload.complete(self._commit_check)
         except BaseException:
             abort_quietly(self)
             raise
@@ -454,6 +467,8 @@ class MultipartUpload:
         self._report(len(body))
         create = create_arguments(self._bucket, self._key, self._sse)
         create["ChecksumCRC32"] = crc32_b64(body)
+        if self._commit_check is not None:
+            self._commit_check()
         self._s3.call(self._where, self._s3.client.put_object, **create, Body=body)
 
     def abort(self) -> None:

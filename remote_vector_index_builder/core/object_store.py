@@ -29,6 +29,7 @@ from remote_vector_index_builder.core.errors import (
     ObjectStoreError,
 )
 from remote_vector_index_builder.core.multipart import (
+    CommitCheck,
     MultipartUpload,
     NumberedUpload,
     ReadInto,
@@ -91,6 +92,7 @@ class ObjectStore(Protocol):
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
         size_hint: int | None = None,
+        commit_check: CommitCheck | None = None,
     ) -> Upload: ...
     def upload_file(
         self,
@@ -100,6 +102,7 @@ class ObjectStore(Protocol):
         *,
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
+        commit_check: CommitCheck | None = None,
     ) -> int: ...
     def abort_incomplete_uploads(self, bucket: str, key: str) -> int: ...
 
@@ -337,11 +340,16 @@ class S3ObjectStore:
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
         size_hint: int | None = None,
+        commit_check: CommitCheck | None = None,
     ) -> MultipartUpload:
-        """A streaming upload; ``size_hint`` (the expected size) bounds its buffers."""
+        """A streaming upload; ``size_hint`` (the expected size) bounds its buffers.
+
+        ``commit_check`` runs right before the request that makes the object visible.
+        """
         part, slots = self._plan.first_part(size_hint), self._plan.in_flight(size_hint)
+        report = _serialized(progress)
         return MultipartUpload(
-            self._s3, bucket, key, sse_kms_key_id, _serialized(progress), part, slots
+            self._s3, bucket, key, sse_kms_key_id, report, part, slots, commit_check
         )
 
     def open_numbered_upload(
@@ -365,10 +373,16 @@ class S3ObjectStore:
         *,
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
+        commit_check: CommitCheck | None = None,
     ) -> int:
         size = os.stat(path).st_size
         upload = self.open_upload(
-            bucket, key, sse_kms_key_id=sse_kms_key_id, progress=progress, size_hint=size
+            bucket,
+            key,
+            sse_kms_key_id=sse_kms_key_id,
+            progress=progress,
+            size_hint=size,
+            commit_check=commit_check,
         )
         # Unbuffered, so the file is read straight into the part buffers.
         with upload, open(path, "rb", buffering=0) as file:

@@ -30,6 +30,7 @@ from remote_vector_index_builder.core.index_builder import FaissIndex
 from remote_vector_index_builder.core.index_io import id_map_header, write_faiss
 from remote_vector_index_builder.core.multipart import (
     MAX_PARTS,
+    CommitCheck,
     NumberedUpload,
     UploadPlan,
     crc32_b64,
@@ -244,8 +245,16 @@ class OverlappedWrite:
                 return False
         return True
 
-    def finish(self, index: FaissIndex, progress: Callable[[int], None]) -> int | None:
-        """Complete the object from the finished ``index``; its size, or None (see class)."""
+    def finish(
+        self,
+        index: FaissIndex,
+        progress: Callable[[int], None],
+        commit_check: CommitCheck | None = None,
+    ) -> int | None:
+        """Complete the object from the finished ``index``; its size, or None (see class).
+
+        ``commit_check`` runs right before the request that makes the object visible.
+        """
         if not self._matches(index):
             self.abort()
             return None
@@ -268,7 +277,7 @@ class OverlappedWrite:
             self.abort()
             return None
         head.finish(self._tail(0, self._held))
-        self._upload.complete()
+        self._upload.complete(commit_check)
         total = head.count + self._layout.size
         progress(total - early)
         return total

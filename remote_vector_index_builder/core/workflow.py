@@ -78,6 +78,15 @@ class Tracker:
     def stage_finished(self, stage: Stage, timing: StageTiming) -> None:
         """``stage`` completed (not called when it raised)."""
 
+    def commit_check(self) -> None:
+        """Called right before any request that makes the index visible in S3; may raise
+        to stop the upload; default no-op.
+
+        Every path calls it: the CompleteMultipartUpload of the streamed, the
+        overlapped and the disk-mode upload, and the single PutObject of a small
+        index. If it raises, the upload is aborted and nothing is visible.
+        """
+
 
 @dataclass(frozen=True)
 class StageProgress:
@@ -353,7 +362,9 @@ def run(
         index_size = serialized_bytes_estimate(request)
         if mode is SerializationMode.MEMORY:
             with timer.measure(Stage.UPLOAD, index_size, "serialize+upload") as span:
-                written = None if overlap is None else overlap.finish(index, advance)
+                written = None
+                if overlap is not None:
+                    written = overlap.finish(index, advance, tracker.commit_check)
                 if written is None:
                     upload = store.open_upload(
                         bucket,
@@ -361,6 +372,7 @@ def run(
                         sse_kms_key_id=sse_key,
                         progress=advance,
                         size_hint=index_size,
+                        commit_check=tracker.commit_check,
                     )
                     with upload:
                         written = index_io.write(
@@ -377,7 +389,12 @@ def run(
                 del index
                 with timer.measure(Stage.UPLOAD, span.nbytes) as span:
                     span.nbytes = store.upload_file(
-                        bucket, request.index_key, path, sse_kms_key_id=sse_key, progress=advance
+                        bucket,
+                        request.index_key,
+                        path,
+                        sse_kms_key_id=sse_key,
+                        progress=advance,
+                        commit_check=tracker.commit_check,
                     )
     result.index_bytes = span.nbytes
     return result
