@@ -195,14 +195,14 @@ class GatedStore:
     def head(self, bucket: str, key: str) -> ObjectInfo:
         return self.inner.head(bucket, key)
 
-    def exists(self, bucket: str, key: str) -> bool:
-        return self.inner.exists(bucket, key)
-
     def open_upload(self, *args: Any, **kwargs: Any) -> Upload:
         return self.inner.open_upload(*args, **kwargs)
 
     def upload_file(self, *args: Any, **kwargs: Any) -> int:
         return self.inner.upload_file(*args, **kwargs)
+
+    def abort_incomplete_uploads(self, bucket: str, key: str) -> int:
+        return self.inner.abort_incomplete_uploads(bucket, key)
 
 
 class GatedBuilder:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import faiss
 import numpy as np
@@ -296,7 +297,11 @@ def test_hostile_paths_stay_in_the_bucket_and_temp_dir(
     assert status["file_name"] == f"{stem}.faiss".rsplit("/", 1)[-1]
     assert keys(s3_client, bucket) == {f"{stem}.knnvec", f"{stem}.knndid", f"{stem}.faiss"}
     assert keys(s3_client, neighbour) == before
-    # Every request the service sent addressed this bucket (path-style: /<bucket>/...).
-    assert proxy.seen and all(s.target.startswith(f"/{bucket}/") for s in proxy.seen)
+    # Every request the service sent addressed this bucket (path-style: /<bucket>/...),
+    # the listing of an earlier attempt's uploads too, by exactly the index key.
+    assert proxy.seen and all(s.target.startswith(f"/{bucket}/") for s in proxy.seen[1:])
+    listing = urlsplit(proxy.seen[0].target)
+    assert listing.path == f"/{bucket}"
+    assert parse_qs(listing.query)["prefix"] == [f"{stem}.faiss"]
     assert list(tmp_path.iterdir()) == []
     assert_idle(client)

@@ -53,6 +53,9 @@ STEM = "idx/u1_vectors/r_my.field_0"
 # vectors download in two ranges and the 5.5 MiB index uploads in two parts.
 SMALL = (300, 16)
 LARGE = (2700, 512)
+# 6,000 x 768 floats: an 18.4 MB storage section, above the 15 MiB from which the index
+# goes up as an upload overlapped with the build (``OverlappedWrite.start``).
+OVERLAPPED = (6000, 768)
 
 
 class Sleeps:
@@ -111,6 +114,8 @@ class Case:
     # the operation, the bucket and the key, and the cause.
     message: tuple[str, ...] = ()
     large: bool = False
+    # (rows, dimension) instead of SMALL or LARGE; OVERLAPPED checks that the upload overlapped.
+    shape: tuple[int, int] | None = None
     # The proxy's port when the job starts: "refuse" (closed) or "blackhole" (connects hang).
     port: str = "open"
     reopen_on_retry: bool = False  # ... and it opens again at the first backoff
@@ -126,15 +131,15 @@ COMPLETE = "uploadId="
 
 CASES = [
     # Transient: retried with backoff, the job completes.
-    Case("503-slowdown-first-2-gets", (Fault("status", "GET", times=2),), True),
+    Case("503-slowdown-first-2-gets", (Fault("status", "GET", ".knn", 2),), True),
     Case(
         "500-internal-error-first-2-heads",
         (Fault("status", "HEAD", times=2, status=500, code="InternalError"),),
         True,
     ),
     Case("reset-mid-body-first-2-ranges", (Fault("reset", "GET", ".knnvec", 2),), True, large=True),
-    Case("truncated-body-first-2-gets", (Fault("truncate", "GET", times=2),), True),
-    Case("stall-once", (Fault("stall", "GET", times=1, stall_s=3),), True),
+    Case("truncated-body-first-2-gets", (Fault("truncate", "GET", ".knn", 2),), True),
+    Case("stall-once", (Fault("stall", "GET", ".knn", 1, stall_s=3),), True),
     Case(
         "reset-mid-request-body-first-part",
         (Fault("reset", "PUT", PART, 1, at="request"),),
@@ -160,6 +165,17 @@ CASES = [
         large=True,
         backoffs=1,  # after the reset; NoSuchUpload is checked, not retried
     ),
+    Case(
+        # The same on the overlapped upload: the index is in S3, the job completes.
+        "overlapped-upload-complete-response-lost-then-no-such-upload",
+        (
+            Fault("reset", "POST", COMPLETE, 1),
+            Fault("status", "POST", COMPLETE, 1, status=404, code="NoSuchUpload"),
+        ),
+        True,
+        shape=OVERLAPPED,
+        backoffs=1,
+    ),
     Case("503-on-index-put-once", (Fault("status", "PUT", ".faiss", 1),), True),
     # A bit flipped in one ranged GET: the object's CRC32 (S3 stored it at upload)
     # no longer matches, the vectors are downloaded again, and the job completes.
@@ -167,6 +183,13 @@ CASES = [
         "bit-flip-in-one-range", (Fault("flip", "GET", ".knnvec", 1),), True, large=True, backoffs=0
     ),
     Case("bit-flip-in-the-only-get", (Fault("flip", "GET", ".knnvec", 1),), True),
+    Case(
+        # The clean-up of an earlier attempt's uploads is not the build: it may fail.
+        "listing-earlier-uploads-denied",
+        (Fault("status", "GET", "?uploads", status=403, code="AccessDenied"),),
+        True,
+        backoffs=0,
+    ),
     Case("refused-then-reopened", (), True, port="refuse", reopen_on_retry=True),
     Case("connect-timeout-then-reopened", (), True, port="blackhole", reopen_on_retry=True),
     # Persistent: FAILED_INDEX_BUILD naming operation, bucket, key and cause.
@@ -268,7 +291,7 @@ def test_object_store_fault(
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    n, dim = LARGE if case.large else SMALL
+    n, dim = case.shape or (LARGE if case.large else SMALL)
     upload(s3_client, bucket, STEM, clustered(n, dim, seed=n))
     sleeps = Sleeps()
     store = proxied_store(s3_config, proxy.url, sleeps)
@@ -287,6 +310,8 @@ def test_object_store_fault(
     # capped and backoffs are recorded, not slept (counted below).
     status = wait_terminal(client, job_id)
     assert all(fault.hits > 0 for fault in faults), "a fault never fired"
+    if case.shape == OVERLAPPED:  # the storage section went up under the highest part numbers
+        assert any("partNumber=10000" in seen.target for seen in proxy.seen)
     assert all(0 <= delay <= 10 for delay in sleeps.delays)
     if case.backoffs is not None:
         assert len(sleeps.delays) == case.backoffs

@@ -31,6 +31,7 @@ from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 PART = 5 * MIB
 
@@ -52,6 +53,10 @@ def upload_bytes(store: ObjectStore, bucket: str, key: str, data: bytes, **kwarg
         for start in range(0, len(data), chunk):
             upload.write(data[start : start + chunk])
     assert upload.bytes_written == len(data)
+
+
+def no_object(client: S3Client, bucket: str, key: str) -> bool:
+    return not client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents")
 
 
 def no_multipart_uploads(client: S3Client, bucket: str) -> bool:
@@ -261,7 +266,8 @@ def test_missing_key(object_store: S3ObjectStore, bucket: str):
         object_store.download(bucket, "segment/missing.knnvec")
     assert f"s3://{bucket}/segment/missing.knnvec" in str(caught.value)
     assert "does not exist" in str(caught.value)
-    assert not object_store.exists(bucket, "segment/missing.knnvec")
+    with pytest.raises(ObjectNotFoundError):
+        object_store.head(bucket, "segment/missing.knnvec")
 
 
 def test_missing_bucket(object_store: S3ObjectStore):
@@ -269,7 +275,7 @@ def test_missing_bucket(object_store: S3ObjectStore):
         object_store.download("rvib-no-such-bucket", "x.knnvec")
     assert "rvib-no-such-bucket" in str(caught.value)
     with pytest.raises(BucketNotFoundError):
-        object_store.exists("rvib-no-such-bucket", "x.knnvec")
+        object_store.head("rvib-no-such-bucket", "x.knnvec")
     with pytest.raises(BucketNotFoundError), object_store.open_upload("rvib-no-such-bucket", "y"):
         pass
 
@@ -293,7 +299,7 @@ def test_cancelling_a_multipart_upload_leaves_nothing_behind(
     with pytest.raises(CancelledError, match="job cancelled"):
         upload_bytes(object_store, bucket, "index.faiss", random_bytes(5 * PART), progress=progress)
 
-    assert not object_store.exists(bucket, "index.faiss")
+    assert no_object(s3_client, bucket, "index.faiss")
     assert no_multipart_uploads(s3_client, bucket)
 
 
@@ -308,7 +314,7 @@ def test_failed_upload_of_a_file_leaves_nothing_behind(
 
     with pytest.raises(CancelledError):
         object_store.upload_file(bucket, "index.faiss", path, progress=progress)
-    assert not object_store.exists(bucket, "index.faiss")
+    assert no_object(s3_client, bucket, "index.faiss")
     assert no_multipart_uploads(s3_client, bucket)
 
 
@@ -484,3 +490,59 @@ def test_a_bit_flipped_in_a_range_of_a_multipart_object_is_caught(
             assert store.download(bucket, "parts.knnvec").tobytes() == data
         ranged_gets = [s for s in proxy.seen if s.method == "GET"]
         assert len(ranged_gets) == 2 * 4  # the object was downloaded twice, in 4 ranges
+
+
+def upload_one_part_multipart(client: S3Client, bucket: str, key: str, data: bytes) -> None:
+    """A multipart upload of a single part, as a client that always uploads multipart makes."""
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32")[
+        "UploadId"
+    ]
+    sent = client.upload_part(
+        Bucket=bucket,
+        Key=key,
+        UploadId=upload_id,
+        PartNumber=1,
+        Body=data,
+        ChecksumAlgorithm="CRC32",
+        ChecksumCRC32=multipart.crc32_b64(data),
+    )
+    part: CompletedPartTypeDef = {
+        "PartNumber": 1,
+        "ETag": sent["ETag"],
+        "ChecksumCRC32": sent["ChecksumCRC32"],
+    }
+    client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": [part]}
+    )
+
+
+@pytest.mark.parametrize("size", [MIB, PART + MIB])
+def test_an_intact_one_part_multipart_object_passes_its_composite_crc32(
+    object_store: S3ObjectStore, s3_client: S3Client, bucket: str, size: int
+):
+    """S3 stores the CRC32 of the part's CRC32 for a one-part multipart object (moto too)."""
+    data = random_bytes(size, seed=5)
+    upload_one_part_multipart(s3_client, bucket, "one.knnvec", data)
+    head = s3_client.head_object(Bucket=bucket, Key="one.knnvec", ChecksumMode="ENABLED")
+    # Stored composite: not the object's own CRC32 (the case this test is about).
+    assert head["ChecksumCRC32"].partition("-")[0] != multipart.crc32_b64(data)
+    assert head["ETag"].endswith('-1"')
+
+    assert object_store.download(bucket, "one.knnvec").tobytes() == data
+
+
+def test_a_bit_flipped_in_a_one_part_multipart_object_is_caught(
+    object_store: S3ObjectStore,
+    s3_server: str,
+    s3_config: S3Config,
+    s3_client: S3Client,
+    bucket: str,
+):
+    data = random_bytes(PART + MIB, seed=6)
+    upload_one_part_multipart(s3_client, bucket, "one.knnvec", data)
+    with FaultProxy(s3_server) as proxy:
+        config = s3_config.model_copy(update={"endpoint_url": proxy.url})
+        store = S3ObjectStore(make_s3_client(config), config)
+        proxy.add(Fault("flip", "GET", "one.knnvec"))
+        with pytest.raises(IntegrityError, match="composite CRC32 of the one part"):
+            store.download(bucket, "one.knnvec")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Any
 
@@ -135,6 +136,28 @@ def test_errors_are_typed_and_leave_no_index(
         )
     assert not {k for k in keys(s3_client, bucket) if k.endswith(".faiss")}
     assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_an_attempt_first_aborts_the_uploads_an_earlier_attempt_left(
+    s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    vectors = clustered(200, 8)
+    s3_client.put_object(Bucket=bucket, Key="left/seg.knnvec", Body=vector_blob(vectors))
+    s3_client.put_object(Bucket=bucket, Key="left/seg.knndid", Body=doc_id_blob(np.arange(200)))
+    request = request_for(bucket, "left/seg", 8, 200)
+    # What attempts killed (kill -9) during their overlapped upload leave behind: an
+    # upload with parts sent; two of them. A key that only starts alike is not ours.
+    for key in (request.index_key, request.index_key, f"{request.index_key}.other"):
+        upload_id = s3_client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        s3_client.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=10000, Body=b"x" * 1024
+        )
+
+    workflow.run(request, object_store, CpuBuilder())
+
+    left = s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [upload["Key"] for upload in left] == [f"{request.index_key}.other"]
+    assert request.index_key in keys(s3_client, bucket)
 
 
 def test_build_cli_against_local_s3(
@@ -342,8 +365,89 @@ def test_overlap_falls_back_when_the_tail_is_too_small(
         store = S3ObjectStore(make_s3_client(config), config)
         builder = KeepingBuilder()
         workflow.run(request_for(bucket, "tiny", 32, 500), store, builder)
-        assert not [s for s in proxy.seen if "uploads" in s.target]  # no multipart upload
+        # No multipart upload (the only "?uploads" request lists an earlier attempt's).
+        assert not [s for s in proxy.seen if "uploads" in s.target and s.method != "GET"]
     uploaded = s3_client.get_object(Bucket=bucket, Key="tiny.faiss")["Body"].read()
     sequential = io.BytesIO()
     index_io.write(builder.built, sequential)
     assert uploaded == sequential.getvalue()
+
+
+# --------------------------------------------------------------------------------------
+# Tracker.commit_check: right before the index becomes visible, on every upload path
+# --------------------------------------------------------------------------------------
+
+
+class CommitChecks(workflow.Tracker):
+    """Notes how many requests the proxy had seen at each commit check; refuses if asked."""
+
+    def __init__(self, proxy: FaultProxy, refuse: bool) -> None:
+        self.proxy = proxy
+        self.refuse = refuse
+        self.seen_at: list[int] = []
+
+    def commit_check(self) -> None:
+        self.seen_at.append(len(self.proxy.seen))
+        if self.refuse:
+            raise CancelledError("this replica no longer owns the job")
+
+
+# (serialization mode, overlapped, rows x dimension) of each way the index goes up:
+# 300 x 16 is one PutObject; 2,700 x 512 (a 6 MB index) a multipart upload of 5 MiB
+# parts; 6,000 x 768 floats (an 18 MB storage section) the overlapped upload.
+UPLOAD_PATHS = {
+    "memory-put": ("memory", True, (300, 16)),
+    "memory-multipart": ("memory", False, (2700, 512)),
+    "memory-overlapped": ("memory", True, (6000, 768)),
+    "disk-put": ("disk", True, (300, 16)),
+    "disk-multipart": ("disk", True, (2700, 512)),
+}
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["passes", "raises"])
+@pytest.mark.parametrize("path", list(UPLOAD_PATHS))
+def test_commit_check_runs_right_before_the_index_becomes_visible(
+    s3_server: str, s3_client: Any, s3_config: Any, bucket: str, path: str, refuse: bool
+) -> None:
+    mode, overlap, (n, dim) = UPLOAD_PATHS[path]
+    vectors = clustered(n, dim, seed=4)
+    s3_client.put_object(Bucket=bucket, Key="cc/seg.knnvec", Body=vector_blob(vectors))
+    s3_client.put_object(Bucket=bucket, Key="cc/seg.knndid", Body=doc_id_blob(np.arange(n)))
+    request = request_for(bucket, "cc/seg", dim, n, index_parameters=SMALL_HNSW)
+    with FaultProxy(s3_server) as proxy:
+        config = s3_config.model_copy(update={"endpoint_url": proxy.url})
+        store = S3ObjectStore(make_s3_client(config), config)
+        tracker = CommitChecks(proxy, refuse)
+        run = functools.partial(
+            workflow.run,
+            request,
+            store,
+            CpuBuilder(),
+            mode=SerializationMode(mode),
+            tracker=tracker,
+            overlap_upload=overlap,
+        )
+        if refuse:
+            with pytest.raises(CancelledError, match="no longer owns"):
+                run()
+        else:
+            run()
+        seen = proxy.seen
+    assert len(tracker.seen_at) == 1
+    before, after = seen[: tracker.seen_at[0]], seen[tracker.seen_at[0] :]
+    multipart = "put" not in path
+    # Every part went up before the check...
+    assert any("partNumber=" in s.target for s in before) == multipart
+    if path == "memory-overlapped":
+        assert any("partNumber=10000" in s.target for s in before)
+    # ...and what follows it is the one request that makes the index visible, or,
+    # when the check raises, the abort of the upload (nothing for a single PUT).
+    if not refuse:
+        assert [(s.method, "uploadId=" in s.target) for s in after] == [
+            ("POST" if multipart else "PUT", multipart)
+        ]
+        assert request.index_key in keys(s3_client, bucket)
+    else:
+        assert [s.method for s in after] == (["DELETE"] if multipart else [])
+        assert request.index_key not in keys(s3_client, bucket)
+    assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")

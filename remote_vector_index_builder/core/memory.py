@@ -12,8 +12,8 @@ The CPU path's host peak is the largest of three moments (``n`` vectors,
   twice (its vector grows by doubling), the int64 ids (a temporary and the id
   map) and, for ``byte``, the fp32 buffer int8 rows are converted through
   (``cpu_builder.CONVERT_ROWS`` rows). An overlapped upload
-  (``index_io.OverlappedWrite``) cuts its few storage-section parts in flight
-  (``UploadPlan.overlap_buffer_bytes``, 15 MiB) from a batch only after that
+  (``overlapped_upload.OverlappedWrite``) cuts its few storage-section parts in flight
+  (``OVERLAP_PARTS_IN_FLIGHT`` + 1 parts of 5 MiB, 15 MiB) from a batch only after that
   batch's blob pages are released, so they fit in the batch term above (at
   least 15 MiB for 32k rows of 120 floats or more);
 * **upload** (memory mode): the index plus the upload's part buffers, as the

@@ -1,9 +1,14 @@
-"""The streaming multipart upload writer behind ``S3ObjectStore.open_upload``.
+"""S3's multipart upload protocol, spoken in one place, and the streaming writer on it.
 
-Writes fill one part buffer at a time; full parts go out in parallel, at most a
-bounded number in flight, so an upload holds a few parts in memory whatever the
-object's size. The part size and the parts in flight are chosen here too, by
-``UploadPlan``, which ``core.memory`` reads for admission.
+``NumberedUpload`` is the one engine: it creates the upload, sends numbered
+parts with their CRC32 from a bounded pool, completes it (recovering a
+completion whose answer was lost) and aborts it. Both index upload writers
+drive it: ``MultipartUpload``, the streaming writer behind
+``S3ObjectStore.open_upload``, numbers its parts 1, 2, ... as its buffers fill;
+the upload overlapped with the build (``core.overlapped_upload``) sends the
+storage section's parts first, under the highest numbers. The part size and
+the parts in flight are chosen here too, by ``UploadPlan``, which
+``core.memory`` reads for admission.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -36,6 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Runs right before the request that makes an object visible (CompleteMultipartUpload,
+# PutObject); raising stops the upload (``workflow.Tracker.commit_check``).
+CommitCheck = Callable[[], None]
+
 # A streamed upload does not know its size: the part size doubles every
 # _PARTS_PER_SIZE_STEP parts, so 16 MiB parts reach ~960 GiB, not 156 GiB, within
 # S3's 10,000 parts, while small objects keep small parts.
@@ -46,10 +56,8 @@ _PARTS_PER_SIZE_STEP = 2_000
 # so that share is two parts or more.
 UPLOAD_BUFFER_SHARE = 4
 _PARTS_PER_KNOWN_SIZE = 8
-# Parts of the storage section of an overlapped index upload in flight during the
-# build, and the part numbers it may use (the highest ones; the rest are the head's).
-OVERLAP_PARTS_IN_FLIGHT = 2
-OVERLAP_PART_NUMBERS = 8_000
+# S3's largest part number.
+MAX_PARTS = 10_000
 
 
 class ReadInto(Protocol):
@@ -95,19 +103,6 @@ class UploadPlan:
         """Most memory the part buffers of one upload hold: in flight plus the one filling."""
         return self.first_part(size) * (self.in_flight(size) + 1)
 
-    # An overlapped index upload (``index_io.OverlappedWrite``) sends the storage
-    # section while the build runs: in small parts, few at a time, since the
-    # build produces far fewer bytes per second than one connection carries and
-    # every buffer then stacks on the build's own peak.
-
-    def overlap_part(self, size: int) -> int:
-        """Part size of the storage section sent during the build (``size``: its bytes)."""
-        return max(MIN_PART_SIZE, -(-size // OVERLAP_PART_NUMBERS))
-
-    def overlap_buffer_bytes(self, size: int) -> int:
-        """Memory the overlapped parts hold during the build: in flight plus one being cut."""
-        return self.overlap_part(size) * (OVERLAP_PARTS_IN_FLIGHT + 1)
-
 
 def abort_upload(s3: S3Calls, where: str, target: dict[str, Any], upload_id: str) -> None:
     """Abort a multipart upload; one already gone (NoSuchUpload) counts as aborted.
@@ -122,6 +117,32 @@ def abort_upload(s3: S3Calls, where: str, target: dict[str, Any], upload_id: str
             raise
 
 
+def abort_incomplete(s3: S3Calls, bucket: str, key: str) -> int:
+    """Abort every incomplete multipart upload of exactly ``key``; returns how many.
+
+    What a process killed mid-upload leaves behind (its parts are stored, and
+    billed, until aborted). Listed by prefix, so keys that only start with
+    ``key`` are skipped.
+    """
+    where = f"listing of incomplete uploads of s3://{bucket}/{key}"
+    target = {"Bucket": bucket, "Key": key}
+    aborted, markers = 0, dict[str, str]()
+    while True:
+        listing = s3.call(
+            where, s3.client.list_multipart_uploads, Bucket=bucket, Prefix=key, **markers
+        )
+        for upload in listing.get("Uploads", []):
+            if upload.get("Key") == key and "UploadId" in upload:
+                abort_upload(s3, f"upload of s3://{bucket}/{key}", target, upload["UploadId"])
+                aborted += 1
+        if not listing.get("IsTruncated"):
+            return aborted
+        markers = {
+            "KeyMarker": listing.get("NextKeyMarker", ""),
+            "UploadIdMarker": listing.get("NextUploadIdMarker", ""),
+        }
+
+
 class _Abortable(Protocol):
     def abort(self) -> None: ...
 
@@ -134,11 +155,196 @@ def abort_quietly(upload: _Abortable) -> None:
         log.warning("%s; an incomplete multipart upload may remain", exc)
 
 
-class MultipartUpload:
-    """Streams writes into parts; a multipart upload starts only once a part is full.
+def create_arguments(bucket: str, key: str, sse: str | None) -> dict[str, Any]:
+    """The parameters of the calls that create the object (CreateMultipartUpload, PutObject)."""
+    create: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumAlgorithm": "CRC32"}
+    if sse is not None:
+        create |= {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": sse}
+    return create
 
-    At most ``slots`` parts are in flight (``write`` blocks beyond that), so
-    memory stays near ``(slots + 1) * part_size`` whatever the object's size.
+
+class NumberedUpload:
+    """One multipart upload, started at once; the caller numbers the parts.
+
+    S3 joins parts in part-number order, gaps allowed, once ``complete`` lists
+    them; every part but the one with the highest number must be at least 5 MiB
+    (the caller's business), and parts may be sent in any order. Each part
+    carries its CRC32, which S3 checks before taking it. Parts are sent from a
+    pool, at most ``slots`` in flight (``send`` blocks beyond that; ``widen``
+    raises the bound up to ``workers``). Any failure is raised by the next
+    ``send`` (or ``check``) or by ``complete``; ``abort`` (also on leaving a
+    ``with`` block by an exception, and on any failure of ``complete``) removes
+    every part sent.
+    """
+
+    def __init__(
+        self,
+        s3: S3Calls,
+        bucket: str,
+        key: str,
+        sse: str | None,
+        report: Progress,
+        slots: int,
+        *,
+        workers: int = MAX_CONCURRENCY,
+    ) -> None:
+        self._s3 = s3
+        self._report = report
+        self._where = f"upload of s3://{bucket}/{key}"
+        self._object: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        create = s3.client.create_multipart_upload
+        arguments = create_arguments(bucket, key, sse)
+        self._upload_id: str = s3.call(self._where, create, **arguments)["UploadId"]
+        self._slots = threading.Semaphore(slots)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="s3-put")
+        self._parts: dict[int, Future[CompletedPartTypeDef]] = {}
+        self._failure: BaseException | None = None
+        self.bytes_sent = 0
+        self._state = "open"  # -> "closed" | "aborted"
+
+    def __enter__(self) -> NumberedUpload:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            abort_quietly(self)
+
+    def widen(self, slots: int) -> None:
+        """Allow ``slots`` more parts in flight."""
+        for _ in range(slots):
+            self._slots.release()
+
+    def check(self) -> None:
+        """Raise the failure of a part sent earlier, if any."""
+        if self._failure is not None:
+            raise self._failure
+
+    def send(
+        self,
+        number: int,
+        body: bytes | bytearray,
+        *,
+        checksum: str | None = None,
+        sent: Callable[[], None] | None = None,
+    ) -> None:
+        """Send part ``number``; ``body`` must stay unchanged until ``sent`` is called.
+
+        ``checksum`` (S3's base64 CRC32 of ``body``) is computed in the sending
+        thread when not given: zlib-ng releases the GIL, so parts are checksummed
+        in parallel, and once, not per attempt. ``sent`` runs once the part is
+        done with, sent or not.
+        """
+        if self._state != "open":
+            raise ObjectStoreError(f"{self._where} failed: send after complete or abort")
+        if number in self._parts or not 1 <= number <= MAX_PARTS:
+            raise ValueError(f"part number {number} is sent already or out of 1..{MAX_PARTS}")
+        self.check()
+        self._slots.acquire()  # blocks while `slots` parts are in flight
+        if self._failure is not None:
+            self._slots.release()
+            raise self._failure
+        self.bytes_sent += len(body)
+        task = self._send
+        self._parts[number] = submit_in_context(self._pool, task, number, body, checksum, sent)
+
+    def _send(
+        self,
+        number: int,
+        body: bytes | bytearray,
+        checksum: str | None,
+        sent: Callable[[], None] | None,
+    ) -> CompletedPartTypeDef:
+        try:
+            response = self._s3.call(
+                f"{self._where} (part {number})",
+                self._s3.client.upload_part,
+                **self._object,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                # botocore takes bytes or bytearray (not a memoryview) and copies neither.
+                Body=cast(bytes, body),
+                ChecksumAlgorithm="CRC32",
+                ChecksumCRC32=checksum or crc32_b64(body),
+            )
+            self._report(len(body))
+        except BaseException as exc:
+            self._failure = self._failure or exc  # any one failure will do
+            raise
+        finally:
+            if sent is not None:
+                sent()
+            self._slots.release()
+        part: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["ETag"]}
+        if "ChecksumCRC32" in response:  # some S3-compatible stores ignore checksums
+            part["ChecksumCRC32"] = response["ChecksumCRC32"]
+        return part
+
+    def complete(self, commit_check: CommitCheck | None = None) -> None:
+        """Wait for every part, then join them into the object (in part-number order).
+
+        ``commit_check`` runs right before the request that makes the object
+        visible; if it raises, the upload is aborted and nothing is visible.
+        """
+        if self._state != "open":
+            raise ObjectStoreError(f"{self._where} failed: the upload was aborted")
+        try:
+            self._pool.shutdown(wait=True)
+            self.check()
+            parts = [self._parts[number].result() for number in sorted(self._parts)]
+            upload = {"UploadId": self._upload_id, "MultipartUpload": {"Parts": parts}}
+            complete = self._s3.client.complete_multipart_upload
+            if commit_check is not None:
+                commit_check()
+            try:
+                self._s3.call(self._where, complete, **self._object, **upload)
+            except ObjectStoreError as exc:
+                if not (exc.code == "NoSuchUpload" and self._completed_as(parts)):
+                    raise
+        except BaseException:
+            abort_quietly(self)
+            raise
+        self._state = "closed"
+
+    def _completed_as(self, parts: list[CompletedPartTypeDef]) -> bool:
+        """Whether the object is the one these parts make (a retried complete whose
+        first response was lost finds the upload gone: S3 answers NoSuchUpload).
+
+        S3's multipart ETag is the MD5 of the parts' binary MD5s, then "-<parts>".
+        """
+        try:
+            digests = b"".join(bytes.fromhex(part["ETag"].strip('"')) for part in parts)
+        except ValueError:
+            return False  # a store whose part ETags are not MD5s: nothing to compare
+        expected = f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
+        try:
+            info = self._s3.head("upload check", self._object["Bucket"], self._object["Key"])
+        except ObjectStoreError:
+            return False
+        found = info.etag == expected and info.size == self.bytes_sent
+        if found:
+            log.info(
+                "%s: the completed object exists, its completion response was lost", self._where
+            )
+        return found
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        # Parts still in flight would otherwise land after the abort and linger.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        abort_upload(self._s3, self._where, self._object, self._upload_id)
+
+
+class MultipartUpload:
+    """Streams writes into parts 1, 2, ... of a ``NumberedUpload``, started once a part is full.
+
+    An object smaller than one part is one PutObject. At most ``slots`` parts
+    are in flight (``write`` blocks beyond that), so memory stays near
+    ``(slots + 1) * part_size`` whatever the object's size. ``commit_check``
+    runs right before the PutObject or CompleteMultipartUpload (``close``).
     """
 
     def __init__(
@@ -150,24 +356,20 @@ class MultipartUpload:
         report: Progress,
         part_size: int,
         slots: int,
+        commit_check: CommitCheck | None = None,
     ) -> None:
-        self._s3, self._client = s3, s3.client
+        self._s3 = s3
+        self._commit_check = commit_check
+        self._bucket, self._key, self._sse = bucket, key, sse
         self._report = report
         self._where = f"upload of s3://{bucket}/{key}"
-        self._object: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        # The parameters of the calls that create the object.
-        self._create: dict[str, Any] = {**self._object, "ChecksumAlgorithm": "CRC32"}
-        if sse is not None:
-            self._create |= {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": sse}
         self.bytes_written = 0
         self._part_size = part_size
         self._buffer, self._filled = bytearray(part_size), 0
         self._spare: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        self._slots, self._slot_count = threading.Semaphore(slots), slots
-        self._upload_id: str | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._parts: list[Future[CompletedPartTypeDef]] = []
-        self._failure: BaseException | None = None
+        self._slot_count = slots
+        self._upload: NumberedUpload | None = None
+        self._parts = 0
         self._state = "open"  # -> "closed" | "aborted"
 
     @property
@@ -188,7 +390,7 @@ class MultipartUpload:
         if exc is None:
             self.close()
         else:
-            self._abort_quietly()
+            abort_quietly(self)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         source, done = memoryview(data).cast("B"), 0
@@ -213,57 +415,34 @@ class MultipartUpload:
     def _make_room(self) -> None:
         if self._state != "open":
             raise ObjectStoreError(f"{self._where} failed: write after close or abort")
-        if self._failure is not None:
-            raise self._failure
+        if self._upload is not None:
+            self._upload.check()
         if self._filled == len(self._buffer):
             self._send_buffer()
 
     def _send_buffer(self) -> None:
-        if self._upload_id is None:
-            create = self._client.create_multipart_upload
-            self._upload_id = self._s3.call(self._where, create, **self._create)["UploadId"]
-            self._pool = ThreadPoolExecutor(self._slot_count, thread_name_prefix="s3-put")
-        assert self._pool is not None
-        self._slots.acquire()  # blocks while `slots` parts are in flight
-        if self._failure is not None:
-            self._slots.release()
-            raise self._failure
-        number = len(self._parts) + 1
-        send = submit_in_context(self._pool, self._send_part, number, self._buffer, self._filled)
-        self._parts.append(send)
+        if self._upload is None:
+            self._upload = NumberedUpload(
+                self._s3,
+                self._bucket,
+                self._key,
+                self._sse,
+                self._report,
+                self._slot_count,
+                workers=self._slot_count,
+            )
+        self._parts += 1
+        number, buffer = self._parts, self._buffer
+        if self._filled == len(buffer):
+            self._upload.send(number, buffer, sent=lambda: self._spare.put(buffer))
+        else:  # a short last part: only it is copied
+            self._upload.send(number, bytes(memoryview(buffer)[: self._filled]))
+            self._spare.put(buffer)
         size = min(MAX_PART_SIZE, self._part_size * 2 ** (number // _PARTS_PER_SIZE_STEP))
         self._buffer = self._spare.get_nowait() if not self._spare.empty() else bytearray(size)
         if len(self._buffer) != size:
             self._buffer = bytearray(size)
         self._filled = 0
-
-    def _send_part(self, number: int, buffer: bytearray, filled: int) -> CompletedPartTypeDef:
-        # botocore takes bytes or bytearray, not a memoryview: only a short last part is copied.
-        body = cast(bytes, buffer) if filled == len(buffer) else bytes(memoryview(buffer)[:filled])
-        try:
-            # zlib-ng releases the GIL: parts are checksummed in parallel, once, not per attempt.
-            checksum = crc32_b64(body)
-            response = self._s3.call(
-                f"{self._where} (part {number})",
-                self._client.upload_part,
-                **self._object,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=body,
-                ChecksumAlgorithm="CRC32",
-                ChecksumCRC32=checksum,
-            )
-            self._report(filled)
-        except BaseException as exc:
-            self._failure = self._failure or exc  # any one failure will do
-            raise
-        finally:
-            self._spare.put(buffer)
-            self._slots.release()
-        part: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["ETag"]}
-        if "ChecksumCRC32" in response:  # some S3-compatible stores ignore checksums
-            part["ChecksumCRC32"] = response["ChecksumCRC32"]
-        return part
 
     def close(self) -> None:
         if self._state == "closed":
@@ -271,186 +450,30 @@ class MultipartUpload:
         if self._state == "aborted":
             raise ObjectStoreError(f"{self._where} failed: the upload was aborted")
         try:
-            if self._upload_id is None:
-                body = bytes(memoryview(self._buffer)[: self._filled])
-                # Reported before the PUT, so a cancelling callback leaves no object behind.
-                self._report(len(body))
-                put = self._client.put_object
-                checksum = crc32_b64(body)
-                create = {**self._create, "ChecksumCRC32": checksum}
-                self._s3.call(self._where, put, **create, Body=body)
+            if self._upload is None:
+                self._put()
             else:
-                self._complete()
+                if self._filled:
+                    self._send_buffer()
+                self._upload.complete(self._commit_check)
         except BaseException:
-            self._abort_quietly()
+            abort_quietly(self)
             raise
         self._state = "closed"
 
-    def _complete(self) -> None:
-        assert self._pool is not None
-        if self._filled:
-            self._send_buffer()
-        self._pool.shutdown(wait=True)
-        if self._failure is not None:
-            raise self._failure
-        parts = [future.result() for future in self._parts]
-        complete = self._client.complete_multipart_upload
-        upload = {"UploadId": self._upload_id, "MultipartUpload": {"Parts": parts}}
-        try:
-            self._s3.call(self._where, complete, **self._object, **upload)
-        except ObjectStoreError as exc:
-            if not (exc.code == "NoSuchUpload" and self._completed_as(parts)):
-                raise
-
-    def _completed_as(self, parts: list[CompletedPartTypeDef]) -> bool:
-        """Whether the object is the one these parts make (a retried complete whose
-        first response was lost finds the upload gone: S3 answers NoSuchUpload).
-
-        S3's multipart ETag is the MD5 of the parts' binary MD5s, then "-<parts>".
-        """
-        try:
-            digests = b"".join(bytes.fromhex(part["ETag"].strip('"')) for part in parts)
-        except ValueError:
-            return False  # a store whose part ETags are not MD5s: nothing to compare
-        expected = f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
-        try:
-            info = self._s3.head("upload check", self._object["Bucket"], self._object["Key"])
-        except ObjectStoreError:
-            return False
-        found = info.etag == expected and info.size == self.bytes_written
-        if found:
-            log.info(
-                "%s: the completed object exists, its completion response was lost", self._where
-            )
-        return found
+    def _put(self) -> None:
+        body = bytes(memoryview(self._buffer)[: self._filled])
+        # Reported before the PUT, so a cancelling callback leaves no object behind.
+        self._report(len(body))
+        create = create_arguments(self._bucket, self._key, self._sse)
+        create["ChecksumCRC32"] = crc32_b64(body)
+        if self._commit_check is not None:
+            self._commit_check()
+        self._s3.call(self._where, self._s3.client.put_object, **create, Body=body)
 
     def abort(self) -> None:
         if self._state != "open":
             return
         self._state = "aborted"
-        if self._pool is not None:
-            # Parts still in flight would otherwise land after the abort and linger.
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._upload_id is None:
-            return
-        abort_upload(self._s3, self._where, self._object, self._upload_id)
-
-    def _abort_quietly(self) -> None:
-        abort_quietly(self)
-
-
-# S3's largest part number.
-MAX_PARTS = 10_000
-
-
-class NumberedUpload:
-    """A multipart upload whose caller numbers the parts and may send them in any order.
-
-    S3 joins parts in part-number order, gaps allowed, once ``complete`` lists
-    them; every part but the one with the highest number must be at least 5 MiB
-    (the caller's business). Parts are sent from a pool, at most ``slots`` in
-    flight (``send`` blocks beyond that; ``widen`` raises the bound). Any
-    failure is raised by the next ``send`` or by ``complete``; ``abort`` (also
-    on leaving a ``with`` block by an exception) removes every part sent.
-    """
-
-    def __init__(
-        self, s3: S3Calls, bucket: str, key: str, sse: str | None, report: Progress, slots: int
-    ) -> None:
-        self._s3 = s3
-        self._report = report
-        self._where = f"upload of s3://{bucket}/{key}"
-        self._object: dict[str, Any] = {"Bucket": bucket, "Key": key}
-        create: dict[str, Any] = {**self._object, "ChecksumAlgorithm": "CRC32"}
-        if sse is not None:
-            create |= {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": sse}
-        self._upload_id: str = s3.call(self._where, s3.client.create_multipart_upload, **create)[
-            "UploadId"
-        ]
-        self._slots = threading.Semaphore(slots)
-        self._pool = ThreadPoolExecutor(MAX_CONCURRENCY, thread_name_prefix="s3-put")
-        self._parts: dict[int, Future[CompletedPartTypeDef]] = {}
-        self._failure: BaseException | None = None
-        self.checksums: dict[int, str] = {}  # part number -> CRC32 (S3's base64)
-        self.bytes_sent = 0
-        self._state = "open"  # -> "closed" | "aborted"
-
-    def __enter__(self) -> NumberedUpload:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc is not None:
-            self._abort_quietly()
-
-    def widen(self, slots: int) -> None:
-        """Allow ``slots`` more parts in flight."""
-        for _ in range(slots):
-            self._slots.release()
-
-    def send(self, number: int, body: bytes) -> None:
-        if self._state != "open":
-            raise ObjectStoreError(f"{self._where} failed: send after complete or abort")
-        if number in self._parts or not 1 <= number <= MAX_PARTS:
-            raise ValueError(f"part number {number} is sent already or out of 1..{MAX_PARTS}")
-        if self._failure is not None:
-            raise self._failure
-        # zlib-ng releases the GIL; computed here, once, so the caller can compare later.
-        self.checksums[number] = crc32_b64(body)
-        self.bytes_sent += len(body)
-        self._slots.acquire()
-        if self._failure is not None:
-            self._slots.release()
-            raise self._failure
-        self._parts[number] = submit_in_context(self._pool, self._send, number, body)
-
-    def _send(self, number: int, body: bytes) -> CompletedPartTypeDef:
-        try:
-            response = self._s3.call(
-                f"{self._where} (part {number})",
-                self._s3.client.upload_part,
-                **self._object,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=body,
-                ChecksumAlgorithm="CRC32",
-                ChecksumCRC32=self.checksums[number],
-            )
-            self._report(len(body))
-        except BaseException as exc:
-            self._failure = self._failure or exc
-            raise
-        finally:
-            self._slots.release()
-        part: CompletedPartTypeDef = {"PartNumber": number, "ETag": response["ETag"]}
-        if "ChecksumCRC32" in response:
-            part["ChecksumCRC32"] = response["ChecksumCRC32"]
-        return part
-
-    def complete(self) -> None:
-        if self._state != "open":
-            raise ObjectStoreError(f"{self._where} failed: the upload was aborted")
-        try:
-            self._pool.shutdown(wait=True)
-            if self._failure is not None:
-                raise self._failure
-            parts = [self._parts[number].result() for number in sorted(self._parts)]
-            upload = {"UploadId": self._upload_id, "MultipartUpload": {"Parts": parts}}
-            complete = self._s3.client.complete_multipart_upload
-            self._s3.call(self._where, complete, **self._object, **upload)
-        except BaseException:
-            self._abort_quietly()
-            raise
-        self._state = "closed"
-
-    def abort(self) -> None:
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        # Parts still in flight would otherwise land after the abort and linger.
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        abort_upload(self._s3, self._where, self._object, self._upload_id)
-
-    def _abort_quietly(self) -> None:
-        abort_quietly(self)
+        if self._upload is not None:
+            self._upload.abort()

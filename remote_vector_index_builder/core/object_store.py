@@ -9,6 +9,7 @@ direction. botocore errors are translated once, in ``core.s3_errors``, into
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.client
 import logging
@@ -25,14 +26,15 @@ from zlib_ng import zlib_ng
 from remote_vector_index_builder.core.errors import (
     DatasetError,
     IntegrityError,
-    ObjectNotFoundError,
     ObjectStoreError,
 )
 from remote_vector_index_builder.core.multipart import (
+    CommitCheck,
     MultipartUpload,
     NumberedUpload,
     ReadInto,
     UploadPlan,
+    abort_incomplete,
     crc32_b64,
 )
 from remote_vector_index_builder.core.s3_calls import (
@@ -90,6 +92,7 @@ class ObjectStore(Protocol):
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
         size_hint: int | None = None,
+        commit_check: CommitCheck | None = None,
     ) -> Upload: ...
     def upload_file(
         self,
@@ -99,8 +102,9 @@ class ObjectStore(Protocol):
         *,
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
+        commit_check: CommitCheck | None = None,
     ) -> int: ...
-    def exists(self, bucket: str, key: str) -> bool: ...
+    def abort_incomplete_uploads(self, bucket: str, key: str) -> int: ...
 
 
 @runtime_checkable
@@ -184,18 +188,8 @@ class S3ObjectStore:
     def upload_plan(self) -> UploadPlan:
         return self._plan
 
-    def _head(self, op: str, bucket: str, key: str) -> ObjectInfo:
-        return self._s3.head(op, bucket, key)
-
     def head(self, bucket: str, key: str) -> ObjectInfo:
-        return self._head("head", bucket, key)
-
-    def exists(self, bucket: str, key: str) -> bool:
-        try:
-            self._head("exists check", bucket, key)
-        except ObjectNotFoundError:
-            return False
-        return True
+        return self._s3.head("head", bucket, key)
 
     def download(
         self,
@@ -237,8 +231,9 @@ class S3ObjectStore:
         default for multipart uploads, "<base64>-<parts>") the CRC32 of the
         parts' CRC32s, so it needs the part boundaries: the first part's size,
         all parts but the last being equal (what SDKs upload), or else every
-        part's size. Some stores report neither the type nor the suffix (moto):
-        a multipart object is then checked both ways.
+        part's size; of one part, the CRC32 of the object's CRC32. Some stores
+        report neither the type nor the suffix (moto): a multipart object is
+        then checked both ways.
         """
         value, _, suffix = stored.partition("-")
         etag_parts = info.etag.strip('"').rpartition("-")[2]
@@ -246,8 +241,15 @@ class S3ObjectStore:
         full = crc32_b64(buffer.data)
         if full == value and info.checksum_type != "COMPOSITE" and not suffix:
             return None
-        if parts < 2 or info.checksum_type == "FULL_OBJECT":
+        if parts == 0 or info.checksum_type == "FULL_OBJECT":
             return f"CRC32 of the object {full}, S3 stored {value}"
+        if parts == 1:
+            # One part (a client that always uploads multipart): S3 stores the CRC32 of
+            # that part's CRC32, which is the object's; no part sizes needed.
+            composite = crc32_b64(base64.b64decode(full))
+            if composite == value:
+                return None
+            return f"composite CRC32 of the one part {composite}, S3 stored {value}"
         try:
             composite = self._composite_crc32(bucket, key, info, parts, buffer, value)
         except ObjectStoreError as exc:
@@ -338,11 +340,16 @@ class S3ObjectStore:
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
         size_hint: int | None = None,
+        commit_check: CommitCheck | None = None,
     ) -> MultipartUpload:
-        """A streaming upload; ``size_hint`` (the expected size) bounds its buffers."""
+        """A streaming upload; ``size_hint`` (the expected size) bounds its buffers.
+
+        ``commit_check`` runs right before the request that makes the object visible.
+        """
         part, slots = self._plan.first_part(size_hint), self._plan.in_flight(size_hint)
+        report = _serialized(progress)
         return MultipartUpload(
-            self._s3, bucket, key, sse_kms_key_id, _serialized(progress), part, slots
+            self._s3, bucket, key, sse_kms_key_id, report, part, slots, commit_check
         )
 
     def open_numbered_upload(
@@ -366,15 +373,25 @@ class S3ObjectStore:
         *,
         sse_kms_key_id: str | None = None,
         progress: Progress | None = None,
+        commit_check: CommitCheck | None = None,
     ) -> int:
         size = os.stat(path).st_size
         upload = self.open_upload(
-            bucket, key, sse_kms_key_id=sse_kms_key_id, progress=progress, size_hint=size
+            bucket,
+            key,
+            sse_kms_key_id=sse_kms_key_id,
+            progress=progress,
+            size_hint=size,
+            commit_check=commit_check,
         )
         # Unbuffered, so the file is read straight into the part buffers.
         with upload, open(path, "rb", buffering=0) as file:
             upload.write_from(file)
         return upload.bytes_written
+
+    def abort_incomplete_uploads(self, bucket: str, key: str) -> int:
+        """Abort the incomplete multipart uploads of exactly ``key`` (an earlier attempt's)."""
+        return abort_incomplete(self._s3, bucket, key)
 
 
 def _composite_crc32(buffer: np.ndarray, sizes: list[int]) -> str:

@@ -136,7 +136,6 @@ class ObjectInfo:
     checksums: dict[str, str] | None = None
     # "FULL_OBJECT" or "COMPOSITE" (checksums of the parts' checksums), when known.
     checksum_type: str | None = None
-    parts: int | None = None
 
 
 _CHECKSUM_FIELDS = ("CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256")
@@ -199,7 +198,6 @@ class S3Calls:
             response.get("SSEKMSKeyId"),
             {name: str(value) for name, value in found.items() if value} or None,
             stored.get("ChecksumType"),
-            stored.get("PartsCount"),
         )
 
 

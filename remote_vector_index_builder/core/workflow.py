@@ -22,9 +22,11 @@ from pathlib import Path
 from remote_vector_index_builder.core import dataset as dataset_stage
 from remote_vector_index_builder.core import index_io, memory, quality
 from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64
+from remote_vector_index_builder.core.errors import ObjectStoreError
 from remote_vector_index_builder.core.index_builder import IndexBuilder, PreparedIndex
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import NumberedUploads, ObjectStore
+from remote_vector_index_builder.core.overlapped_upload import OverlappedWrite
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.quality import QualityReport
 
@@ -77,8 +79,13 @@ class Tracker:
         """``stage`` completed (not called when it raised)."""
 
     def commit_check(self) -> None:
-        """Right before the request that makes the index visible (CompleteMultipartUpload,
-        a single PutObject); raising stops the upload (the fleet: a lease not confirmed)."""
+        """Called right before any request that makes the index visible in S3; may raise
+        to stop the upload; default no-op.
+
+        Every path calls it: the CompleteMultipartUpload of the streamed, the
+        overlapped and the disk-mode upload, and the single PutObject of a small
+        index. If it raises, the upload is aborted and nothing is visible.
+        """
 
 
 @dataclass(frozen=True)
@@ -167,12 +174,12 @@ def _start_overlap(
     prepared: PreparedIndex | None,
     data: Dataset,
     sse: str | None,
-) -> index_io.OverlappedWrite | None:
+) -> OverlappedWrite | None:
     if request.skip_stored_vectors or prepared is None:
         return None
     if not isinstance(store, NumberedUploads):
         return None
-    return index_io.OverlappedWrite.start(
+    return OverlappedWrite.start(
         store,
         request.container_name,
         request.index_key,
@@ -180,6 +187,23 @@ def _start_overlap(
         ids=ids_as_int64(data.doc_ids),
         sse_kms_key_id=sse,
     )
+
+
+def _abort_earlier_uploads(store: ObjectStore, bucket: str, key: str) -> None:
+    """Abort what an earlier attempt killed mid-upload left under the index key.
+
+    Every attempt starts with it, before its own upload opens, so it works the
+    same in one process and in a fleet (where another replica may have run the
+    attempt before). A clean-up: a failure is logged, the build goes on, and the
+    bucket's lifecycle rule (README) is the backstop.
+    """
+    try:
+        aborted = store.abort_incomplete_uploads(bucket, key)
+    except ObjectStoreError as exc:
+        log.warning("%s; incomplete uploads of an earlier attempt may remain", exc)
+        return
+    if aborted:
+        log.info("aborted %d incomplete multipart upload(s) of an earlier attempt", aborted)
 
 
 def peak_rss_bytes() -> int:
@@ -270,13 +294,12 @@ def run(
     mode: SerializationMode = SerializationMode.MEMORY,
     tmp_dir: str | Path | None = None,
     tracker: Tracker | None = None,
-    check_values: bool = True,
     overlap_upload: bool = True,
 ) -> BuildResult:
     """Build the index for ``request`` and upload it beside the vectors.
 
     ``overlap_upload`` (memory mode): send the index's storage section while
-    the graph is built (``index_io.OverlappedWrite``), where the builder
+    the graph is built (``overlapped_upload.OverlappedWrite``), where the builder
     prepared a CPU HNSW index and the store takes numbered parts.
     """
     tracker = tracker or Tracker()
@@ -292,6 +315,7 @@ def run(
 
     total_in = request.vector_blob_bytes + request.doc_id_blob_bytes
     with timer.measure(Stage.DOWNLOAD, total_in) as span:
+        _abort_earlier_uploads(store, bucket, request.index_key)
         # Sizes are checked before any byte is fetched; the source object's
         # encryption key is reused for the index.
         vector_info = store.head(bucket, request.vector_path)
@@ -309,8 +333,7 @@ def run(
 
     with timer.measure(Stage.PARSE, request.doc_count) as span:
         data = dataset_stage.parse(request, vector_blob, doc_id_blob)
-        if check_values:
-            dataset_stage.check_values(data)
+        dataset_stage.check_values(data)
         span.nbytes = vector_blob.nbytes
         tracker.advance(request.doc_count)
     # ``data`` now holds the only references to the blobs.
@@ -339,7 +362,9 @@ def run(
         index_size = serialized_bytes_estimate(request)
         if mode is SerializationMode.MEMORY:
             with timer.measure(Stage.UPLOAD, index_size, "serialize+upload") as span:
-                written = None if overlap is None else overlap.finish(index, advance)
+                written = None
+                if overlap is not None:
+                    written = overlap.finish(index, advance, tracker.commit_check)
                 if written is None:
                     upload = store.open_upload(
                         bucket,
@@ -347,6 +372,7 @@ def run(
                         sse_kms_key_id=sse_key,
                         progress=advance,
                         size_hint=index_size,
+                        commit_check=tracker.commit_check,
                     )
                     with upload:
                         written = index_io.write(
@@ -363,7 +389,12 @@ def run(
                 del index
                 with timer.measure(Stage.UPLOAD, span.nbytes) as span:
                     span.nbytes = store.upload_file(
-                        bucket, request.index_key, path, sse_kms_key_id=sse_key, progress=advance
+                        bucket,
+                        request.index_key,
+                        path,
+                        sse_kms_key_id=sse_key,
+                        progress=advance,
+                        commit_check=tracker.commit_check,
                     )
     result.index_bytes = span.nbytes
     return result
