@@ -56,7 +56,7 @@ def _wait_for(url: str, timeout_s: float, thread: threading.Thread) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="remote_vector_index_builder demo")
+    parser = argparse.ArgumentParser(prog="remote-vector-index-builder demo")
     parser.add_argument("--exit", action="store_true", help="stop after the report")
     parser.add_argument("--port", type=int, default=0, help="service port (default: free)")
     args = parser.parse_args(argv)

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_vector_index_builder import cli, demo
-from remote_vector_index_builder.core.builder import Device
-from remote_vector_index_builder.core.index_io import SerializationMode
+from remote_vector_index_builder import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,11 +57,6 @@ def test_help_imports_neither_faiss_nor_boto3(args: list[str], tmp_path: Path) -
     )
     assert "usage:" in done.stdout
     assert done.stdout.strip().endswith("imported: []"), done.stdout
-
-
-def test_the_cli_choices_are_the_settings_values() -> None:
-    assert sorted(cli.DEVICES) == sorted(d.value for d in Device)
-    assert sorted(cli.SERIALIZATION_MODES) == sorted(m.value for m in SerializationMode)
 
 
 def test_the_sample_is_package_data() -> None:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.app.settings import Settings, parse_level, parse_levels
 
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 _stage: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage", default=None)
@@ -137,24 +137,9 @@ class HourlyFileHandler(logging.StreamHandler[TextIO]):
             super().close()
 
 
-def parse_levels(spec: str) -> dict[str, int]:
-    """``"debug,botocore=warning"`` -> ``{"": DEBUG, "botocore": WARNING}``."""
-    levels: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, level = part.rpartition("=")
-        value = logging.getLevelNamesMapping().get(level.strip().upper())
-        if value is None:
-            raise ValueError(
-                f"unknown log level {level!r} in RVIB_DEBUG_LOGS={spec!r}; "
-                "use debug, info, warning, error or critical"
-            )
-        levels[name.strip()] = value
-    return levels
-
-
 def configure_logging(settings: Settings) -> None:
     levels = {
-        "": logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO),
+        "": parse_level("LOG_LEVEL", settings.log_level),
         # boto's INFO lines (credential discovery per client) drown the job lines.
         "botocore": logging.WARNING,
         "boto3": logging.WARNING,

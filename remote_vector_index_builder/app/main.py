@@ -45,22 +45,6 @@ class Overrides:
     clock: Clock = time.time
 
 
-def load_credentials(settings: Settings) -> tuple[bytes, bytes] | None:
-    if settings.auth_file is not None:
-        text = settings.auth_file.read_text(encoding="utf-8").strip()
-        user, sep, password = text.partition(":")
-        if not sep or not user:
-            raise ValueError(
-                f"RVIB_AUTH_FILE {settings.auth_file} must hold one line 'username:password'"
-            )
-        return user.encode(), password.encode()
-    if settings.auth_username and settings.auth_password is not None:
-        return settings.auth_username.encode(), settings.auth_password.get_secret_value().encode()
-    if settings.auth_username or settings.auth_password is not None:
-        raise ValueError("set both RVIB_AUTH_USERNAME and RVIB_AUTH_PASSWORD, or neither")
-    return None
-
-
 def default_workers(builder: IndexBuilder) -> int:
     # One GPU build saturates the GPU; on the CPU, Faiss's OpenMP already uses
     # every core, so a second concurrent build only overlaps its S3 transfers.
@@ -136,7 +120,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         app.state.job_service = LocalJobService(jobs, runner) if fleet is None else fleet.service
         app.state.runner = runner
         app.state.fleet = fleet  # None in one process
-        app.state.credentials = load_credentials(settings)
+        app.state.credentials = settings.basic_credentials()
         log.info(
             "serving with %d %s workers, host memory limit %.1f GiB",
             runner.config.max_workers,

@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from enum import StrEnum
 
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMode
 from remote_vector_index_builder.core.errors import GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import GpuBuilder
 from remote_vector_index_builder.core.gpu_probe import GpuProbe, ProbeState, probe_gpu
 from remote_vector_index_builder.core.index_builder import IndexBuilder
+from remote_vector_index_builder.core.options import Device as Device
 
 log = logging.getLogger(__name__)
-
-
-class Device(StrEnum):
-    AUTO = "auto"
-    CPU = "cpu"
-    GPU = "gpu"
 
 
 @dataclass(frozen=True)

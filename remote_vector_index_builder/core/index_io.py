@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -33,18 +32,14 @@ from remote_vector_index_builder.core.multipart import (
     UploadPlan,
 )
 from remote_vector_index_builder.core.object_store import NumberedUploads
-from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE
+from remote_vector_index_builder.core.options import MIN_PART_SIZE
+from remote_vector_index_builder.core.options import SerializationMode as SerializationMode
 
 # Faiss's header keeps two unused int64 fields that it always writes as 1 << 20.
 _HEADER_DUMMY = 1 << 20
 # Bytes handed to the sink per callback: large enough that Python call overhead
 # is negligible, small next to an upload part.
 _CHUNK = 4 * 1024 * 1024
-
-
-class SerializationMode(StrEnum):
-    DISK = "disk"
-    MEMORY = "memory"
 
 
 class Sink(Protocol):

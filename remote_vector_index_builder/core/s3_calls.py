@@ -26,6 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from urllib3.exceptions import ProtocolError
 
 from remote_vector_index_builder.core import errors
+from remote_vector_index_builder.core.options import GIB as GIB
+from remote_vector_index_builder.core.options import MAX_PART_SIZE as MAX_PART_SIZE
+from remote_vector_index_builder.core.options import MIB as MIB
+from remote_vector_index_builder.core.options import MIN_PART_SIZE as MIN_PART_SIZE
 from remote_vector_index_builder.core.s3_errors import (
     Corrupt,
     bucket_missing,
@@ -39,11 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIB = 1024**2
-GIB = 1024**3
-# S3's size limits for every multipart part but the last.
-MIN_PART_SIZE = 5 * MIB
-MAX_PART_SIZE = 5 * GIB
 # aws-c-s3 (the CRT transfer client) plans 10 connections per 4 Gbit/s S3 endpoint
 # address, i.e. 0.4 Gbit/s (50 MB/s) per connection; we size the pools the same way.
 GBPS_PER_CONNECTION = 0.4
