@@ -295,8 +295,9 @@ def run(
         dataset_stage.check_sizes(request, vector_info.size, doc_id_info.size)
         # Before the blobs arrive: the builder's set-up peak must not stack on them.
         prepared = builder.prepare(request)
+        # One of the sizes check_sizes allows (half_float: fp32 or fp16 rows).
         vector_blob = store.download(
-            bucket, request.vector_path, expected_size=request.vector_blob_bytes, progress=advance
+            bucket, request.vector_path, expected_size=vector_info.size, progress=advance
         )
         doc_id_blob = store.download(
             bucket, request.doc_id_path, expected_size=request.doc_id_blob_bytes, progress=advance
