@@ -144,8 +144,8 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings)
     from remote_vector_index_builder.app.main import serve
 
-    serve(settings)
-    return 0
+    # uvicorn's exit status when the app's start-up failed (its log says why).
+    return 0 if serve(settings) else 3
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    from remote_vector_index_builder.app.main import create_app
+    from remote_vector_index_builder.app.main import create_app, server_config
     from remote_vector_index_builder.app.settings import Settings
     from remote_vector_index_builder.core.quality import recall_at_k
 
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             host="127.0.0.1",
             port=port,
         )
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None)
-        )
+        server = uvicorn.Server(server_config(create_app(settings), settings))
         service = threading.Thread(target=server.run, name="demo-service", daemon=True)
         service.start()
         base = f"http://127.0.0.1:{port}"

@@ -77,6 +77,29 @@ class JsonFormatter(logging.Formatter):
 
 LOG_FILE_STEM = "remote-vector-index-builder.log"
 
+# Polled endpoints: the client polls /_status every 5 s per build and orchestrators probe
+# every few seconds, so an INFO access line each would bury everything else.
+POLLED_PATHS = ("/_status/", "/_heart_beat", "/_ready")
+
+
+class QuietPolls(logging.Filter):
+    """Moves uvicorn's access lines of answered polls to DEBUG.
+
+    ``RVIB_DEBUG_LOGS=uvicorn.access=debug`` shows them again; a poll answered
+    with an error code stays at INFO.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn's access record: (client, method, path with query, HTTP version, status)
+        if not (isinstance(args, tuple) and len(args) == 5):
+            return True
+        path, status = str(args[2]), args[4]
+        if not (path.startswith(POLLED_PATHS) and isinstance(status, int) and status < 400):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
 
 class HourlyFileHandler(logging.StreamHandler[TextIO]):
     """Appends each record to the file of its hour: ``<stem>.<YYYY-MM-DD-HH>`` (UTC).
@@ -164,3 +187,7 @@ def configure_logging(settings: Settings) -> None:
         root.addHandler(handler)
     for name, level in levels.items():
         logging.getLogger(name or None).setLevel(level)
+    access = logging.getLogger("uvicorn.access")
+    for old_filter in [f for f in access.filters if isinstance(f, QuietPolls)]:
+        access.removeFilter(old_filter)
+    access.addFilter(QuietPolls())

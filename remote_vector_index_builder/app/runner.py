@@ -86,6 +86,8 @@ class RunnerState:
     host_reserved: int
     gpu_limit: int
     gpu_reserved: int
+    # Set at start-up when builds could never succeed (no S3 credentials): the reason.
+    refusing: str | None = None
 
     @property
     def unready_reason(self) -> str | None:
@@ -94,7 +96,7 @@ class RunnerState:
             return "shutting down"
         if self.unhealthy:
             return TIME_LIMIT_UNREADY
-        return None
+        return self.refusing
 
     @property
     def ready(self) -> bool:
@@ -317,6 +319,7 @@ class Runner:
         # so the service reports itself unready for an orchestrator to restart it.
         self.unhealthy = threading.Event()
         self._stopping = threading.Event()
+        self._refusing: str | None = None
         self._watchdog: threading.Thread | None = None
         if config.time_limit_s is not None:
             self._watchdog = threading.Thread(
@@ -332,10 +335,17 @@ class Runner:
             gpu=self.config.on_gpu,
         )
 
+    def refuse_builds(self, reason: str) -> None:
+        """Refuse every build with ``reason`` (503) and report unready: they cannot succeed."""
+        log.error("refusing builds: %s", reason)
+        self._refusing = reason
+
     def admit(self, request: BuildRequest) -> memory.MemoryEstimate:
         """Refuse what can never run; called before a job is created."""
         if not self.accepting:
             raise ServiceUnavailableError(SHUTTING_DOWN_MESSAGE)
+        if self._refusing is not None:
+            raise ServiceUnavailableError(self._refusing)
         need = self.estimate(request)
         self.budget.check_fits(need)
         return need
@@ -516,6 +526,7 @@ class Runner:
             host_reserved=host_reserved,
             gpu_limit=gpu_limit,
             gpu_reserved=gpu_reserved,
+            refusing=self._refusing,
         )
 
     def shutdown(self, grace_seconds: float) -> None:

@@ -241,7 +241,7 @@ class Settings(BaseSettings):
     allowed_buckets: Annotated[frozenset[str], NoDecode] = env("RVIB_ALLOWED_BUCKETS", frozenset())
     metrics_require_auth: bool = env("RVIB_METRICS_REQUIRE_AUTH", True)
     # Longer than the k-NN client's poll interval (5 s): see core/options.py.
-    keep_alive_seconds: float = env("RVIB_KEEP_ALIVE_SECONDS", DEFAULT_KEEP_ALIVE_SECONDS, gt=0)
+    keep_alive_seconds: int = env("RVIB_KEEP_ALIVE_SECONDS", DEFAULT_KEEP_ALIVE_SECONDS, ge=1)
 
     # Build
     device: Device = env("RVIB_DEVICE", Device.AUTO)

@@ -26,7 +26,7 @@ MEMORY_LIMIT_FLOOR = 256 * MIB
 # uvicorn's own default idle keep-alive is 5 s: the k-NN client's poll interval. A
 # poll sent as the server closes its idle connection fails, and a POST is never
 # retried by the client (a CPU fallback), so idle connections stay open well past it.
-DEFAULT_KEEP_ALIVE_SECONDS = 75.0
+DEFAULT_KEEP_ALIVE_SECONDS = 75
 
 
 class Device(StrEnum):

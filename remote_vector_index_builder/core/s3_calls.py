@@ -211,3 +211,29 @@ def submit_in_context(pool: ThreadPoolExecutor, task: Callable[..., _T], *args: 
     """
     context = contextvars.copy_context()
     return pool.submit(context.run, task, *args)
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """How this process signs S3 requests: boto3's credential source, or why it cannot."""
+
+    source: str | None
+    problem: str | None
+
+
+def s3_access(config: S3Config) -> S3Access:
+    """Resolve credentials once through boto3's chain (as the client will) at start-up."""
+    if config.unsigned:
+        return S3Access("unsigned (RVIB_S3_UNSIGNED)", None)
+    try:
+        credentials = boto3.session.Session(region_name=config.region).get_credentials()
+    except bce.BotoCoreError as exc:
+        return S3Access(None, f"the AWS credentials cannot be resolved: {exc}")
+    if credentials is None:
+        return S3Access(
+            None,
+            "no AWS credentials found (environment, shared files, container or instance "
+            "role): every build would fail; configure them, or set RVIB_S3_UNSIGNED=true "
+            "for an anonymous S3 server",
+        )
+    return S3Access(str(credentials.method), None)
