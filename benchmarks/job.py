@@ -126,7 +126,7 @@ def _threads(count: int) -> int:
 def cmd_workflow(args: argparse.Namespace) -> None:
     from remote_vector_index_builder.core import workflow
     from remote_vector_index_builder.core.cpu_builder import CpuBuilder
-    from remote_vector_index_builder.core.index_io import SerializationMode
+    from remote_vector_index_builder.core.options import SerializationMode
     from remote_vector_index_builder.core.params import parse_request
 
     threads = _threads(args.threads)

@@ -167,9 +167,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     store = S3ObjectStore(make_s3_client(config), config)
     builder = choose_builder(settings.builder_options())
     progress = ProgressBar(sys.stderr)
-    if progress.tty and logging.getLogger().level >= logging.INFO:
-        # The bar shows what the workflow's per-stage INFO lines say, and they would
-        # land in the middle of it.
+    if logging.getLogger().level >= logging.INFO:
+        # The progress shows what the workflow's per-stage INFO lines say: with both, a
+        # terminal's bar is broken up and a log file gets every stage twice.
         logging.getLogger(workflow.__name__).setLevel(logging.WARNING)
     result = workflow.run(
         request,

@@ -56,7 +56,7 @@ def _wait_for(url: str, timeout_s: float, thread: threading.Thread) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="remote_vector_index_builder demo")
+    parser = argparse.ArgumentParser(prog="remote-vector-index-builder demo")
     parser.add_argument("--exit", action="store_true", help="stop after the report")
     parser.add_argument("--port", type=int, default=0, help="service port (default: free)")
     args = parser.parse_args(argv)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    from remote_vector_index_builder.app.main import create_app
+    from remote_vector_index_builder.app.main import create_app, server_config
     from remote_vector_index_builder.app.settings import Settings
     from remote_vector_index_builder.core.quality import recall_at_k
 
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             host="127.0.0.1",
             port=port,
         )
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None)
-        )
+        server = uvicorn.Server(server_config(create_app(settings), settings))
         service = threading.Thread(target=server.run, name="demo-service", daemon=True)
         service.start()
         base = f"http://127.0.0.1:{port}"

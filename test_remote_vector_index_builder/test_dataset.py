@@ -111,3 +111,48 @@ def test_release_returns_whole_pages_of_consumed_rows_only() -> None:
     before = plain.vectors.copy()
     plain.release(0, 50)
     np.testing.assert_array_equal(plain.vectors, before)
+
+
+def test_half_float_arrives_as_fp32_or_fp16_told_apart_by_size() -> None:
+    vectors = clustered(50, 16)
+    ids = as_buffer(doc_id_blob(np.arange(50)))
+    half = request(data_type="half_float")
+    as_fp32 = dataset.parse(half, as_buffer(vector_blob(vectors)), ids)
+    assert as_fp32.vectors.dtype == np.float32
+    fp16 = vectors.astype("<f2")
+    as_fp16 = dataset.parse(half, as_buffer(fp16.tobytes()), ids)
+    assert as_fp16.vectors.dtype == np.float16 and as_fp16.vectors.shape == (50, 16)
+    np.testing.assert_array_equal(as_fp16.vectors, fp16)
+    # Any other size names both widths it could have been.
+    with pytest.raises(DatasetError) as info:
+        dataset.parse(half, as_buffer(b"\0" * (50 * 16 * 3)), ids)
+    message = str(info.value)
+    assert "holds 2400 bytes, expected 3200" in message
+    assert "(doc_count 50 x dimension 16 x 4 bytes, fp32) or 1600" in message
+    assert "x 2 bytes, fp16" in message
+    # Only half_float has a second width: 2 bytes a value is a wrong size for float.
+    with pytest.raises(DatasetError, match="holds 1600 bytes, expected 3200"):
+        dataset.parse(request(), as_buffer(fp16.tobytes()), ids)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ([0, 1, 2, -4, 9], r"negative doc id \(-4\) at row 3"),
+        ([0, 1, 5, 5, 9], "not strictly increasing: row 3 holds 5 after 5"),
+        ([0, 1, 5, 4, 9], "not strictly increasing: row 3 holds 4 after 5"),
+    ],
+)
+def test_doc_ids_must_be_non_negative_and_strictly_increasing(ids: list[int], message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        dataset.check_doc_ids(np.array(ids, dtype="<i4"), "k.knndid")
+
+
+def test_doc_ids_are_checked_across_batch_boundaries() -> None:
+    ids = np.arange(10, dtype="<i4")
+    for rows in (1, 2, 3, 10, 11):
+        dataset.check_doc_ids(ids, "k.knndid", rows=rows)
+    ids[4] = ids[3]  # the step from the last id of one 2-row batch to the next
+    for rows in (1, 2, 3, 4):
+        with pytest.raises(DatasetError, match="row 4 holds 3 after 3"):
+            dataset.check_doc_ids(ids, "k.knndid", rows=rows)

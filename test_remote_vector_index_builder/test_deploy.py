@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import itertools
 import re
+import tomllib
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+from remote_vector_index_builder import __version__
+from remote_vector_index_builder.core.options import DEFAULT_KEEP_ALIVE_SECONDS
 from test_remote_vector_index_builder.support import readme_variables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,3 +297,104 @@ def test_load_balancer_spreads_retries_and_times_out(compose: dict[str, Any]) ->
     assert servers == set(_replicas(compose))
     lb = compose["services"]["lb"]
     assert any(v.startswith("./haproxy.cfg:") for v in lb["volumes"])
+
+
+# --- what the images install, and what they are called --------------------------------
+
+
+def _pins() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _closure(requirements: list[Requirement], extras: set[str]) -> dict[str, list[Requirement]]:
+    """Every distribution ``requirements`` pull in (as installed here), with what asked for it."""
+    wanted: dict[str, list[Requirement]] = {}
+    todo = [(r, extras) for r in requirements]
+    while todo:
+        requirement, active = todo.pop()
+        env = {"extra": ""}
+        if requirement.marker is not None and not any(
+            requirement.marker.evaluate({**env, "extra": e}) for e in active | {""}
+        ):
+            continue
+        name = canonicalize_name(requirement.name)
+        first = name not in wanted
+        wanted.setdefault(name, []).append(requirement)
+        if first:
+            nested = [Requirement(r) for r in metadata.requires(requirement.name) or []]
+            todo.extend((r, set(requirement.extras)) for r in nested)
+    return wanted
+
+
+def test_the_images_install_pinned_versions_within_pyproject_ranges() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    direct = [Requirement(r) for r in project["dependencies"] + extras["cpu"] + extras["fleet"]]
+    pins = _pins()
+    needed = _closure(direct, set())
+    assert sorted(set(needed) - set(pins)) == [], "constraints.txt misses these"
+    assert sorted(set(pins) - set(needed)) == [], "constraints.txt pins what nothing needs"
+    for name, asked in needed.items():
+        for requirement in asked:
+            assert requirement.specifier.contains(pins[name], prereleases=True), requirement
+        # The suite runs with exactly these (make installs the venv with the constraints).
+        assert metadata.version(name) == pins[name], name
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.api"):
+        text = (ROOT / dockerfile).read_text()
+        assert "constraints.txt" in text.split("RUN pip install", 1)[0]
+        assert re.search(r"RUN pip install --no-cache-dir -c constraints\.txt \"\.\[", text)
+
+
+def test_pyproject_license_is_an_spdx_expression() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    # The string form needs setuptools 77; the table form is deprecated from there on.
+    assert any(r.startswith("setuptools>=77") for r in pyproject["build-system"]["requires"])
+
+
+def test_make_demo_installs_the_demo_extra_only() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("$(DEMO_STAMP):", 1)[1].split("\n\n", 1)[0]
+    (install,) = [line for line in recipe.splitlines() if "pip install" in line and "-e" in line]
+    assert install.strip().endswith("-e '.[demo]'")
+    assert "demo: $(DEMO_STAMP)" in makefile
+
+
+def test_images_are_fully_named_with_the_release(k8s: K8sObjects, compose: dict[str, Any]) -> None:
+    tag = f"{__version__}-cpu"
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+    registry = image["newName"].split("/")[0]
+    assert "." in registry or ":" in registry, "a registry host, not Docker Hub's library"
+    assert image["newName"].endswith(f"/{IMAGE}") and image["newTag"] == tag
+    container = _builder_container(_builder(k8s))
+    assert container["image"] == f"{IMAGE}:{tag}"  # the name kustomize replaces
+    for service in _replicas(compose).values():
+        assert service["image"] == f"${{RVIB_IMAGE:-{IMAGE}:{tag}}}"
+    readme = (ROOT / "README.md").read_text()
+    assert f"docker build -t {IMAGE}:{tag} -f Dockerfile.cpu ." in readme
+
+
+def test_kubernetes_gives_faiss_the_threads_it_requested(k8s: K8sObjects) -> None:
+    container = _builder_container(_builder(k8s))
+    (threads,) = [e for e in container["env"] if e["name"] == "RVIB_OMP_THREADS"]
+    field = threads["valueFrom"]["resourceFieldRef"]
+    assert field["resource"] == "requests.cpu" and field["containerName"] == container["name"]
+    assert "cpu" in container["resources"]["requests"]
+
+
+def test_the_proxy_lets_idle_connections_end_before_the_replicas_do() -> None:
+    words = [
+        line.split("#", 1)[0].split() for line in (DEPLOY / "haproxy.cfg").read_text().splitlines()
+    ]
+    timeouts = {w[1]: _duration_s(w[2]) for w in words if w[:1] == ["timeout"]}
+    # Its client side outlasts the k-NN client's poll (5 s + 20 % jitter) ...
+    assert timeouts["http-keep-alive"] > 6
+    # ... and connections to a replica never idle past the replica's keep-alive.
+    assert timeouts["server"] < DEFAULT_KEEP_ALIVE_SECONDS

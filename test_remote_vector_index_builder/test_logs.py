@@ -188,3 +188,49 @@ def test_two_processes_sharing_the_directory_never_write_one_file(tmp_path: Path
     restarted = HourlyFileHandler(tmp_path, clock=Clock(BEFORE_HOUR))
     restarted.close()
     assert restarted.path.name == f"{STEM}.2026-12-01-15"
+
+
+def test_answered_polls_log_their_access_lines_at_debug(tmp_path: Path) -> None:
+    from remote_vector_index_builder.app.logs import configure_logging
+    from remote_vector_index_builder.app.settings import Settings
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    access = logging.getLogger("uvicorn.access")
+    try:
+        for debug_logs in (None, "info,uvicorn.access=debug"):
+            configure_logging(
+                Settings(_env_file=None, logs_dir_path=tmp_path, debug_logs=debug_logs)
+            )
+            lines = Lines(TextFormatter("%(levelname)s %(message)s"))
+            lines.setLevel(logging.DEBUG)
+            root.addHandler(lines)
+            # As uvicorn's access logger writes them.
+            for path, status in (
+                ("/_status/0123abcd", 200),
+                ("/_heart_beat", 200),
+                ("/_ready", 503),
+                ("/_status/unknown", 404),
+                ("/_build", 200),
+            ):
+                access.info('%s - "%s %s HTTP/%s" %d', "10.0.0.7:5500", "GET", path, "1.1", status)
+            root.removeHandler(lines)
+            if debug_logs is None:
+                assert [line.split('"')[1] for line in lines.lines] == [
+                    "GET /_ready HTTP/1.1",
+                    "GET /_status/unknown HTTP/1.1",
+                    "GET /_build HTTP/1.1",
+                ]
+            else:
+                assert (
+                    lines.lines[0] == 'DEBUG 10.0.0.7:5500 - "GET /_status/0123abcd HTTP/1.1" 200'
+                )
+                assert len(lines.lines) == 5
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        logging.getLogger("uvicorn.access").setLevel(logging.NOTSET)

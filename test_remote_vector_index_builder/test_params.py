@@ -59,10 +59,30 @@ def test_numbers_as_strings_and_unknown_algorithm_keys_are_accepted() -> None:
             {"data_type": "binary", "dimension": 12, "index_parameters": {"space_type": "hamming"}},
             "multiple of 8",
         ),
-        ({"data_type": "binary"}, "data_type binary needs space_type hamming"),
+        (
+            {"data_type": "binary", "index_parameters": {"space_type": "l2"}},
+            "data_type binary needs space_type hamming",
+        ),
         ({"index_parameters": {"space_type": "hamming"}}, "hamming needs data_type binary"),
         ({"index_parameters": {"space_type": "cosinesimil"}}, "unknown space_type 'cosinesimil'"),
         ({"index_parameters": {"algorithm_parameters": {"m": 0}}}, "m: Input should be greater"),
+        # Faiss's HNSW crashes the process on M = 1 (issue 16, item 1).
+        (
+            {"index_parameters": {"algorithm_parameters": {"m": 1}}},
+            "m: Input should be greater than or equal to 2",
+        ),
+        (
+            {"index_parameters": {"algorithm_parameters": {"future": {"nested": [1]}}}},
+            "unknown algorithm parameter 'future' must be a number, string, boolean or null",
+        ),
+        (
+            {"index_parameters": {"algorithm_parameters": {"future": "x" * 300}}},
+            "unknown algorithm parameter 'future' is longer than 256 characters",
+        ),
+        (
+            {"index_parameters": {"algorithm_parameters": {f"k{i}": i for i in range(33)}}},
+            "at most 32 unknown algorithm_parameters are kept, got 33",
+        ),
         (
             {"index_parameters": {"algorithm_parameters": {"ef_search": -1}}},
             "ef_search: Input should be greater",
@@ -86,6 +106,40 @@ def test_unbuildable_requests_name_the_field(overrides: dict[str, Any], expected
     with pytest.raises(InvalidRequestError) as info:
         parse_request(body(**overrides))
     assert expected in str(info.value)
+    assert "Value error" not in str(info.value)  # pydantic's prefix of a validator's words
+
+
+def test_binary_defaults_to_hamming_as_the_cli_does() -> None:
+    binary = {"data_type": "binary", "dimension": 64}
+    assert parse_request(body(**binary)).space_type is SpaceType.HAMMING
+    with_m = body(**binary, index_parameters={"algorithm_parameters": {"m": 8}})
+    assert parse_request(with_m).space_type is SpaceType.HAMMING
+    assert parse_request(with_m).m == 8
+    assert parse_request(body()).space_type is SpaceType.L2
+
+
+def test_unknown_scalar_parameters_are_kept_and_fingerprinted() -> None:
+    extras = {"future_flag": True, "future_ratio": 0.5, "future_name": "x", "future_none": None}
+    request = parse_request(body(index_parameters={"algorithm_parameters": extras}))
+    assert request.index_parameters.algorithm_parameters.model_extra == extras
+    # A stored request reads back (the fleet stores and re-parses them).
+    assert BuildRequest.model_validate_json(request.model_dump_json()) == request
+
+
+@pytest.mark.parametrize("data_type", ["float", "half_float", "byte"])
+def test_skip_stored_vectors_for_every_float_like_type(data_type: str) -> None:
+    assert parse_request(body(data_type=data_type, skip_stored_vectors=True)).skip_stored_vectors
+
+
+def test_the_schema_describes_the_fields() -> None:
+    properties = BuildRequest.model_json_schema()["properties"]
+    assert "counts bits" in properties["dimension"]["description"]
+    undescribed = sorted(
+        name
+        for name, schema in properties.items()
+        if "description" not in schema and name not in ("engine", "index_parameters")
+    )
+    assert undescribed == []
 
 
 def test_job_id_depends_on_tenant_and_path_only() -> None:

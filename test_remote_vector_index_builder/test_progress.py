@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from remote_vector_index_builder.build_command import ProgressBar
 from remote_vector_index_builder.core import workflow
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
-from remote_vector_index_builder.core.index_io import SerializationMode
+from remote_vector_index_builder.core.options import SerializationMode
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import (

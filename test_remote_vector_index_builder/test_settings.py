@@ -4,20 +4,22 @@ import fnmatch
 import logging
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pydantic import AliasChoices
+from pydantic import AliasChoices, ValidationError
 
-from remote_vector_index_builder.app.logs import (
-    HourlyFileHandler,
-    configure_logging,
-    job_context,
+from remote_vector_index_builder.app.logs import HourlyFileHandler, configure_logging, job_context
+from remote_vector_index_builder.app.settings import (
+    Settings,
+    describe_errors,
     parse_levels,
+    usable_cpus,
 )
-from remote_vector_index_builder.app.settings import Settings, usable_cpus
-from remote_vector_index_builder.core.builder import Device
-from remote_vector_index_builder.core.index_io import SerializationMode
+from remote_vector_index_builder.core.options import Device, SerializationMode
 from test_remote_vector_index_builder.support import readme_variables
 
 
@@ -45,10 +47,131 @@ def test_reference_service_environment_names(monkeypatch: pytest.MonkeyPatch) ->
     assert s3.endpoint_url == "http://127.0.0.1:9" and s3.part_size == 16 * 1024**2
 
 
-def test_part_size_outside_s3_limits_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def one_line_error(**kw: Any) -> str:
+    """What start-up prints for a configuration mistake (cli: ``describe_errors``)."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, **kw)
+    line = describe_errors(caught.value)
+    assert "\n" not in line and "Value error" not in line
+    return line
+
+
+def test_part_size_outside_s3_limits_is_refused_when_settings_are_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("RVIB_S3_PART_SIZE", str(1024**2))
-    with pytest.raises(ValueError, match="5 MiB"):
-        Settings(_env_file=None).s3_config()
+    assert "RVIB_S3_PART_SIZE must be between 5 MiB" in one_line_error()
+
+
+def test_heartbeat_must_be_below_the_lease_in_fleet_mode() -> None:
+    line = one_line_error(redis_url="redis://127.0.0.1:1/0", lease_seconds=5, heartbeat_seconds=5)
+    assert "RVIB_HEARTBEAT_SECONDS (5.0) must be well below RVIB_LEASE_SECONDS (5.0)" in line
+    # One process has no leases: nothing to check.
+    assert Settings(_env_file=None, lease_seconds=5, heartbeat_seconds=5).redis_url is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("3221225472", 3 * 1024**3),
+        ("3GiB", 3 * 1024**3),
+        ("3 gib", 3 * 1024**3),
+        ("3Gi", 3 * 1024**3),  # a Kubernetes quantity
+        ("3GB", 3 * 10**9),
+        ("512MiB", 512 * 1024**2),
+    ],
+)
+def test_memory_limits_take_bytes_or_units(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: int
+) -> None:
+    monkeypatch.setenv("CPU_MEMORY_LIMIT", value)
+    monkeypatch.setenv("GPU_MEMORY_LIMIT", value)
+    settings = Settings(_env_file=None)
+    assert settings.effective_cpu_memory_limit() == expected
+    assert settings.gpu_memory_limit == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "fragments"),
+    [
+        # The reference service's GB float must not mean 32 bytes.
+        ("32.0", ("CPU_MEMORY_LIMIT=32.0 has no unit", "write 32GB", "reference service read GB")),
+        ("32", ("CPU_MEMORY_LIMIT=32 is 32 bytes", "256 MiB", "in bytes unless it has a unit")),
+        ("100MiB", ("is 104857600 bytes, below the 256 MiB",)),
+        ("lots", ("CPU_MEMORY_LIMIT=lots is not a size",)),
+    ],
+)
+def test_memory_limit_mistakes_are_refused_naming_the_unit(
+    monkeypatch: pytest.MonkeyPatch, value: str, fragments: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("CPU_MEMORY_LIMIT", value)
+    line = one_line_error()
+    for fragment in fragments:
+        assert fragment in line
+
+
+def test_log_levels_are_checked_when_settings_are_read() -> None:
+    assert one_line_error(log_level="verbose") == (
+        "unknown log level 'verbose' in LOG_LEVEL; use debug, info, warning, error or critical"
+    )
+    assert "in RVIB_DEBUG_LOGS" in one_line_error(debug_logs="info,botocore=chatty")
+    assert Settings(_env_file=None, log_level="debug").log_level == "DEBUG"
+
+
+def test_auth_file_format(tmp_path: Path) -> None:
+    secret = tmp_path / "auth"
+    secret.write_text("rvib:pa:ss wörd\n")  # the first ':' splits; UTF-8 as written
+    assert Settings(_env_file=None, auth_file=secret).basic_credentials() == (
+        b"rvib",
+        "pa:ss wörd".encode(),
+    )
+    for bad in ("just-a-password\n", "rvib:\n", ":secret\n", "a:b\nc:d\n"):
+        secret.write_text(bad)
+        assert "must hold one line 'username:password'" in one_line_error(auth_file=secret)
+    assert "cannot be read" in one_line_error(auth_file=tmp_path / "missing")
+    assert "set both RVIB_AUTH_USERNAME and RVIB_AUTH_PASSWORD" in one_line_error(
+        auth_username="rvib"
+    )
+
+
+def test_the_start_up_summary_masks_secrets() -> None:
+    settings = Settings(
+        _env_file=None,
+        auth_username="rvib",
+        auth_password="hunter2",
+        redis_url="rediss://user:topsecret@redis.internal:6380/0",
+        allowed_buckets="b,a",
+        s3_endpoint_url="http://127.0.0.1:9000",
+    )
+    line = settings.summary(device="cpu", workers=2)
+    assert "\n" not in line
+    assert "hunter2" not in line and "topsecret" not in line
+    assert "redis=rediss://***@redis.internal:6380/0" in line
+    assert "auth=basic (user 'rvib')" in line and "allowed_buckets=a,b" in line
+    assert line.startswith("device=cpu workers=2 s3_endpoint=http://127.0.0.1:9000")
+
+
+# What --help and the settings must not load (cli.py, core/options.py): Faiss and boto3 take
+# seconds to import, and the command line mirrors no enum by hand any more.
+IMPORTS = """
+import sys
+from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder import cli
+Settings(_env_file=None)
+print(sorted(m for m in ("faiss", "boto3", "botocore", "redis") if m in sys.modules))
+"""
+
+
+def test_settings_and_the_command_line_load_neither_faiss_nor_boto3(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORTS],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_debug_log_filter_sets_per_logger_levels() -> None:

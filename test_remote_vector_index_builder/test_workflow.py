@@ -19,8 +19,8 @@ from remote_vector_index_builder.core.errors import (
     ObjectNotFoundError,
     TransientStoreError,
 )
-from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import S3ObjectStore
+from remote_vector_index_builder.core.options import SerializationMode
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import make_s3_client
 from test_remote_vector_index_builder.data import (

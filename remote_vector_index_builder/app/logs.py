@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.app.settings import Settings, parse_level, parse_levels
 
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 _stage: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage", default=None)
@@ -76,6 +76,29 @@ class JsonFormatter(logging.Formatter):
 
 
 LOG_FILE_STEM = "remote-vector-index-builder.log"
+
+# Polled endpoints: the client polls /_status every 5 s per build and orchestrators probe
+# every few seconds, so an INFO access line each would bury everything else.
+POLLED_PATHS = ("/_status/", "/_heart_beat", "/_ready")
+
+
+class QuietPolls(logging.Filter):
+    """Moves uvicorn's access lines of answered polls to DEBUG.
+
+    ``RVIB_DEBUG_LOGS=uvicorn.access=debug`` shows them again; a poll answered
+    with an error code stays at INFO.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn's access record: (client, method, path with query, HTTP version, status)
+        if not (isinstance(args, tuple) and len(args) == 5):
+            return True
+        path, status = str(args[2]), args[4]
+        if not (path.startswith(POLLED_PATHS) and isinstance(status, int) and status < 400):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 class HourlyFileHandler(logging.StreamHandler[TextIO]):
@@ -137,24 +160,9 @@ class HourlyFileHandler(logging.StreamHandler[TextIO]):
             super().close()
 
 
-def parse_levels(spec: str) -> dict[str, int]:
-    """``"debug,botocore=warning"`` -> ``{"": DEBUG, "botocore": WARNING}``."""
-    levels: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, level = part.rpartition("=")
-        value = logging.getLevelNamesMapping().get(level.strip().upper())
-        if value is None:
-            raise ValueError(
-                f"unknown log level {level!r} in RVIB_DEBUG_LOGS={spec!r}; "
-                "use debug, info, warning, error or critical"
-            )
-        levels[name.strip()] = value
-    return levels
-
-
 def configure_logging(settings: Settings) -> None:
     levels = {
-        "": logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO),
+        "": parse_level("LOG_LEVEL", settings.log_level),
         # boto's INFO lines (credential discovery per client) drown the job lines.
         "botocore": logging.WARNING,
         "boto3": logging.WARNING,
@@ -179,3 +187,7 @@ def configure_logging(settings: Settings) -> None:
         root.addHandler(handler)
     for name, level in levels.items():
         logging.getLogger(name or None).setLevel(level)
+    access = logging.getLogger("uvicorn.access")
+    for old_filter in [f for f in access.filters if isinstance(f, QuietPolls)]:
+        access.removeFilter(old_filter)
+    access.addFilter(QuietPolls())

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import faiss
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.requests import Request
+from fastapi_offline import FastAPIOffline
 
 from remote_vector_index_builder import __version__
 from remote_vector_index_builder.app import routes
@@ -31,7 +31,10 @@ from remote_vector_index_builder.core.errors import GpuUnavailableError, RvibErr
 from remote_vector_index_builder.core.index_builder import IndexBuilder
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
-from remote_vector_index_builder.core.s3_calls import make_s3_client
+from remote_vector_index_builder.core.s3_calls import S3Access, make_s3_client, s3_access
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +46,6 @@ class Overrides:
     object_store: ObjectStore | None = None
     builder: IndexBuilder | None = None
     clock: Clock = time.time
-
-
-def load_credentials(settings: Settings) -> tuple[bytes, bytes] | None:
-    if settings.auth_file is not None:
-        text = settings.auth_file.read_text(encoding="utf-8").strip()
-        user, sep, password = text.partition(":")
-        if not sep or not user:
-            raise ValueError(
-                f"RVIB_AUTH_FILE {settings.auth_file} must hold one line 'username:password'"
-            )
-        return user.encode(), password.encode()
-    if settings.auth_username and settings.auth_password is not None:
-        return settings.auth_username.encode(), settings.auth_password.get_secret_value().encode()
-    if settings.auth_username or settings.auth_password is not None:
-        raise ValueError("set both RVIB_AUTH_USERNAME and RVIB_AUTH_PASSWORD, or neither")
-    return None
 
 
 def default_workers(builder: IndexBuilder) -> int:
@@ -136,12 +123,20 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         app.state.job_service = LocalJobService(jobs, runner) if fleet is None else fleet.service
         app.state.runner = runner
         app.state.fleet = fleet  # None in one process
-        app.state.credentials = load_credentials(settings)
+        app.state.credentials = settings.basic_credentials()
+        # A replica that cannot sign S3 requests would accept jobs that all fail.
+        s3 = S3Access("given", None) if seams.object_store else s3_access(s3_config)
+        if s3.problem is not None:
+            runner.refuse_builds(s3.problem)
         log.info(
-            "serving with %d %s workers, host memory limit %.1f GiB",
-            runner.config.max_workers,
-            builder.name,
-            budget.host_limit / 2**30,
+            "starting: %s",
+            settings.summary(
+                device=builder.name,
+                workers=runner.config.max_workers,
+                host_memory=f"{budget.host_limit / 2**30:.1f}GiB",
+                gpu_memory=f"{budget.gpu_limit / 2**30:.1f}GiB",
+                s3_credentials=s3.source or "none",
+            ),
         )
         if fleet is not None:
             fleet.start(runner)
@@ -157,7 +152,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             if nvml is not None:
                 nvml.close()
 
-    app = FastAPI(
+    # /docs and /redoc from the static files fastapi-offline installs, not a CDN: they
+    # work on an air-gapped GPU host.
+    app = FastAPIOffline(
         title="Remote Vector Index Builder",
         version=__version__,
         description="Builds Faiss indexes for OpenSearch k-NN from vectors in S3.",
@@ -168,31 +165,31 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     app.add_exception_handler(RvibError, routes.error_response)
     app.add_exception_handler(405, routes.method_not_allowed)
 
-    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        # Not JSON at all is 400, as API.md says; 422 is for JSON with invalid fields.
-        for err in exc.errors():
-            if err["type"] == "json_invalid":
-                cause = err.get("ctx", {}).get("error", "")
-                detail = f"the request body is not valid JSON ({cause})"
-                return JSONResponse({"detail": detail}, status_code=400)
-        problems = [
-            {"field": ".".join(str(p) for p in err["loc"][1:]) or "body", "message": err["msg"]}
-            for err in exc.errors()
-        ]
-        return JSONResponse({"detail": problems}, status_code=422)
-
-    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(RequestValidationError, routes.validation_error)
+    app.add_middleware(routes.CollapseSlashes)
     return app
 
 
-def serve(settings: Settings) -> None:
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """How ``serve`` runs ``app`` under uvicorn (the demo and tests use the same)."""
     import uvicorn
 
-    uvicorn.run(
-        create_app(settings),
+    return uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+        # Idle keep-alive connections outlive the client's 5 s poll (core/options.py).
+        timeout_keep_alive=settings.keep_alive_seconds,
     )
+
+
+def serve(settings: Settings) -> bool:
+    """Run the service until it is stopped; False if it never started (its lifespan failed)."""
+    import uvicorn
+
+    server = uvicorn.Server(server_config(create_app(settings), settings))
+    with suppress(KeyboardInterrupt):
+        server.run()
+    return server.started

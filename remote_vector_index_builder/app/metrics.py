@@ -167,6 +167,13 @@ class Metrics:
             ["method", "route", "code"],
             registry=r,
         )
+        self.requests_refused = Counter(
+            "rvib_requests_refused",
+            "Requests refused with 400, 401, 403, 409, 422, 429, 503 or 507, by code and reason "
+            "(the error class, invalid_json or invalid_request); each is logged at WARNING",
+            ["code", "reason"],
+            registry=r,
+        )
         self.http_seconds = Histogram(
             "rvib_http_request_duration_seconds",
             "HTTP request latency by method and route template",

@@ -7,20 +7,30 @@ else an operator may want lives on other endpoints.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
+import re
 import secrets
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.models import HTTPBase
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, ConfigDict
+from fastapi.security.base import SecurityBase
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from remote_vector_index_builder.app.jobs import JobService, JobState, TaskStatus
 from remote_vector_index_builder.app.metrics import Metrics
 from remote_vector_index_builder.app.runner import Runner
 from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.core import sizing
 from remote_vector_index_builder.core.errors import (
     AccessDeniedError,
     InsufficientMemoryError,
@@ -30,8 +40,11 @@ from remote_vector_index_builder.core.errors import (
     RvibError,
     ServiceUnavailableError,
     StoreFullError,
+    problem_message,
 )
 from remote_vector_index_builder.core.params import BuildRequest
+
+log = logging.getLogger(__name__)
 
 
 class BuildResponse(BaseModel):
@@ -104,6 +117,11 @@ class MemoryState(BaseModel):
     gpu_reserved_bytes: int
 
 
+class SegmentSize(BaseModel):
+    doc_count: int
+    vector_bytes: int
+
+
 class HeartBeat(BaseModel):
     # Other facts about the process (a GPU probe, the fleet) may join these keys.
     model_config = ConfigDict(extra="allow")
@@ -114,6 +132,11 @@ class HeartBeat(BaseModel):
     workers: int
     jobs_in_flight: int
     memory: MemoryState
+    largest_segment: dict[str, dict[str, SegmentSize]] = Field(
+        description="by data type and dimension, at m 16: the most vectors a build is admitted "
+        "with under this replica's memory limits (more is answered 507), and their vector "
+        "bytes, the unit of knn.remote_index_build.size.max (core/sizing.py)"
+    )
 
 
 class ReadyResponse(BaseModel):
@@ -139,7 +162,41 @@ class BucketNotAllowed(RvibError):
     pass
 
 
-_basic = HTTPBasic(auto_error=False)
+class BasicAuthHeader(SecurityBase):
+    """The ``Authorization`` header, as is; declares HTTP Basic in the OpenAPI schema.
+
+    FastAPI's ``HTTPBasic`` decodes credentials as ASCII and answers 401 itself for
+    a malformed header, even when this service has no authentication configured;
+    ``require_auth`` decides instead (docs/knn-contract.md, section 3).
+    """
+
+    def __init__(self) -> None:
+        self.model = HTTPBase(scheme="basic")
+        self.scheme_name = "HTTPBasic"
+
+    async def __call__(self, request: Request) -> str | None:
+        return request.headers.get("Authorization")
+
+
+_basic = BasicAuthHeader()
+
+
+def basic_credentials(header: str | None) -> tuple[bytes, bytes] | str:
+    """``(username, password)`` as the bytes the client sent (UTF-8), or why there are none."""
+    if not header:
+        return "this service requires HTTP Basic authentication"
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return f"this service requires HTTP Basic authentication, not {scheme!r}"
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return "malformed Authorization header: its credentials are not base64"
+    user, sep, password = decoded.partition(b":")
+    if not sep:
+        return "malformed Authorization header: no ':' between username and password"
+    return user, password
+
 
 # Handlers and dependencies that only touch in-memory state are ``async``: FastAPI
 # runs a sync one on a worker thread, and while builds hold every core each such
@@ -174,25 +231,27 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 async def require_auth(
-    request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
+    request: Request, authorization: Annotated[str | None, Depends(_basic)]
 ) -> None:
     expected: tuple[bytes, bytes] | None = request.app.state.credentials
     if expected is None:
         return  # not configured: the Authorization header is ignored (docs/knn-contract.md, 3)
-    if credentials is None:
-        raise Unauthorized("this service requires HTTP Basic authentication")
-    user_ok = secrets.compare_digest(credentials.username.encode(), expected[0])
-    password_ok = secrets.compare_digest(credentials.password.encode(), expected[1])
+    credentials = basic_credentials(authorization)
+    if isinstance(credentials, str):
+        raise Unauthorized(credentials)
+    # Both compared whatever the first gives: the time taken tells nothing.
+    user_ok = secrets.compare_digest(credentials[0], expected[0])
+    password_ok = secrets.compare_digest(credentials[1], expected[1])
     if not (user_ok and password_ok):
         raise Unauthorized("wrong username or password")
 
 
 async def require_metrics_auth(
-    request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
+    request: Request, authorization: Annotated[str | None, Depends(_basic)]
 ) -> None:
     # Scrapers often cannot send credentials: RVIB_METRICS_REQUIRE_AUTH=false exempts /metrics.
     if (await get_settings(request)).metrics_require_auth:
-        await require_auth(request, credentials)
+        await require_auth(request, authorization)
 
 
 Authenticated = Depends(require_auth)
@@ -212,8 +271,11 @@ router = APIRouter()
     # 400: a body that is not JSON at all (main.validation_error, before field checks).
     responses={**_ERRORS, 400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
 )
-async def build(body: BuildRequest, settings: SettingsDep, jobs: JobsDep, runner: RunnerDep) -> Any:
+async def build(
+    body: BuildRequest, request: Request, settings: SettingsDep, jobs: JobsDep, runner: RunnerDep
+) -> Any:
     """Accept a build; the same tenant + vector path returns the existing job."""
+    request.state.tenant_id = body.tenant_id  # for the log line of a refusal (``refused``)
     if settings.allowed_buckets and body.container_name not in settings.allowed_buckets:
         raise BucketNotAllowed(
             f"bucket {body.container_name!r} is not in this service's allow-list "
@@ -283,6 +345,15 @@ def metrics(request: Request, metrics: MetricsDep) -> Response:
 async def heart_beat(runner: RunnerDep, request: Request) -> Any:
     """Liveness (always 200 while the process serves) plus readiness facts."""
     state = runner.state()
+    limits = sizing.Limits(
+        host_bytes=state.host_limit,
+        gpu_bytes=state.gpu_limit,
+        upload=runner.config.upload_plan,
+        add_batch_rows=runner.config.add_batch_rows,
+        gpu=runner.config.on_gpu,
+    )
+    # Cached per limits; the first call bisects the estimate (~0.1 s): off the event loop.
+    largest = await anyio.to_thread.run_sync(sizing.largest_segments, limits)
     body = {
         "status": "alive",
         "ready": state.ready,
@@ -294,6 +365,10 @@ async def heart_beat(runner: RunnerDep, request: Request) -> Any:
             "host_reserved_bytes": state.host_reserved,
             "gpu_limit_bytes": state.gpu_limit,
             "gpu_reserved_bytes": state.gpu_reserved,
+        },
+        "largest_segment": {
+            data_type: {dim: asdict(segment) for dim, segment in by_dimension.items()}
+            for data_type, by_dimension in largest.items()
         },
         "gpu": request.app.state.gpu_probe.summary(),  # the start-up probe, core/gpu_probe.py
     }
@@ -308,7 +383,8 @@ async def ready(runner: RunnerDep) -> Any:
     """200 when builds can be accepted, 503 otherwise (for orchestrator probes)."""
     reason = runner.state().unready_reason
     if reason is not None:
-        raise ServiceUnavailableError(reason)
+        # A probe's answer, not a refused request: not logged or counted as one.
+        return _error_body(503, reason, None)
     return {"ready": True}
 
 
@@ -325,16 +401,105 @@ _STATUS_CODES: list[tuple[type[RvibError], int]] = [
 ]
 
 
-def error_response(request: Request, exc: Exception) -> Response:
-    """The one handler that turns service errors into HTTP answers."""
-    code = next((c for t, c in _STATUS_CODES if isinstance(exc, t)), 500)
+# Refusals an operator should see: logged at WARNING and counted by reason (``refused``).
+_REFUSALS = frozenset({400, 401, 403, 409, 422, 429, 503, 507})
+_JSON = re.compile(r"^application/([\w.+-]+\+)?json\s*(;|$)", re.IGNORECASE)
+
+
+def refused(request: Request, code: int, reason: str, message: str) -> None:
+    """Log and count a refused request: code, tenant (when the body named one), path, reason."""
+    tenant = getattr(request.state, "tenant_id", None)
+    log.warning(
+        "refused %s %s with %d (%s), tenant %s: %s",
+        request.method,
+        request.url.path,
+        code,
+        reason,
+        repr(tenant) if tenant is not None else "unknown",
+        message,
+    )
+    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.requests_refused.labels(str(code), reason).inc()
+
+
+def _error_body(code: int, detail: Any, exc: Exception | None) -> JSONResponse:
     headers: dict[str, str] = {}
     if code == 401:
         headers["WWW-Authenticate"] = 'Basic realm="remote-vector-index-builder"'
     elif code in (429, 503):
         retry_after = exc.retry_after_s if isinstance(exc, ServiceUnavailableError) else None
         headers["Retry-After"] = str(retry_after or 5)
-    return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
+    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    """The one handler that turns service errors into HTTP answers."""
+    code = next((c for t, c in _STATUS_CODES if isinstance(exc, t)), 500)
+    if code in _REFUSALS:
+        refused(request, code, type(exc).__name__, str(exc))
+    return _error_body(code, str(exc), exc)
+
+
+def validation_error(request: Request, exc: Exception) -> Response:
+    """400 for a body that is not JSON, 422 naming each invalid field (API.md)."""
+    if not isinstance(exc, RequestValidationError):
+        return error_response(request, exc)
+    if isinstance(exc.body, dict) and isinstance(exc.body.get("tenant_id"), str):
+        request.state.tenant_id = exc.body["tenant_id"]
+    errors = exc.errors()
+    for err in errors:
+        if err["type"] == "json_invalid":
+            cause = err.get("ctx", {}).get("error", "")
+            detail = f"the request body is not valid JSON ({cause})"
+            refused(request, 400, "invalid_json", detail)
+            return _error_body(400, detail, None)
+    content_type = request.headers.get("content-type")
+    body_not_json = any(tuple(err["loc"]) == ("body",) for err in errors)
+    if body_not_json and not _JSON.match(content_type or ""):
+        # curl -d sends application/x-www-form-urlencoded: the body never reaches the JSON
+        # parser, and pydantic's "Input should be a valid dictionary" says nothing of why.
+        message = (
+            "send the body as JSON with the header 'Content-Type: application/json' "
+            f"(curl: -H 'Content-Type: application/json'); this request's Content-Type is "
+            f"{content_type or 'missing'}"
+        )
+        problems = [{"field": "body", "message": message}]
+    else:
+        problems = [
+            {
+                "field": ".".join(str(p) for p in err["loc"][1:]) or "body",
+                "message": problem_message(err),
+            }
+            for err in errors
+        ]
+    refused(
+        request,
+        422,
+        "invalid_request",
+        "; ".join(f"{p['field']}: {p['message']}" for p in problems),
+    )
+    return _error_body(422, problems, None)
+
+
+_SLASHES = re.compile(r"/{2,}")
+
+
+class CollapseSlashes:
+    """``//_build`` is ``/_build``: a trailing slash in the client's endpoint setting
+    (``http://host:80/``) makes it call ``//_build`` and ``//_status/<id>``, and a 404 for
+    those sends every segment back to a CPU build on the data node."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "//" in scope["path"]:
+            scope = dict(scope)
+            scope["path"] = _SLASHES.sub("/", scope["path"])
+            if isinstance(scope.get("raw_path"), bytes):
+                scope["raw_path"] = re.sub(rb"/{2,}", b"/", scope["raw_path"])
+        await self.app(scope, receive, send)
 
 
 def method_not_allowed(request: Request, exc: Exception) -> Response:

@@ -31,9 +31,9 @@ from remote_vector_index_builder.core.errors import (
     ServiceUnavailableError,
 )
 from remote_vector_index_builder.core.index_builder import IndexBuilder, set_build_threads
-from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import ObjectStore
+from remote_vector_index_builder.core.options import SerializationMode
 from remote_vector_index_builder.core.params import BuildRequest
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ class RunnerState:
     host_reserved: int
     gpu_limit: int
     gpu_reserved: int
+    # Set at start-up when builds could never succeed (no S3 credentials): the reason.
+    refusing: str | None = None
 
     @property
     def unready_reason(self) -> str | None:
@@ -100,7 +102,7 @@ class RunnerState:
             return "shutting down"
         if self.unhealthy:
             return TIME_LIMIT_UNREADY
-        return None
+        return self.refusing
 
     @property
     def ready(self) -> bool:
@@ -362,6 +364,7 @@ class Runner:
         self._stuck: dict[tuple[str, int], memory.MemoryEstimate] = {}
         self._reserved: dict[tuple[str, int], memory.MemoryEstimate] = {}
         self._stopping = threading.Event()
+        self._refusing: str | None = None
         self._watchdog: threading.Thread | None = None
         if config.time_limit_s is not None:
             self._watchdog = threading.Thread(
@@ -377,6 +380,11 @@ class Runner:
             gpu=self.config.on_gpu,
         )
 
+    def refuse_builds(self, reason: str) -> None:
+        """Refuse every build with ``reason`` (503) and report unready: they cannot succeed."""
+        log.error("refusing builds: %s", reason)
+        self._refusing = reason
+
     def admit(self, request: BuildRequest) -> memory.MemoryEstimate:
         """Refuse what can never run, or not here now; called before a job is created."""
         if not self.accepting:
@@ -384,6 +392,8 @@ class Runner:
         if self.unhealthy.is_set():
             # Also keeps a job failed by the time limit from running twice at once.
             raise ServiceUnavailableError(TIME_LIMIT_UNREADY)
+        if self._refusing is not None:
+            raise ServiceUnavailableError(self._refusing)
         need = self.estimate(request)
         self.budget.check_fits(need)
         return need
@@ -617,6 +627,7 @@ class Runner:
             host_reserved=host_reserved,
             gpu_limit=gpu_limit,
             gpu_reserved=gpu_reserved,
+            refusing=self._refusing,
         )
 
     def shutdown(self, grace_seconds: float) -> None:

@@ -14,14 +14,26 @@ standard chain, not here.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import psutil
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    ByteSize,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -30,13 +42,93 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from remote_vector_index_builder.core.builder import BuilderOptions, Device
-from remote_vector_index_builder.core.cpu_builder import CpuBuildMode
-from remote_vector_index_builder.core.index_io import SerializationMode
-from remote_vector_index_builder.core.s3_calls import MIB, S3Config
+from remote_vector_index_builder.core.errors import problem_message
+from remote_vector_index_builder.core.options import (
+    DEFAULT_KEEP_ALIVE_SECONDS,
+    MAX_PART_SIZE,
+    MEMORY_LIMIT_FLOOR,
+    MIB,
+    MIN_PART_SIZE,
+    CpuBuildMode,
+    Device,
+    SerializationMode,
+)
+
+if TYPE_CHECKING:  # their modules load boto3 and Faiss; Settings must not (test_settings)
+    from remote_vector_index_builder.core.builder import BuilderOptions
+    from remote_vector_index_builder.core.s3_calls import S3Config
 
 # cgroup v2: "<quota> <period>" in microseconds, or "max <period>" for no limit.
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+_LEVELS = "debug, info, warning, error or critical"
+# A Kubernetes quantity's binary suffix ("32Gi") for pydantic's "32GiB".
+_K8S_SUFFIX = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i)\s*$")
+_BARE_NUMBER = re.compile(r"^\s*\d*\.\d+\s*$|^\s*\d+\.\d*\s*$")
+_BYTE_SIZE: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
+
+
+def parse_level(name: str, value: str) -> int:
+    """A log level by name (``debug`` ... ``critical``, any case)."""
+    level = logging.getLevelNamesMapping().get(value.strip().upper())
+    if level is None:
+        raise ValueError(f"unknown log level {value!r} in {name}; use {_LEVELS}")
+    return level
+
+
+def parse_levels(spec: str) -> dict[str, int]:
+    """``RVIB_DEBUG_LOGS``: ``"debug,botocore=warning"`` -> ``{"": DEBUG, "botocore": WARNING}``."""
+    levels: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, level = part.rpartition("=")
+        levels[name.strip()] = parse_level(f"RVIB_DEBUG_LOGS={spec!r}", level)
+    return levels
+
+
+def parse_memory_limit(name: str, value: object) -> int:
+    """Bytes from ``3221225472``, ``3GiB``, ``3GB`` or ``3Gi``; never a silent unit mistake.
+
+    The reference service read these variables as GB floats ("32.0"); here they are
+    bytes, so a bare decimal is refused and a value below ``MEMORY_LIMIT_FLOOR`` is
+    called out as the unit mistake it is.
+    """
+    text = str(value)
+    if isinstance(value, str):
+        if _BARE_NUMBER.match(value):
+            gb = value.strip().rstrip("0").rstrip(".")
+            raise ValueError(
+                f"{name}={value} has no unit and is not a whole number of bytes; this service "
+                f"reads bytes or a size with a unit: write {gb}GB or {gb}GiB (the reference "
+                "service read GB)"
+            )
+        k8s = _K8S_SUFFIX.match(value)
+        if k8s:
+            text = f"{k8s[1]}{k8s[2]}B"
+    try:
+        size = int(_BYTE_SIZE.validate_python(text))
+    except ValidationError:
+        raise ValueError(
+            f"{name}={value} is not a size: give bytes (3221225472) or a unit (3GiB, 3GB)"
+        ) from None
+    if size < MEMORY_LIMIT_FLOOR:
+        raise ValueError(
+            f"{name}={value} is {size} bytes, below the {MEMORY_LIMIT_FLOOR // MIB} MiB no build "
+            "fits in; the value is in bytes unless it has a unit: write e.g. 32GiB"
+        )
+    return size
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A settings ``ValidationError`` as one line naming each variable and what is wrong."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        if where in Settings.model_fields:  # given by field name (code, the CLI's flags)
+            where = Settings.variable(where)
+        message = problem_message(error)
+        problems.append(f"{where}: {message}" if where and where not in message else message)
+    return "; ".join(problems)
 
 
 def env(names: str | tuple[str, ...], default: Any, **constraints: Any) -> Any:
@@ -135,8 +227,8 @@ class Settings(BaseSettings):
     max_workers: int | None = env("MAX_WORKERS", None, gt=0)
     request_store_max_size: int = env("REQUEST_STORE_MAX_SIZE", 10000, gt=0)
     request_store_ttl_seconds: float = env("REQUEST_STORE_TTL_SECONDS", 7200, gt=0)
-    cpu_memory_limit: int | None = env("CPU_MEMORY_LIMIT", None, gt=0)
-    gpu_memory_limit: int | None = env("GPU_MEMORY_LIMIT", None, gt=0)
+    cpu_memory_limit: int | None = env("CPU_MEMORY_LIMIT", None)
+    gpu_memory_limit: int | None = env("GPU_MEMORY_LIMIT", None)
     shutdown_grace_seconds: float = env("RVIB_SHUTDOWN_GRACE_SECONDS", 30.0, ge=0)
     # Builds (and their transfer and OpenMP threads) run this much nicer than the
     # event loop, so /_status answers promptly while builds hold every core
@@ -148,6 +240,8 @@ class Settings(BaseSettings):
     auth_file: Path | None = env("RVIB_AUTH_FILE", None)
     allowed_buckets: Annotated[frozenset[str], NoDecode] = env("RVIB_ALLOWED_BUCKETS", frozenset())
     metrics_require_auth: bool = env("RVIB_METRICS_REQUIRE_AUTH", True)
+    # Longer than the k-NN client's poll interval (5 s): see core/options.py.
+    keep_alive_seconds: int = env("RVIB_KEEP_ALIVE_SECONDS", DEFAULT_KEEP_ALIVE_SECONDS, ge=1)
 
     # Build
     device: Device = env("RVIB_DEVICE", Device.AUTO)
@@ -195,7 +289,81 @@ class Settings(BaseSettings):
             return frozenset(b.strip() for b in value.split(",") if b.strip())
         return value
 
+    @field_validator("cpu_memory_limit", "gpu_memory_limit", mode="before")
+    @classmethod
+    def _memory_limit(cls, value: object, info: ValidationInfo) -> object:
+        if value is None:
+            return None
+        return parse_memory_limit(cls.variable(info.field_name), value)
+
+    @field_validator("s3_part_size")
+    @classmethod
+    def _part_size(cls, value: int) -> int:
+        if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
+            raise ValueError(
+                f"RVIB_S3_PART_SIZE must be between 5 MiB ({MIN_PART_SIZE} bytes) and 5 GiB "
+                f"({MAX_PART_SIZE} bytes), S3's multipart limits; got {value}"
+            )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        parse_level("LOG_LEVEL", value)
+        return value.upper()
+
+    @field_validator("debug_logs")
+    @classmethod
+    def _debug_logs(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_levels(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        # Checked here, so a mistake stops the start-up with one line, not a build later.
+        if self.redis_url is not None and self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"RVIB_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be well below "
+                f"RVIB_LEASE_SECONDS ({self.lease_seconds}), or leases expire between renewals"
+            )
+        self.basic_credentials()
+        return self
+
+    @classmethod
+    def variable(cls, field_name: str | None) -> str:
+        """The environment variable of a field (its first, for two names)."""
+        alias = cls.model_fields[field_name or ""].validation_alias
+        return str(alias.choices[0] if isinstance(alias, AliasChoices) else alias)
+
+    def basic_credentials(self) -> tuple[bytes, bytes] | None:
+        """HTTP Basic ``(username, password)`` as UTF-8, or None when authentication is off.
+
+        ``RVIB_AUTH_FILE`` holds one line ``username:password`` (the first ``:`` splits
+        them, so the password may contain more; surrounding whitespace and the final
+        newline are ignored); it wins over ``RVIB_AUTH_USERNAME``/``RVIB_AUTH_PASSWORD``.
+        """
+        if self.auth_file is not None:
+            try:
+                text = self.auth_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"RVIB_AUTH_FILE {self.auth_file} cannot be read: {exc}") from None
+            user, sep, password = text.partition(":")
+            if not sep or not user or not password or "\n" in text:
+                raise ValueError(
+                    f"RVIB_AUTH_FILE {self.auth_file} must hold one line 'username:password' "
+                    "(non-empty, separated by the first ':')"
+                )
+            return user.encode(), password.encode()
+        if self.auth_username and self.auth_password is not None:
+            return self.auth_username.encode(), self.auth_password.get_secret_value().encode()
+        if self.auth_username or self.auth_password is not None:
+            raise ValueError("set both RVIB_AUTH_USERNAME and RVIB_AUTH_PASSWORD, or neither")
+        return None
+
     def s3_config(self) -> S3Config:
+        from remote_vector_index_builder.core.s3_calls import S3Config
+
         return S3Config(
             endpoint_url=self.s3_endpoint_url,
             region=self.s3_region,
@@ -209,6 +377,8 @@ class Settings(BaseSettings):
         )
 
     def builder_options(self) -> BuilderOptions:
+        from remote_vector_index_builder.core.builder import BuilderOptions
+
         return BuilderOptions(
             device=self.device, add_batch_rows=self.add_batch_rows, cpu_build=self.cpu_build
         )
@@ -220,3 +390,27 @@ class Settings(BaseSettings):
     def effective_cpu_memory_limit(self) -> int:
         """Bytes of host memory builds may reserve (default: what the machine has)."""
         return self.cpu_memory_limit or int(psutil.virtual_memory().total)
+
+    def summary(self, **facts: object) -> str:
+        """The effective configuration as one log line, secrets masked; ``facts`` are what
+        only the running service knows (device, workers, limits, S3 credential source)."""
+        redis = "off"
+        if self.redis_url is not None:
+            redis = re.sub(r"//[^@/]*@", "//***@", self.redis_url.get_secret_value())
+        credentials = self.basic_credentials()
+        items: dict[str, object] = {
+            **facts,
+            "s3_endpoint": self.s3_endpoint_url or "AWS",
+            "region": self.s3_region or "boto3 default",
+            "addressing": "path" if self.s3_path_style else "virtual",
+            "signing": "unsigned" if self.s3_unsigned else "signed",
+            "auth": "off" if credentials is None else f"basic (user {credentials[0].decode()!r})",
+            "allowed_buckets": ",".join(sorted(self.allowed_buckets)) or "any",
+            "serialization": self.index_serialization_mode.value,
+            "cpu_build": self.cpu_build.value,
+            "redis": redis,
+            "replica": self.replica_id if self.redis_url is not None else "-",
+            "keep_alive_s": self.keep_alive_seconds,
+            "log": f"{self.log_level}/{self.log_format}",
+        }
+        return " ".join(f"{key}={value}" for key, value in items.items())

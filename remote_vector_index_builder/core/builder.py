@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from enum import StrEnum
 
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMode
 from remote_vector_index_builder.core.errors import GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import GpuBuilder
 from remote_vector_index_builder.core.gpu_probe import GpuProbe, ProbeState, probe_gpu
 from remote_vector_index_builder.core.index_builder import IndexBuilder
+from remote_vector_index_builder.core.options import Device as Device
 
 log = logging.getLogger(__name__)
-
-
-class Device(StrEnum):
-    AUTO = "auto"
-    CPU = "cpu"
-    GPU = "gpu"
 
 
 @dataclass(frozen=True)
@@ -57,8 +51,10 @@ def choose_builder(options: BuilderOptions, probe: GpuProbe | None = None) -> In
                 f"device gpu was requested but no GPU with CAGRA support is usable: "
                 f"{probe.reason}; install the gpu extra on a CUDA host or use device cpu/auto"
             )
-        # faiss-cpu is the ordinary CPU install; anything else means a GPU host that failed.
-        level = logging.INFO if probe.state is ProbeState.NO_CAGRA else logging.WARNING
-        log.log(level, "building on the CPU: %s", probe.reason)
+        if probe.state is ProbeState.NO_CAGRA:
+            # faiss-cpu is the ordinary CPU install: a fact, not something left to do.
+            log.info("building on the CPU: this Faiss (faiss-cpu) has no GPU classes")
+        else:  # a GPU host whose GPU cannot be used
+            log.warning("building on the CPU: %s", probe.reason)
         return cpu
     return GpuBuilder(fallback=cpu if options.gpu_fallback_to_cpu else None)

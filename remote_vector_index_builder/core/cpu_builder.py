@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from enum import StrEnum
 
 import faiss
 import numpy as np
@@ -35,6 +34,7 @@ from remote_vector_index_builder.core.index_builder import (
     Progress,
     faiss_metric,
 )
+from remote_vector_index_builder.core.options import CpuBuildMode as CpuBuildMode
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.quality import BuildNotes
 
@@ -106,12 +106,6 @@ def reserve_storage(inner: FaissIndex, rows: int) -> None:
 def id_mapped(inner: FaissIndex, binary: bool) -> FaissIndex:
     """Wrap ``inner`` in an ID map; Faiss's Python layer keeps ``inner`` alive."""
     return faiss.IndexBinaryIDMap(inner) if binary else faiss.IndexIDMap(inner)
-
-
-class CpuBuildMode(StrEnum):
-    STANDARD = "standard"  # Faiss HNSW over the stored vectors
-    FAST = "fast"  # graph on projected 8-bit codes (core.projected_graph)
-    AUTO = "auto"  # fast where a pilot shows it as good as standard
 
 
 class CpuBuilder:

@@ -1,8 +1,9 @@
 """Blob bytes -> numpy views, without copying.
 
 The k-NN client writes headerless little-endian blobs (docs/knn-contract.md, section 4):
-float32 rows for ``float`` and ``half_float``, int8 rows for ``byte``, packed
-bits for ``binary``, and int32 doc ids. Parsing only checks sizes and builds
+float32 rows for ``float``, float32 or float16 rows for ``half_float`` (told apart by
+the object's size), int8 rows for ``byte``, packed bits for ``binary``, and strictly
+increasing non-negative int32 doc ids. Parsing checks sizes and doc ids and builds
 views over the downloaded buffers, so a multi-GB segment exists once in memory.
 """
 
@@ -19,6 +20,10 @@ from remote_vector_index_builder.core.errors import DatasetError
 from remote_vector_index_builder.core.params import BuildRequest
 
 _DOC_ID_DTYPE = np.dtype("<i4")
+# half_float rows as some clients send them: 2 bytes a value instead of fp32's 4.
+_FP16 = np.dtype("<f2")
+# Doc ids checked this many at a time (a diff of all of them would be a blob-sized copy).
+_ID_ROWS = 1 << 20
 
 
 @dataclass
@@ -77,21 +82,36 @@ def _check_size(what: str, actual: int, expected: int, formula: str, key: str) -
         )
 
 
+def vector_blob_sizes(request: BuildRequest) -> tuple[int, ...]:
+    """The vector blob sizes ``request`` allows: one per row layout the client may send.
+
+    ``half_float`` arrives as fp32 (the client's wire format since OpenSearch 3.2) or,
+    from clients that send what the field stores, as fp16; the size tells which.
+    """
+    if request.data_type is DataType.HALF_FLOAT:
+        return request.vector_blob_bytes, request.doc_count * request.dimension * _FP16.itemsize
+    return (request.vector_blob_bytes,)
+
+
 def check_sizes(request: BuildRequest, vector_bytes: int, doc_id_bytes: int) -> None:
     """Compare blob sizes with what the request implies (called before downloading)."""
     spec = request.data_type.spec
-    per_row = (
-        f"{request.dimension} bits / 8"
-        if spec.packed_bits
-        else f"{request.dimension} x {spec.blob_dtype.itemsize}"
-    )
-    _check_size(
-        "vector",
-        vector_bytes,
-        request.vector_blob_bytes,
-        f"doc_count {request.doc_count} x dimension {per_row} bytes",
-        request.vector_path,
-    )
+    allowed = vector_blob_sizes(request)
+    if vector_bytes not in allowed:
+        key = request.vector_path
+        rows = f"doc_count {request.doc_count} x dimension {request.dimension}"
+        if spec.packed_bits:
+            expected = f"{allowed[0]} ({rows} bits / 8 bytes)"
+        elif len(allowed) == 2:
+            expected = (
+                f"{allowed[0]} ({rows} x 4 bytes, fp32) or {allowed[1]} ({rows} x 2 bytes, fp16)"
+            )
+        else:
+            expected = f"{allowed[0]} ({rows} x {spec.blob_dtype.itemsize} bytes)"
+        raise DatasetError(
+            f"vector object {key!r} holds {vector_bytes} bytes, expected {expected}; check "
+            "dimension, doc_count and data_type in the request"
+        )
     _check_size(
         "doc id",
         doc_id_bytes,
@@ -102,13 +122,38 @@ def check_sizes(request: BuildRequest, vector_bytes: int, doc_id_bytes: int) -> 
 
 
 def parse(request: BuildRequest, vector_blob: np.ndarray, doc_id_blob: np.ndarray) -> Dataset:
-    """View the two downloaded ``uint8`` buffers as typed arrays (no copies)."""
+    """View the two downloaded ``uint8`` buffers as typed arrays (no copies); check the ids."""
     check_sizes(request, vector_blob.nbytes, doc_id_blob.nbytes)
     row_dtype = request.data_type.spec.blob_dtype
-    columns = request.row_bytes // row_dtype.itemsize
+    if vector_blob.nbytes != request.vector_blob_bytes:
+        row_dtype = _FP16  # the other size check_sizes allows: half_float sent as fp16
+    columns = vector_blob.nbytes // (request.doc_count * row_dtype.itemsize)
     vectors = vector_blob.view(row_dtype).reshape(request.doc_count, columns)
     doc_ids = doc_id_blob.view(_DOC_ID_DTYPE)
+    check_doc_ids(doc_ids, request.doc_id_path)
     return Dataset(vectors=vectors, doc_ids=doc_ids, data_type=request.data_type)
+
+
+def check_doc_ids(doc_ids: np.ndarray, key: str, rows: int = _ID_ROWS) -> None:
+    """Lucene doc ids are non-negative and strictly increasing (docs/knn-contract.md, 4):
+    anything else is not a segment's id list, and an index over it would answer wrong ids."""
+    for start in range(0, len(doc_ids), rows):
+        batch = doc_ids[start : start + rows + 1]  # one more: the step into the next batch
+        negative = np.flatnonzero(batch < 0)
+        if negative.size:
+            row = start + int(negative[0])
+            raise DatasetError(
+                f"doc id object {key!r} holds a negative doc id ({int(doc_ids[row])}) at row "
+                f"{row}; doc ids must be non-negative and strictly increasing"
+            )
+        # Both non-negative int32: their difference cannot overflow.
+        stalls = np.flatnonzero(np.diff(batch) <= 0)
+        if stalls.size:
+            row = start + int(stalls[0]) + 1
+            raise DatasetError(
+                f"doc id object {key!r} is not strictly increasing: row {row} holds "
+                f"{int(doc_ids[row])} after {int(doc_ids[row - 1])}"
+            )
 
 
 def check_values(dataset: Dataset, rows: int = 16384) -> None:

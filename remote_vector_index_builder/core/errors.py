@@ -29,6 +29,9 @@ raised, with ``raise X(...) from exc``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class RvibError(Exception):
     """Base of every error raised on purpose by this project."""
@@ -116,3 +119,16 @@ class ServiceUnavailableError(ServiceError):
 
 class JobStoreUnavailableError(ServiceUnavailableError):
     pass
+
+
+def problem_message(error: Mapping[str, Any]) -> str:
+    """One pydantic validation error as its reader should see it.
+
+    A validator's ``ValueError`` reaches pydantic's list as "Value error, <text>":
+    the text alone is what the validator meant to say.
+    """
+    if error.get("type") == "value_error":
+        cause = error.get("ctx", {}).get("error")
+        if cause is not None:
+            return str(cause)
+    return str(error.get("msg", ""))

@@ -15,7 +15,6 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -30,11 +29,6 @@ _HEADER_DUMMY = 1 << 20
 # Bytes handed to the sink per callback: large enough that Python call overhead
 # is negligible, small next to an upload part.
 _CHUNK = 4 * 1024 * 1024
-
-
-class SerializationMode(StrEnum):
-    DISK = "disk"
-    MEMORY = "memory"
 
 
 class Sink(Protocol):

@@ -2,7 +2,9 @@
 
 Validation rejects what cannot be built and says which field and why. Numbers
 sent as strings ("768") are accepted (pydantic's lax mode), as are unknown keys
-inside ``algorithm_parameters`` (future client versions add some).
+inside ``algorithm_parameters`` (future client versions add some), as long as
+their values are JSON scalars: a stored request must always read back (a value
+nested hundreds deep is valid JSON that pydantic cannot parse again).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from remote_vector_index_builder.core.data_types import DataType
-from remote_vector_index_builder.core.errors import InvalidRequestError
+from remote_vector_index_builder.core.errors import InvalidRequestError, problem_message
 
 VECTOR_SUFFIX = ".knnvec"
 DOC_ID_SUFFIX = ".knndid"
@@ -30,6 +32,9 @@ INT32_MAX = 2**31 - 1
 # "." or "..", which some servers and proxies would resolve as a path segment.
 BUCKET_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,253}[A-Za-z0-9])?$"
 _BUCKET = re.compile(BUCKET_PATTERN)
+# Unknown algorithm_parameters: a few scalar values, as a newer client might add.
+MAX_EXTRA_PARAMETERS = 32
+MAX_EXTRA_TEXT = 256
 
 
 class SpaceType(StrEnum):
@@ -39,16 +44,59 @@ class SpaceType(StrEnum):
 
 
 class AlgorithmParameters(BaseModel):
-    # Future client versions send more keys: keep them, build with the known ones.
+    # Future client versions send more keys: keep them, build with the known ones. Their
+    # values are scalars: anything nested is refused (422) before it is stored.
     model_config = ConfigDict(extra="allow")
 
-    m: int = Field(default=16, gt=0, le=512)
-    ef_construction: int = Field(default=100, gt=0, le=INT32_MAX)
-    ef_search: int = Field(default=100, gt=0, le=INT32_MAX)
+    # Faiss's HNSW with M = 1 divides by log(1) and writes out of bounds on the first add
+    # (a SIGSEGV), though the k-NN mapping allows any m > 0: refuse it here.
+    m: int = Field(
+        default=16,
+        ge=2,
+        le=512,
+        description="HNSW links per vector on the upper levels (twice as many on level 0)",
+    )
+    ef_construction: int = Field(
+        default=100, gt=0, le=INT32_MAX, description="HNSW beam width while building"
+    )
+    ef_search: int = Field(
+        default=100,
+        gt=0,
+        le=INT32_MAX,
+        description="HNSW beam width stored in the index for searches (and the quality check)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalar_extras(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        extras = {k: v for k, v in data.items() if k not in cls.model_fields}
+        if len(extras) > MAX_EXTRA_PARAMETERS:
+            raise ValueError(
+                f"at most {MAX_EXTRA_PARAMETERS} unknown algorithm_parameters are kept, "
+                f"got {len(extras)}"
+            )
+        for key, value in extras.items():
+            if not isinstance(value, (bool, int, float, str, type(None))):
+                raise ValueError(
+                    f"unknown algorithm parameter {key!r} must be a number, string, boolean or "
+                    f"null, got {type(value).__name__}"
+                )
+            if isinstance(value, str) and len(value) > MAX_EXTRA_TEXT:
+                raise ValueError(
+                    f"unknown algorithm parameter {key!r} is longer than {MAX_EXTRA_TEXT} "
+                    "characters"
+                )
+        return data
 
 
 class IndexParameters(BaseModel):
-    space_type: SpaceType = SpaceType.L2
+    space_type: SpaceType = Field(
+        default=SpaceType.L2,
+        description="l2 or innerproduct for float, half_float and byte data (cosine arrives as "
+        "innerproduct over normalized vectors); hamming for binary data, and its default there",
+    )
     algorithm: Literal["hnsw"] = "hnsw"
     algorithm_parameters: AlgorithmParameters = Field(default_factory=AlgorithmParameters)
 
@@ -92,20 +140,58 @@ def _check_key(field: str, key: str, suffix: str) -> str:
 class BuildRequest(BaseModel):
     """One segment to index. Field names are the wire names of the k-NN client."""
 
-    repository_type: Literal["s3"]
+    repository_type: Literal["s3"] = Field(description="always s3")
     container_name: str = Field(
-        min_length=1, max_length=255, json_schema_extra={"pattern": BUCKET_PATTERN}
+        min_length=1,
+        max_length=255,
+        json_schema_extra={"pattern": BUCKET_PATTERN},
+        description="the bucket of the cluster's snapshot repository holding both blobs; the "
+        "index is written there too",
     )
     # The schema documents the suffix; the validators below say what is wrong.
-    vector_path: str = Field(json_schema_extra={"pattern": r"^.+\.knnvec$"})
-    doc_id_path: str = Field(json_schema_extra={"pattern": r"^.+\.knndid$"})
-    tenant_id: str = ""
-    dimension: int = Field(gt=0, le=65536)
-    doc_count: int = Field(gt=4, le=2**31 - 1)
-    data_type: DataType = DataType.FLOAT
+    vector_path: str = Field(
+        json_schema_extra={"pattern": r"^.+\.knnvec$"},
+        description="key of the vector blob; the index key is this with .faiss for .knnvec",
+    )
+    doc_id_path: str = Field(
+        json_schema_extra={"pattern": r"^.+\.knndid$"},
+        description="key of the doc id blob: one little-endian int32 per vector, strictly "
+        "increasing",
+    )
+    tenant_id: str = Field(
+        default="", description="the cluster name; with vector_path it names the job"
+    )
+    dimension: int = Field(
+        gt=0,
+        le=65536,
+        description="values per vector; for binary data it counts bits (a multiple of 8)",
+    )
+    doc_count: int = Field(gt=4, le=2**31 - 1, description="vectors in the blob")
+    data_type: DataType = Field(
+        default=DataType.FLOAT,
+        description="float (fp32), half_float (fp32 or fp16 blob, stored as fp16), byte "
+        "(int8) or binary (packed bits)",
+    )
     engine: Literal["faiss"] = "faiss"
     index_parameters: IndexParameters = Field(default_factory=IndexParameters)
-    skip_stored_vectors: bool = False
+    skip_stored_vectors: bool = Field(
+        default=False,
+        description="write the HNSW graph without the vectors (float and half_float; the data "
+        "node brings its own quantized vectors)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _binary_defaults_to_hamming(cls, data: Any) -> Any:
+        # The one space binary data can be searched in, as the k-NN client sends it.
+        if isinstance(data, dict) and data.get("data_type") == DataType.BINARY.value:
+            params = data.get("index_parameters")
+            if params is None:
+                return {**data, "index_parameters": {"space_type": SpaceType.HAMMING.value}}
+            if isinstance(params, dict) and "space_type" not in params:
+                params = {**params, "space_type": SpaceType.HAMMING.value}
+                return {**data, "index_parameters": params}
+        return data
 
     @field_validator("tenant_id")
     @classmethod
@@ -146,7 +232,7 @@ class BuildRequest(BaseModel):
             if self.skip_stored_vectors:
                 raise ValueError(
                     "skip_stored_vectors is not supported for data_type binary "
-                    "(the client sends it only for float fields)"
+                    "(the client sends it only for float and half_float fields)"
                 )
         elif space is SpaceType.HAMMING:
             raise ValueError(
@@ -211,7 +297,7 @@ def parse_request(body: dict[str, Any]) -> BuildRequest:
         return BuildRequest.model_validate(body)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {problem_message(err)}"
             for err in exc.errors()
         )
         raise InvalidRequestError(f"invalid build request: {problems}") from exc

@@ -26,6 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from urllib3.exceptions import ProtocolError
 
 from remote_vector_index_builder.core import errors
+from remote_vector_index_builder.core.options import GIB as GIB
+from remote_vector_index_builder.core.options import MAX_PART_SIZE as MAX_PART_SIZE
+from remote_vector_index_builder.core.options import MIB as MIB
+from remote_vector_index_builder.core.options import MIN_PART_SIZE as MIN_PART_SIZE
 from remote_vector_index_builder.core.s3_errors import (
     Corrupt,
     bucket_missing,
@@ -39,11 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIB = 1024**2
-GIB = 1024**3
-# S3's size limits for every multipart part but the last.
-MIN_PART_SIZE = 5 * MIB
-MAX_PART_SIZE = 5 * GIB
 # aws-c-s3 (the CRT transfer client) plans 10 connections per 4 Gbit/s S3 endpoint
 # address, i.e. 0.4 Gbit/s (50 MB/s) per connection; we size the pools the same way.
 GBPS_PER_CONNECTION = 0.4
@@ -210,3 +209,29 @@ def submit_in_context(pool: ThreadPoolExecutor, task: Callable[..., _T], *args: 
     """
     context = contextvars.copy_context()
     return pool.submit(context.run, task, *args)
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """How this process signs S3 requests: boto3's credential source, or why it cannot."""
+
+    source: str | None
+    problem: str | None
+
+
+def s3_access(config: S3Config) -> S3Access:
+    """Resolve credentials once through boto3's chain (as the client will) at start-up."""
+    if config.unsigned:
+        return S3Access("unsigned (RVIB_S3_UNSIGNED)", None)
+    try:
+        credentials = boto3.session.Session(region_name=config.region).get_credentials()
+    except bce.BotoCoreError as exc:
+        return S3Access(None, f"the AWS credentials cannot be resolved: {exc}")
+    if credentials is None:
+        return S3Access(
+            None,
+            "no AWS credentials found (environment, shared files, container or instance "
+            "role): every build would fail; configure them, or set RVIB_S3_UNSIGNED=true "
+            "for an anonymous S3 server",
+        )
+    return S3Access(str(credentials.method), None)

@@ -100,6 +100,16 @@ def _translate(exc: Exception, where: str, attempts: int) -> ObjectStoreError:
             f"{where} failed: the data arrived corrupt {attempts} time(s) ({exc}); "
             "if the object itself is intact, retrying the build may succeed"
         )
+    elif isinstance(exc, bce.EndpointConnectionError) and not isinstance(
+        exc, bce.ConnectTimeoutError
+    ):
+        # Refused or unresolvable: retried like any connection error (a server may be
+        # restarting), but when every attempt met it, the endpoint is the likely cause.
+        return ObjectStoreError(
+            f"{where} failed: could not connect to the S3 endpoint after {attempts} "
+            f"attempt(s) ({exc}); check S3_ENDPOINT_URL (--endpoint-url) and that the server "
+            "is up and reachable from here"
+        )
     elif not retryable(exc):
         return ObjectStoreError(f"{where} failed: {type(exc).__name__}: {exc}")
     return errors.TransientStoreError(

@@ -24,8 +24,8 @@ from remote_vector_index_builder.core import index_io, memory, quality
 from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64
 from remote_vector_index_builder.core.errors import ObjectStoreError
 from remote_vector_index_builder.core.index_builder import IndexBuilder, PreparedIndex
-from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.object_store import NumberedUploads, ObjectStore
+from remote_vector_index_builder.core.options import SerializationMode
 from remote_vector_index_builder.core.overlapped_upload import OverlappedWrite
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.quality import QualityReport
@@ -323,8 +323,9 @@ def run(
         dataset_stage.check_sizes(request, vector_info.size, doc_id_info.size)
         # Before the blobs arrive: the builder's set-up peak must not stack on them.
         prepared = builder.prepare(request)
+        # One of the sizes check_sizes allows (half_float: fp32 or fp16 rows).
         vector_blob = store.download(
-            bucket, request.vector_path, expected_size=request.vector_blob_bytes, progress=advance
+            bucket, request.vector_path, expected_size=vector_info.size, progress=advance
         )
         doc_id_blob = store.download(
             bucket, request.doc_id_path, expected_size=request.doc_id_blob_bytes, progress=advance
