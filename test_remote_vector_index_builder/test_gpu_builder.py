@@ -81,7 +81,7 @@ def test_n_lists_is_the_integer_square_root(n: int, n_lists: int) -> None:
 
 
 def test_tiny_segments_probe_at_most_every_list_and_small_dims_keep_one_subspace() -> None:
-    p = cagra_params(make_request(dim=3, n=9, m=1))
+    p = cagra_params(make_request(dim=3, n=9, m=2))
     assert p.ivf_pq is not None
     assert (p.ivf_pq.n_lists, p.ivf_pq.n_probes, p.ivf_pq.pq_dim) == (3, 3, 1)
 

@@ -197,6 +197,14 @@ def test_answered_polls_log_their_access_lines_at_debug(tmp_path: Path) -> None:
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     access = logging.getLogger("uvicorn.access")
+    # A uvicorn started with its own logging config (test_load's) unhooks both loggers
+    # from the root; the service runs uvicorn with log_config=None, which leaves them be.
+    unhooked = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.access")]
+    saved_uvicorn = [(lg.level, lg.propagate, list(lg.handlers)) for lg in unhooked]
+    for lg in unhooked:
+        lg.setLevel(logging.NOTSET)
+        lg.propagate = True
+        lg.handlers = []
     try:
         for debug_logs in (None, "info,uvicorn.access=debug"):
             configure_logging(
@@ -233,4 +241,7 @@ def test_answered_polls_log_their_access_lines_at_debug(tmp_path: Path) -> None:
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
-        logging.getLogger("uvicorn.access").setLevel(logging.NOTSET)
+        for lg, (level, propagate, handlers) in zip(unhooked, saved_uvicorn, strict=True):
+            lg.setLevel(level)
+            lg.propagate = propagate
+            lg.handlers = handlers

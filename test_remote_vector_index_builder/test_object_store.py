@@ -464,11 +464,19 @@ def test_ranges_that_keep_failing_raise_a_retryable_error(
     assert "retryable" in message
 
 
-def test_unreachable_endpoint_is_transient(s3_server: str, s3_config: S3Config):
+def test_unreachable_endpoint_is_retried_then_named_not_called_transient(
+    s3_server: str, s3_config: S3Config
+):
     sleeps: list[float] = []
-    store = _store_at(s3_config, f"http://127.0.0.1:{closed_port()}", sleeps, 1)
-    with pytest.raises(TransientStoreError, match=r"download of s3://b/k failed .*retryable"):
+    store = _store_at(s3_config, f"http://127.0.0.1:{closed_port()}", sleeps, 2)
+    with pytest.raises(ObjectStoreError) as caught:
         store.download("b", "k")
+    assert not isinstance(caught.value, TransientStoreError)
+    message = str(caught.value)
+    assert message.startswith("download of s3://b/k failed: could not connect to the S3 endpoint")
+    assert "after 2 attempt(s)" in message and "check S3_ENDPOINT_URL" in message
+    assert "transient" not in message
+    assert len(sleeps) == 1  # still retried: a server may be restarting
 
 
 @pytest.mark.parametrize("every", [False, True])
