@@ -230,17 +230,19 @@ class Traffic:
                 code = str(status)
             except (OSError, http.client.HTTPException):
                 status, headers, code = 0, {}, "error"
-            self._count(label, code, headers, f"{kind}: {answer!r:.300}")
+            self._count(label, code, headers, kind)
             if status and status not in RETRIED:
                 break
             time.sleep(min(float(headers.get("retry-after", 0.5)), 3.0))
         return code, answer
 
-    def _count(self, label: str, code: str, headers: dict[str, str], what: str) -> None:
+    def _count(self, label: str, code: str, headers: dict[str, str], kind: str) -> None:
         with self.lock:
             self.answers.counts[(label, code)] += 1
-            if code == "500" or (code == "503" and "retry-after" not in headers):
-                self.answers.odd.append(f"{label} answered {code} ({what})")
+            if code == "500":
+                self.answers.odd[f"{label} answered 500 for a {kind} job"] += 1
+            elif code == "503" and "retry-after" not in headers:
+                self.answers.odd[f"{label} answered 503 without Retry-After ({kind})"] += 1
 
     # -- polls -----------------------------------------------------------------------------
 
@@ -255,23 +257,23 @@ class Traffic:
         except (OSError, http.client.HTTPException):
             status, headers, answer, code = 0, {}, None, "error"
         job.polls += 1
-        self._count("GET /_status", code, headers, f"job {job.job_id} ({job.kind})")
+        self._count("GET /_status", code, headers, job.kind)
         if status == 404:
             job.lost.append(time.time())
         if status != 200 or not isinstance(answer, dict):
             return
         if answer.get("task_status") in TERMINAL:
-            detail = self.detail(job.job_id)
+            detail = self.detail(job)
             with self.lock:
                 job.detail = detail
                 job.status = str(answer["task_status"])
                 job.ended_at = time.time()
 
-    def detail(self, job_id: str) -> dict[str, Any] | None:
+    def detail(self, job: Tracked) -> dict[str, Any] | None:
         for _ in range(5):
             with contextlib.suppress(OSError, http.client.HTTPException):
-                status, headers, answer = _send(self.url, "GET", f"/_jobs/{job_id}")
-                self._count("GET /_jobs/{id}", str(status), headers, f"job {job_id}")
+                status, headers, answer = _send(self.url, "GET", f"/_jobs/{job.job_id}")
+                self._count("GET /_jobs/{id}", str(status), headers, job.kind)
                 if status == 200 and isinstance(answer, dict):
                     return answer
             time.sleep(0.5)
@@ -365,6 +367,7 @@ def run_chaos(
         for thread in background:
             thread.join()
         result = _verdict(config, fleet, traffic, timeline, s3_client, final)
+        _record(config.work_dir / "chaos-result.json", result, timeline, traffic)
     finally:
         run_over.set()
         chaos_over.set()
@@ -405,9 +408,9 @@ def _verdict(
     found.append(
         Check(
             "no 500, every 503 with Retry-After",
-            f"{len(traffic.answers.odd)} answers",
+            f"{sum(traffic.answers.odd.values())} answers",
             not traffic.answers.odd,
-            tuple(traffic.answers.odd),
+            tuple(f"{what}: {n} times" for what, n in traffic.answers.odd.most_common()),
         )
     )
 
@@ -448,10 +451,8 @@ def _verdict(
             "bad requests refused or ended", f"{handled} / {sent}", handled == sent, tuple(problems)
         )
     )
-    crashes = [
-        f"{c['replica']} exited with {c['code']}; last errors: {c['last_errors']}"
-        for c in timeline.crashes
-    ]
+    kinds = {j.job_id: j.kind for j in jobs}
+    crashes = [checks.crash_text(crash, builds, kinds) for crash in timeline.crashes]
     found.append(
         Check("no replica exited on its own", f"{len(crashes)} exits", not crashes, tuple(crashes))
     )
@@ -506,9 +507,34 @@ def _verdict(
     return _result(config, traffic, timeline, found, key_figures)
 
 
+def _record(path: Path, result: dict[str, Any], timeline: Timeline, traffic: Traffic) -> None:
+    """Everything a failure needs to be read later: the result, the faults, the jobs."""
+    record = {
+        "result": result,
+        "episodes": [asdict(e) for e in timeline.episodes],
+        "incarnations": {r: [asdict(x) for x in xs] for r, xs in timeline.incarnations.items()},
+        "stops": timeline.stops,
+        "crashes": timeline.crashes,
+        "jobs": [
+            {
+                "job_id": j.job_id,
+                "kind": j.kind,
+                "vector_path": j.body.get("vector_path"),
+                "accepted_at": j.accepted_at,
+                "status": j.status,
+                "ended_at": j.ended_at,
+                "detail": j.detail,
+                "lost": j.lost,
+            }
+            for j in traffic.jobs
+        ],
+    }
+    path.write_text(json.dumps(record, indent=1, default=str))
+
+
 def _where(traffic: Traffic, job: Tracked) -> str:
     """Where a job that never ended is stuck, as ``/_jobs/{id}`` tells it."""
-    detail = traffic.detail(job.job_id)
+    detail = traffic.detail(job)
     if detail is None:
         return "no /_jobs answer"
     progress = detail.get("progress") or {}

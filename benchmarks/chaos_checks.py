@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +56,7 @@ EXPECTED: dict[str, frozenset[str]] = {
     "bad_json": frozenset({"rejected"}),
     "bad_space": frozenset({"rejected"}),
 }
+_SIGNALS = {int(s) for s in signal.Signals}
 _THREAD = re.compile(r"^job (\w+) attempt (\d+): build thread (started|ended)$")
 
 
@@ -84,7 +86,7 @@ class Answers:
     """Every HTTP answer the run got: ``(what, status)`` counts and the odd ones."""
 
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
-    odd: list[str] = field(default_factory=list)  # 500s, 503s without Retry-After
+    odd: Counter[str] = field(default_factory=Counter)  # 500s, 503s without Retry-After
     # Bad requests: (kind, final status or "error", vector_path).
     posts: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -218,6 +220,21 @@ def _fenced_resume(
         if message.startswith(f"job {old.job_id} completed"):
             return False
     return True
+
+
+def crash_text(crash: dict[str, Any], builds: list[Build], kinds: dict[str, str]) -> str:
+    """A replica's own exit, with the builds its process was running then."""
+    code = int(crash["code"])
+    name = f" ({signal.Signals(-code).name})" if code < 0 and -code in _SIGNALS else ""
+    running = sorted(
+        f"{b.job_id} attempt {b.attempt} ({kinds.get(b.job_id, 'untracked')})"
+        for b in builds
+        if b.replica == crash["replica"] and b.how == f"exit {code}" and b.ended == crash["at"]
+    )
+    return (
+        f"{crash['replica']} exited with {code}{name} while building "
+        f"{', '.join(running) or 'nothing'}"
+    )
 
 
 def verify_file(job: Tracked, blob: bytes, vectors: np.ndarray) -> list[str]:

@@ -210,6 +210,18 @@ class ChaosFleet:
             if life.ended is None:
                 life.ended, life.how = time.time(), how
 
+    def exited(self, replica: Replica) -> None:
+        """``replica`` exited without being told to: a crash, recorded with its code."""
+        assert replica.process is not None
+        code = replica.process.returncode
+        self.ended(replica, f"exit {code}")
+        with self.timeline.lock:
+            life = self.timeline.incarnations[replica.replica_id][-1]
+            self.timeline.crashes.append(
+                {"replica": replica.replica_id, "code": code, "at": life.ended}
+            )
+        replica.process = None
+
     def heal(self) -> None:
         """Every fault undone: replicas running, Redis writable, S3 answering."""
         for replica in self.replicas:
@@ -218,8 +230,7 @@ class ChaosFleet:
                     replica.signal(signal.SIGCONT)
                 else:
                     if replica.process is not None:
-                        self.ended(replica, f"exit {replica.process.returncode}")
-                    replica.kill()
+                        self.exited(replica)
                     self.restart(replica)
         if not self.redis.ping():
             self.redis.start()
@@ -413,18 +424,7 @@ class CrashWatcher(threading.Thread):
         process = replica.process
         if process is None or process.poll() is None:
             return
-        self.fleet.ended(replica, f"exit {process.returncode}")
-        tail = [line for line in replica.log().splitlines()[-400:] if '"error"' in line][-3:]
-        with self.fleet.timeline.lock:
-            self.fleet.timeline.crashes.append(
-                {
-                    "replica": replica.replica_id,
-                    "code": process.returncode,
-                    "at": time.time(),
-                    "last_errors": tail,
-                }
-            )
-        replica.process = None
+        self.fleet.exited(replica)
         self.fleet.restart(replica)
 
 
