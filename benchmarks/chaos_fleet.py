@@ -70,11 +70,17 @@ class ChaosConfig:
     # Finished jobs expire this soon so that the run outlives its first jobs' keys.
     ttl_s: float = 30.0
     s3_read_timeout_s: float = 3.0
-    drain_s: float = 90.0  # after the chaos: how long accepted jobs get to end
+    drain_s: float = 90.0  # after the chaos: how long accepted jobs get to end (at least)
     final_s: float = 60.0  # the final round (one job per replica and more)
     exclude: frozenset[str] = frozenset()  # fault or bad-request kinds left out
     # RLIMIT_AS per replica: a huge ef_search must fail there, not take the machine.
     address_space_bytes: int = 6 * 2**30
+
+    @property
+    def drain_limit_s(self) -> float:
+        """How long accepted jobs get to end after the chaos: a long run may leave a
+        longer queue behind (still bounded: the wait ends when they have all ended)."""
+        return max(self.drain_s, self.chaos_s / 2)
 
 
 @dataclass
