@@ -364,6 +364,8 @@ def run_chaos(
             f"  drained for {time.monotonic() - healed:.0f} s, {len(traffic.live())} jobs "
             "still live; final round"
         )
+        # A replica that crashed during the drain is back before the final round.
+        fleet.ready()
         final_from = len(traffic.jobs)
         for _ in range(2 * config.replicas):
             traffic.submit("final")

@@ -228,16 +228,24 @@ class ChaosFleet:
             )
         replica.process = None
 
-    def heal(self) -> None:
-        """Every fault undone: replicas running, Redis writable, S3 answering."""
+    def ready(self) -> None:
+        """Every replica running and answering ``/_ready`` (one that crashed is restarted)."""
         for replica in self.replicas:
-            with self.locks[replica.replica_id]:
+            with self.locks[replica.replica_id]:  # waits out a restart under way
                 if replica.alive():
                     replica.signal(signal.SIGCONT)
+                    try:
+                        replica.wait_ready(120)
+                    except RuntimeError as exc:
+                        self.timeline.error(f"replica {replica.replica_id} not ready: {exc}")
                 else:
                     if replica.process is not None:
                         self.exited(replica)
                     self.restart(replica)
+
+    def heal(self) -> None:
+        """Every fault undone: replicas running, Redis writable, S3 answering."""
+        self.ready()
         if not self.redis.ping():
             self.redis.start()
         client = self.redis_client()
