@@ -422,6 +422,13 @@ def _verdict(
         )
     )
 
+    # Before the files are read (a long run has hundreds): the last jobs' keys still exist.
+    client = fleet.redis_client()
+    key_check, key_figures = checks.redis_keys(
+        client, jobs, config.ttl_s, config.replicas, time.time()
+    )
+    found.append(key_check)
+
     logs = checks.load_logs({r.replica_id: r.log_path for r in fleet.replicas})
     builds = [b for r, entries in logs.items() for b in checks.builds_of(r, entries, timeline)]
     bad, fenced = checks.overlaps(builds, logs, timeline)
@@ -488,12 +495,6 @@ def _verdict(
             tuple(f"{u['Key']} (started {u['Initiated']})" for u in uploads),
         )
     )
-
-    client = fleet.redis_client()
-    key_check, key_figures = checks.redis_keys(
-        client, jobs, config.ttl_s, config.replicas, time.time()
-    )
-    found.append(key_check)
 
     final_ids = {j.job_id for j in final}
     claimers = {
