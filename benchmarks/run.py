@@ -8,7 +8,8 @@ writes ``<out>/bench-<time>.json``, ``.md`` and ``.png`` (also as ``latest.*``).
 Sections: e2e (job vs raw build), memory (peak RSS, estimate), transfers (S3
 vs the reference service's boto3 settings), variants (storage, threads, rows
 per add), service (``/_status`` latency under build load), modes (CPU build
-modes: build time, recall, quality-check cost). See
+modes: build time, recall, quality-check cost), chaos (faults and bad requests
+against a fleet, then its promises checked; only with ``--only chaos``). See
 benchmarks/README.md for what each measures and the latest results.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 
 from benchmarks import (
     build_modes,
+    chaos,
     e2e,
     fleet,
     memory_estimate,
@@ -51,7 +53,9 @@ from benchmarks.common import (
     touch_free_memory,
 )
 
-SECTIONS = ("e2e", "memory", "transfers", "variants", "service", "fleet", "modes")
+SECTIONS = ("e2e", "memory", "transfers", "variants", "service", "fleet", "modes", "chaos")
+# A run without --only measures performance; the chaos run (a soak of faults) is asked for.
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "chaos")
 
 
 def _counts(text: str) -> list[int]:
@@ -67,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=768, help="dimension (bits for binary)")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
     p.add_argument(
-        "--only", default=",".join(SECTIONS), help=f"comma-separated sections: {','.join(SECTIONS)}"
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated sections: {','.join(SECTIONS)} (default: all but chaos)",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output directory")
     p.add_argument(
@@ -107,6 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet-jobs", type=int, default=4, help="jobs per throughput batch")
     p.add_argument(
         "--fleet-lease", type=float, default=5.0, help="RVIB_LEASE_SECONDS of the failover run"
+    )
+    p.add_argument(
+        "--chaos-minutes", type=float, default=1.0, help="minutes of faults in the chaos run"
+    )
+    p.add_argument(
+        "--chaos-seed", type=int, default=16, help="seed of the chaos run's schedule (replays it)"
+    )
+    p.add_argument(
+        "--chaos-exclude",
+        default="",
+        help="comma-separated fault or bad-request kinds the chaos run leaves out",
     )
     p.add_argument(
         "--transfer-cold",
@@ -203,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             store = S3ObjectStore(client, config)
             ctx = Context(s3.endpoint_url, store, client, work, args.repeats, {})
             ctx.warm_transfers = not args.transfer_cold
-            if not args.no_touch_memory:
+            if not args.no_touch_memory and set(only) != {"chaos"}:
                 begin = time.perf_counter()
                 touched = touch_free_memory()
                 seconds = time.perf_counter() - begin
@@ -270,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 elif name == "modes":
                     sections[name] = build_modes.run(ctx, parse_count(args.modes_size))
+                elif name == "chaos":
+                    left_out = frozenset(
+                        k.strip() for k in args.chaos_exclude.split(",") if k.strip()
+                    )
+                    sections[name] = chaos.run(ctx, args.chaos_minutes, args.chaos_seed, left_out)
                 results["timings_s"][name] = time.perf_counter() - begin
                 say(f"section {name} done in {results['timings_s'][name]:.0f}s")
     finally:
@@ -314,6 +336,7 @@ def render(results: dict[str, Any]) -> list[str]:
         "service": service_load,
         "fleet": fleet,
         "modes": build_modes,
+        "chaos": chaos,
     }
     verdicts: list[str] = []
     for name, module in modules.items():

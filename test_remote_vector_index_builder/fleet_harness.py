@@ -16,6 +16,7 @@ import http.client
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -171,13 +172,20 @@ class Replica:
     log_path: Path
     batch_delay_s: float
     process: subprocess.Popen[bytes] | None = None
+    # RLIMIT_AS of the process: a request that makes Faiss allocate without bound
+    # (a huge ef_search) then fails there instead of taking the machine's memory.
+    address_space_bytes: int | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        config = {"settings": self.settings, "batch_delay_s": self.batch_delay_s}
+        config = {
+            "settings": self.settings,
+            "batch_delay_s": self.batch_delay_s,
+            "address_space_bytes": self.address_space_bytes,
+        }
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
                 [
@@ -270,9 +278,13 @@ class _Server(ThreadingHTTPServer):
 
 
 class RoundRobinProxy:
-    """``http://127.0.0.1:port`` forwarding each request to the next backend in turn."""
+    """``http://127.0.0.1:port`` forwarding each request to the next backend in turn.
 
-    def __init__(self, backends: list[str]) -> None:
+    ``timeout_s``: how long one backend may take to answer before the next one is
+    tried (a paused backend accepts connections but never answers).
+    """
+
+    def __init__(self, backends: list[str], timeout_s: float = 15) -> None:
         self.backends = backends
         self._next = 0
         self._lock = threading.Lock()
@@ -290,7 +302,7 @@ class RoundRobinProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 for backend in proxy.rotation():
                     host, _, port = backend[len("http://") :].partition(":")
-                    conn = http.client.HTTPConnection(host, int(port), timeout=15)
+                    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
                     try:
                         conn.request(self.command, self.path, body=body, headers=headers)
                         response = conn.getresponse()
@@ -355,16 +367,24 @@ class SlowBuilder:
 def _serve_replica() -> None:
     import uvicorn
 
+    from remote_vector_index_builder.app.logs import configure_logging
     from remote_vector_index_builder.app.main import Overrides, create_app
     from remote_vector_index_builder.app.settings import Settings
     from remote_vector_index_builder.core.builder import choose_builder
 
     config = json.loads(sys.argv[1])
+    limit = config.get("address_space_bytes")
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     settings = Settings(_env_file=None, **config["settings"])
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {settings.replica_id} %(levelname)s %(name)s: %(message)s",
-    )
+    if settings.log_format == "json":
+        # The service's own JSON lines (job id and stage in each): the chaos run reads them.
+        configure_logging(settings)
+    else:
+        logging.basicConfig(
+            level=logging.INFO,
+            format=f"%(asctime)s {settings.replica_id} %(levelname)s %(name)s: %(message)s",
+        )
     builder = SlowBuilder(choose_builder(settings.builder_options()), config["batch_delay_s"])
     uvicorn.run(
         create_app(settings, Overrides(builder=builder)),

@@ -414,6 +414,9 @@ class Runner:
 
     def _run(self, job: Job, reserved: memory.MemoryEstimate | None) -> None:
         with job_context(job.id):
+            # Each build thread's span with the attempt that fences it: the chaos run
+            # (benchmarks/chaos_checks.py) finds overlapping builds of one job from these.
+            log.info("job %s attempt %d: build thread started", job.id, job.attempt)
             try:
                 self._run_admitted(job, reserved)
             finally:
@@ -421,6 +424,7 @@ class Runner:
                     entry = self._futures.get((job.id, job.attempt))
                     if entry is not None and entry[0] is job:
                         del self._futures[(job.id, job.attempt)]
+                log.info("job %s attempt %d: build thread ended", job.id, job.attempt)
                 set_stage(None)
                 if self.on_slot_free is not None:
                     self.on_slot_free()
