@@ -32,6 +32,7 @@ from pydantic_settings import (
 
 from remote_vector_index_builder.core.builder import BuilderOptions, Device
 from remote_vector_index_builder.core.cpu_builder import CpuBuildMode
+from remote_vector_index_builder.core.gpu_builder import GpuLayout
 from remote_vector_index_builder.core.index_io import SerializationMode
 from remote_vector_index_builder.core.s3_calls import MIB, S3Config
 
@@ -160,6 +161,8 @@ class Settings(BaseSettings):
     # standard | fast | auto: how the CPU builds the graph (core/projected_graph.py;
     # the default is chosen in benchmarks/README.md, "CPU build modes").
     cpu_build: CpuBuildMode = env("RVIB_CPU_BUILD", CpuBuildMode.STANDARD)
+    # hnsw | base_level_only: how a GPU build is written (core/gpu_builder.py).
+    gpu_index_layout: GpuLayout = env("RVIB_GPU_INDEX_LAYOUT", GpuLayout.HNSW)
 
     # S3
     s3_endpoint_url: str | None = env("S3_ENDPOINT_URL", None)
@@ -210,7 +213,10 @@ class Settings(BaseSettings):
 
     def builder_options(self) -> BuilderOptions:
         return BuilderOptions(
-            device=self.device, add_batch_rows=self.add_batch_rows, cpu_build=self.cpu_build
+            device=self.device,
+            add_batch_rows=self.add_batch_rows,
+            cpu_build=self.cpu_build,
+            gpu_layout=self.gpu_index_layout,
         )
 
     def effective_omp_threads(self) -> int:

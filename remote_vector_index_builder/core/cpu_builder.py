@@ -26,40 +26,27 @@ from enum import StrEnum
 import faiss
 import numpy as np
 
-from remote_vector_index_builder.core import projected_graph
+from remote_vector_index_builder.core import graph_assembly, knn_graph, projected_graph
 from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64
 from remote_vector_index_builder.core.errors import BuildError
 from remote_vector_index_builder.core.index_builder import (
+    CONVERT_ROWS,
     FaissIndex,
     PreparedIndex,
     Progress,
-    faiss_metric,
+    ShareProgress,
+    fill_storage,
+    new_inner_index,
 )
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.quality import BuildNotes
+from remote_vector_index_builder.core.quality import BuildNotes, BuildPath
 
-# Rows of int8 converted to fp32 per ``add`` (``core.memory`` counts one such buffer).
-CONVERT_ROWS = 8192
+# The standard build's empty inner index; the name tests and the fast build use.
+_inner_index = new_inner_index
 
-
-def _inner_index(request: BuildRequest) -> FaissIndex:
-    d, m = request.dimension, request.m
-    spec = request.data_type.spec
-    if spec.packed_bits:
-        inner = faiss.IndexBinaryHNSW(d, m)
-    elif request.skip_stored_vectors:
-        # A CAGRA-typed HNSW is the only section the data node accepts without
-        # storage; built as a full multi-level HNSW on the CPU.
-        inner = faiss.IndexHNSWCagra(d, m, faiss_metric(request.space_type))
-        inner.base_level_only = False
-    elif spec.sq_type is None:
-        inner = faiss.IndexHNSWFlat(d, m, faiss_metric(request.space_type))
-    else:
-        qtype = getattr(faiss.ScalarQuantizer, spec.sq_type)
-        inner = faiss.IndexHNSWSQ(d, qtype, m, faiss_metric(request.space_type))
-    inner.hnsw.efConstruction = request.ef_construction
-    inner.hnsw.efSearch = request.ef_search
-    return inner
+# Share of an exact-kNN build done when its storage is filled and when its kNN
+# graph is (the rest is the assembly), as measured at 5k x 768 (benchmarks/graph_build.py).
+_EXACT_SHARES = (0.02, 0.7)
 
 
 def _libc() -> ctypes.CDLL:
@@ -122,10 +109,13 @@ class CpuBuilder:
         add_batch_rows: int = 32768,
         mode: CpuBuildMode = CpuBuildMode.STANDARD,
         auto_min_rows: int = projected_graph.AUTO_MIN_ROWS,
+        knn_graph_max_rows: int = knn_graph.EXACT_KNN_MAX_ROWS,
     ) -> None:
         self.add_batch_rows = add_batch_rows
         self.mode = mode
         self.auto_min_rows = auto_min_rows
+        # Segments up to this many rows: exact kNN graph + assembly (0: never).
+        self.knn_graph_max_rows = knn_graph_max_rows
 
     def prepare(self, request: BuildRequest) -> PreparedIndex:
         """The empty inner index with its storage reserved (see ``reserve_storage``).
@@ -156,6 +146,7 @@ class CpuBuilder:
                 f"{dataset.count} rows are fewer than {self.auto_min_rows}: "
                 "too few for the fast build to pay for its projection and pilot"
             )
+        notes.device = "cpu"
         try:
             if mode is not CpuBuildMode.STANDARD and not binary:
                 if projected_graph.build(
@@ -168,10 +159,16 @@ class CpuBuilder:
                     notes=notes,
                     progress=progress,
                 ):
+                    notes.path = BuildPath.PROJECTED
                     _attach_ids(index, ids)
                     return index
             elif binary and mode is not CpuBuildMode.STANDARD:
                 notes.reason = "binary vectors are always built the standard way"
+            if dataset.count <= self.knn_graph_max_rows:
+                self._assemble_exact(request, inner, dataset, progress, notes)
+                _attach_ids(index, ids)
+                return index
+            notes.path = BuildPath.INSERTION
             self._add_all(request, index, dataset, ids, progress)
         except RuntimeError as exc:
             raise BuildError(f"Faiss failed to build the HNSW index on the CPU: {exc}") from exc
@@ -182,6 +179,31 @@ class CpuBuilder:
                 "so fewer builds share the host"
             ) from exc
         return index
+
+    def _assemble_exact(
+        self,
+        request: BuildRequest,
+        inner: FaissIndex,
+        dataset: Dataset,
+        progress: Progress | None,
+        notes: BuildNotes,
+    ) -> None:
+        """A small segment: exact kNN graph by GEMM, then ``core.graph_assembly``."""
+        share = ShareProgress(progress, dataset.count)
+        fill_storage(inner, dataset, self.add_batch_rows)
+        share.to(_EXACT_SHARES[0])
+        rows = knn_graph.StoredRows(inner)
+        k = knn_graph.EXACT_KNN_CANDIDATES_PER_M * request.m
+        low, high = _EXACT_SHARES
+        knn = knn_graph.exact_knn(
+            rows, k, progress=lambda done: share.to(low + (high - low) * done)
+        )
+        stats = graph_assembly.assemble(
+            inner, knn, request.m, progress=lambda done: share.to(high + (1 - high) * done)
+        )
+        share.finish()
+        notes.path = BuildPath.EXACT_KNN
+        notes.assembly = stats.as_dict()
 
     def _add_all(
         self,
