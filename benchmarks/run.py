@@ -31,6 +31,7 @@ from benchmarks import (
     build_modes,
     e2e,
     fleet,
+    graph_build,
     memory_estimate,
     report,
     service_load,
@@ -51,7 +52,7 @@ from benchmarks.common import (
     touch_free_memory,
 )
 
-SECTIONS = ("e2e", "memory", "transfers", "variants", "service", "fleet", "modes")
+SECTIONS = ("e2e", "memory", "transfers", "variants", "service", "fleet", "modes", "graph")
 
 
 def _counts(text: str) -> list[int]:
@@ -98,6 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--modes-size", default="50k", help="rows of the generated and text sets (modes)"
+    )
+    p.add_argument(
+        "--graph-sets",
+        default="cohere-1k-l2,cohere-1k-ip,tight-20k,lsa-50k,decay-50k,clustered-50k",
+        help="data sets of the graph section (benchmarks/graph_build.py lists them)",
+    )
+    p.add_argument(
+        "--graph-methods",
+        default=",".join(graph_build.METHODS),
+        help="builds per set: faiss, standard, default, exact-knn, fast, gpu-replay",
+    )
+    p.add_argument(
+        "--graph-crossover", default="", help="set whose prefixes place the exact-kNN limit"
     )
     p.add_argument("--load-builds", type=int, default=3, help="builds submitted under load")
     p.add_argument("--load-rate", type=float, default=200.0, help="GET /_status per second")
@@ -270,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 elif name == "modes":
                     sections[name] = build_modes.run(ctx, parse_count(args.modes_size))
+                elif name == "graph":
+                    sections[name] = graph_build.run(
+                        ctx,
+                        [s.strip() for s in args.graph_sets.split(",") if s.strip()],
+                        [m.strip() for m in args.graph_methods.split(",") if m.strip()],
+                        args.graph_crossover or None,
+                    )
                 results["timings_s"][name] = time.perf_counter() - begin
                 say(f"section {name} done in {results['timings_s'][name]:.0f}s")
     finally:
@@ -314,6 +335,7 @@ def render(results: dict[str, Any]) -> list[str]:
         "service": service_load,
         "fleet": fleet,
         "modes": build_modes,
+        "graph": graph_build,
     }
     verdicts: list[str] = []
     for name, module in modules.items():

@@ -63,8 +63,11 @@ SELF_RESULTS = 4
 NAVIGATION_ROUNDS = 6
 # Repair rounds before giving up (each round links every unreached part found).
 REPAIR_ROUNDS = 32
-# Level-0 selection runs in this many slices of the nodes (progress between them).
+# Level-0 selection runs in up to this many slices of the nodes (progress between
+# them), each of at least SELECT_MIN_ROWS: a slice is one pass of Faiss's OpenMP
+# team over every node, whose start costs more than a small slice's work.
 SELECT_STEPS = 16
+SELECT_MIN_ROWS = 8192
 
 # Progress units handed to the callback, split by the measured share of each
 # step in an assembly (exact 30k x 384 kNN graph, k 64, m 16: selection 0.6,
@@ -398,7 +401,7 @@ def assemble(
     width = graph.width0
     select = Selector(inner, rows)
     lists = np.empty((n, width), dtype=np.int32)
-    step = max(1, -(-n // SELECT_STEPS))
+    step = max(1, SELECT_MIN_ROWS, -(-n // SELECT_STEPS))
     for start, stop in _chunks(n, step):
         nodes = np.arange(start, stop)
         lists[start:stop] = select(nodes, knn.ids[start:stop], width)
