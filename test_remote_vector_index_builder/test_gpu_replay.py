@@ -397,3 +397,30 @@ def test_the_default_gpu_layout_is_the_standard_cpu_layout(
     back = index_io.read(data)
     assert faiss.vector_to_array(back.id_map).tolist() == ids.tolist()
     assert recall(back, rows, ids, queries, space) >= 0.9
+
+
+class _GraphOnly:
+    """Stands in for a trained ``GpuIndexCagra`` (which needs a GPU): only ``get_knngraph``,
+    returning what the SWIG binding returns for ``std::vector<idx_t>``, a Faiss vector."""
+
+    def __init__(self, graph: np.ndarray) -> None:
+        self.graph = graph
+
+    def get_knngraph(self) -> Any:
+        out = faiss.Int64Vector()
+        faiss.copy_array_to_vector(self.graph.astype(np.int64).ravel(), out)
+        return out
+
+
+def test_the_session_reads_the_cagra_graph_as_n_rows_of_graph_degree() -> None:
+    from remote_vector_index_builder.core.errors import BuildError
+    from remote_vector_index_builder.core.gpu_builder import _CagraSession
+
+    graph = np.arange(12 * 8).reshape(12, 8) % 12
+    session = _CagraSession(0)
+    session._index = _GraphOnly(graph)
+    knn = session.knn_graph(12)
+    assert knn.ids.dtype == np.int64 and knn.ids.shape == (12, 8)
+    np.testing.assert_array_equal(knn.ids, graph)
+    with pytest.raises(BuildError, match="96 entries for 13 vectors"):
+        session.knn_graph(13)
