@@ -28,6 +28,7 @@ from test_remote_vector_index_builder.data import (
     make_request,
     normalized,
     recall_at_k,
+    rows_for,
     sparse_ids,
     to_binary,
     to_int8,
@@ -287,3 +288,18 @@ def test_a_build_with_m_1_fails_with_a_typed_error_instead_of_crashing() -> None
     )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "refused:" in done.stdout and "m must be at least 2" in done.stdout
+
+
+@pytest.mark.parametrize("n", [5, 17, 40])
+@pytest.mark.parametrize(("data_type", "space"), [("float", "innerproduct"), ("binary", "hamming")])
+def test_tiny_segments_build_from_their_exact_knn_graph(data_type: str, space: str, n: int) -> None:
+    dim = 64
+    rows = rows_for(data_type, space, n, dim)
+    request = make_request(data_type, space, dim, n)
+    index = CpuBuilder().build(request, make_dataset(request, rows, sparse_ids(n)))
+    assert index.ntotal == n
+    queries = rows if data_type == "binary" else rows.astype(np.float32)
+    # ef_search 100 > n: every vector is visited, so only ties (integer Hamming
+    # distances) can make a result differ from the exact ids.
+    expected = 0.95 if data_type == "binary" else 1.0
+    assert recall_at_k(index, rows, sparse_ids(n), queries, space, k=min(10, n)) >= expected

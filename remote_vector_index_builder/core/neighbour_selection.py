@@ -90,7 +90,9 @@ class Selector:
             scratch.shrink_level_0_neighbors(max_size)
         finally:
             storage.metric_type = metric
-        out: np.ndarray = links[nodes, :max_size].copy()
+        out = np.full((len(nodes), max_size), -1, dtype=np.int32)
+        kept = min(width, max_size)
+        out[:, :kept] = links[nodes, :kept]
         del links, scratch
         return out
 
