@@ -12,12 +12,12 @@ A second table, ``crossover``, builds growing prefixes of one set by insertion
 ``knn_graph.EXACT_KNN_MAX_ROWS``.
 
 Sets (``--graph-sets``): ``cohere-1k-l2`` / ``cohere-1k-ip`` (the shipped sample),
-``minilm-100k-ip`` / ``minilm-100k-l2`` (all-MiniLM-L6-v2 over man-page paragraphs,
-``benchmarks/minilm.py``; needs ``make text-bench-deps``), ``lsa-50k`` (man-page LSA,
+``minilm-<rows>-ip`` / ``minilm-<rows>-l2`` (all-MiniLM-L6-v2 over man-page paragraphs,
+``benchmarks/minilm.py``; needs ``make text-bench-deps``; ``byte-minilm-<rows>``: those
+rows as int8, ``binary-minilm-<rows>``: their sign bits), ``lsa-50k`` (man-page LSA,
 256-d, a decaying spectrum of real text), ``clustered-50k`` (Gaussian mixture, 768-d),
 ``tight-20k`` (300 clusters far tighter than their spacing: a plain kNN graph falls apart),
-``decay-50k`` (synthetic decaying spectrum, variance of axis i ~ 1/i, 256-d),
-``byte-minilm-20k`` (MiniLM rows as int8), ``binary-minilm-100k`` (their sign bits).
+``decay-50k`` (synthetic decaying spectrum, variance of axis i ~ 1/i, 256-d).
 """
 
 from __future__ import annotations
@@ -54,10 +54,24 @@ def _decay(n: int, dim: int = 256) -> np.ndarray:
     return (rng.standard_normal((n, dim)).astype(np.float32) * scale).astype(np.float32)
 
 
+MINILM_ROWS = 101_000  # 100k base rows + 1000 held-out queries
+
+
 def _minilm(work: Path, n: int) -> np.ndarray:
+    """The first ``n`` MiniLM rows (``python -m benchmarks.minilm 101000 <work>/minilm-101000.npy``
+    makes them once, an hour or more; ``n`` may be fewer while that runs)."""
     from benchmarks.minilm import embeddings
 
-    return embeddings(n, work / f"minilm-{n}.npy")
+    cache = work / f"minilm-{MINILM_ROWS}.npy"
+    if cache.exists():
+        rows: np.ndarray = np.load(cache, mmap_mode="r")
+        if len(rows) >= n:
+            return np.ascontiguousarray(rows[:n])
+    return embeddings(n, cache)
+
+
+def _count(text: str) -> int:
+    return int(text[:-1]) * 1000 + QUERIES if text.endswith("k") else int(text) + QUERIES
 
 
 def _normalized(rows: np.ndarray) -> np.ndarray:
@@ -70,33 +84,36 @@ def _maker(name: str, work: Path) -> tuple[Callable[[], np.ndarray], str, str]:
     from benchmarks.text_embeddings import lsa_embeddings
     from test_remote_vector_index_builder.data import clustered, cohere_sample, to_int8
 
+    parts = name.split("-")
+    if parts[0] == "minilm":  # minilm-<rows>-ip / -l2
+        n = _count(parts[1])
+        space = "innerproduct" if parts[2] == "ip" else "l2"
+        return (lambda: _minilm(work, n)), space, "float"
+    if parts[1:2] == ["minilm"]:  # byte-minilm-<rows>, binary-minilm-<rows>
+        n = _count(parts[2])
+        if parts[0] == "byte":
+            return (lambda: to_int8(_minilm(work, n))), "l2", "byte"
+        return (lambda: np.packbits(_minilm(work, n) > 0, axis=1)), "hamming", "binary"
     table: dict[str, tuple[Callable[[], np.ndarray], str, str]] = {
         "cohere-1k-l2": (lambda: cohere_sample()[0], "l2", "float"),
         "cohere-1k-ip": (lambda: _normalized(cohere_sample()[0]), "innerproduct", "float"),
-        "minilm-100k-ip": (lambda: _minilm(work, 101_000), "innerproduct", "float"),
-        "minilm-100k-l2": (lambda: _minilm(work, 101_000), "l2", "float"),
         "lsa-50k": (lambda: lsa_embeddings(51_000), "l2", "float"),
         "clustered-50k": (lambda: clustered(51_000, 768, seed=7), "l2", "float"),
         "tight-20k": (lambda: _tight(21_000), "l2", "float"),
         "decay-50k": (lambda: _decay(51_000), "l2", "float"),
-        "byte-minilm-20k": (lambda: to_int8(_minilm(work, 101_000)[:21_000]), "l2", "byte"),
-        "binary-minilm-100k": (
-            lambda: np.packbits(_minilm(work, 101_000) > 0, axis=1),
-            "hamming",
-            "binary",
-        ),
     }
     return table[name]
 
 
-def prepare(work: Path, name: str) -> dict[str, Any]:
-    """Base rows, queries, exact truth and the exact 4m-NN graph of a set, as .npy files."""
+def prepare(work: Path, name: str, with_graph: bool = True) -> dict[str, Any]:
+    """Base rows, queries, exact truth and (``with_graph``) the exact 4m-NN graph of a set,
+    as .npy files."""
     import faiss
 
     make, space, data_type = _maker(name, work)
     stem = work / f"graph-{name}"
     files = {part: Path(f"{stem}-{part}.npy") for part in ("rows", "queries", "truth", "graph")}
-    if not all(path.exists() for path in files.values()):
+    if not all(path.exists() for part, path in files.items() if part != "graph"):
         say(f"  data: making {name}")
         base, queries = _split(np.ascontiguousarray(make()), QUERIES)
         np.save(files["rows"], base)
@@ -107,6 +124,9 @@ def prepare(work: Path, name: str) -> dict[str, Any]:
             metric = faiss.METRIC_INNER_PRODUCT if space == "innerproduct" else faiss.METRIC_L2
             _, truth = faiss.knn(queries.astype(np.float32), base.astype(np.float32), 10, metric)
         np.save(files["truth"], np.asarray(truth))
+    if with_graph and not files["graph"].exists():
+        say(f"  data: the exact {name} graph (the stand-in for CAGRA's)")
+        base = np.load(files["rows"])
         np.save(files["graph"], _exact_graph(base, space, data_type))
     return {"files": files, "space": space, "data_type": data_type}
 
@@ -142,7 +162,8 @@ def _child(files: dict[str, Path], space: str, data_type: str, method: str) -> d
 
 
 def run(ctx: Context, sets: list[str], methods: list[str], crossover: str | None) -> dict[str, Any]:
-    prepared = {name: prepare(ctx.work_dir, name) for name in sets}
+    replay = "gpu-replay" in methods
+    prepared = {name: prepare(ctx.work_dir, name, replay) for name in sets}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for repeat in range(ctx.repeats):
         for name, info in prepared.items():
@@ -163,7 +184,7 @@ def run(ctx: Context, sets: list[str], methods: list[str], crossover: str | None
 
 
 def run_crossover(ctx: Context, name: str) -> dict[str, Any]:
-    info = prepare(ctx.work_dir, name)
+    info = prepare(ctx.work_dir, name, with_graph=False)
     rows = np.load(info["files"]["rows"], mmap_mode="r")
     queries = info["files"]["queries"]
     times: dict[int, dict[str, list[float]]] = {}
