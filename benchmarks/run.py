@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--graph-sets",
-        default="cohere-1k-l2,cohere-1k-ip,tight-20k,lsa-50k,decay-50k,clustered-50k",
+        default="cohere-1k-l2,cohere-1k-ip,tight-20k,decay-20k,lsa-20k",
         help="data sets of the graph section (benchmarks/graph_build.py lists them)",
     )
     p.add_argument(
