@@ -257,14 +257,18 @@ def test_the_gpu_estimate_derives_the_parameters_the_builder_uses(data_type: str
 
 def test_half_float_host_peak_counts_the_fp16_copy_the_graphs_and_int64_graph() -> None:
     # The moments at 10M x 768, m=16 (the issue's example): what the CPU-side structures weigh.
+    # The reference layout's copyTo moment (RVIB_GPU_INDEX_LAYOUT=base_level_only).
     n, d = 10_000_000, 768
+    layout = "base_level_only"
     half = memory.gpu_estimate(
-        make_request("half_float", dim=d, n=n, m=16), upload=UploadPlan.of(S3Config())
+        make_request("half_float", dim=d, n=n, m=16),
+        upload=UploadPlan.of(S3Config()),
+        layout=layout,
     )
     blob, fp16, storage = n * d * 4, n * d * 2, n * d * 2
     assert half.host_bytes >= blob + fp16 + storage + n * 64 * 4 + n * 64 * 8
     floats = memory.gpu_estimate(
-        make_request("float", dim=d, n=n, m=16), upload=UploadPlan.of(S3Config())
+        make_request("float", dim=d, n=n, m=16), upload=UploadPlan.of(S3Config()), layout=layout
     )
     # float's rows are the blob itself; its storage is fp32 (twice fp16's)
     assert floats.host_bytes - half.host_bytes == (n * d * 4) - (fp16 + storage)
