@@ -95,7 +95,7 @@ _WRITE_CHUNK = 4 * MIB
 # index_builder.CONVERT_ROWS (not imported: this module must not load Faiss).
 CONVERT_ROWS = 8192
 # knn_graph.EXACT_KNN_MAX_ROWS and EXACT_KNN_CANDIDATES_PER_M (test_memory checks they agree).
-EXACT_KNN_MAX_ROWS = 8000
+EXACT_KNN_MAX_ROWS = 6000
 EXACT_KNN_CANDIDATES_PER_M = 3
 # neighbour_selection.BLOCK_BYTES: decoded candidate rows per numpy block, and as much
 # again for the reverse-edge rows graph_assembly builds a chunk at a time.
