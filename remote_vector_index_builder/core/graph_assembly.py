@@ -55,7 +55,7 @@ UPPER_EF_CONSTRUCTION = 40
 # ef of the searches that find each unreached part's nearest reached node.
 REPAIR_EF = 64
 # The navigation check: each node searched for at this ef, found if among the
-# first SELF_RESULTS results (duplicates of it may come first); rounds of
+# first SELF_RESULTS results or if a duplicate of it comes first; rounds of
 # linking the missed ones. On 300 tight clusters (18k x 32) without it 7
 # clusters had no upper-level node and queries there found recall 0.87 at ef 16.
 SELF_SEARCH_EF = 16
@@ -152,12 +152,15 @@ def _reverse_merge(
     rev_node, rev_from = dst[by_dst], src[by_dst]
     del src, dst, keep, by_dst
     bounds = np.searchsorted(rev_node, np.arange(n + 1, dtype=np.int64))
-    wide = int(np.diff(bounds).max()) if n else 0
-    # Rows of [own list | reverse edges], -1 padded, for a chunk of nodes at a time.
+    indegree = np.diff(bounds)
+    # Rows of [own list | reverse edges], -1 padded, for a chunk of nodes at a time, at
+    # most 2 x 2m reverse edges wide: a node pointed to by more ("hubs": duplicates and
+    # dense spots of real text, up to thousands on man-page LSA, where full-width rows
+    # took 23 s of a 33 s assembly) overflows anyway and is merged on its own below.
+    wide = int(min(indegree.max(), 2 * width)) if n else 0
     chunk = max(1, min((32 << 20) // max(1, 4 * (width + wide)), -(-n // SELECT_STEPS)))
     share = _SHARES["reverse"] / 2  # half for the merge, half for the overflow's selection
-    overflow_nodes: list[np.ndarray] = []
-    overflow_cands: list[np.ndarray] = []
+    overflow: list[np.ndarray] = []
     for start, stop in _chunks(n, chunk):
         nodes = np.arange(start, stop)
         merged = np.full((stop - start, width + wide), -1, dtype=np.int32)
@@ -166,27 +169,28 @@ def _reverse_merge(
         if hi > lo:
             owner = rev_node[lo:hi] - start
             rank = np.arange(lo, hi) - bounds[start:stop][owner]
-            merged[owner, width + rank] = rev_from[lo:hi]
+            inside = rank < wide
+            merged[owner[inside], width + rank[inside]] = rev_from[lo:hi][inside]
         merged = compact(nodes, merged)
         report(share * (stop - start) / max(1, n))
-        fits = (merged[:, width:] < 0).all(axis=1) if merged.shape[1] > width else None
-        if fits is None:
-            graph.set_level0(nodes, merged[:, :width])
-            continue
+        fits = (merged[:, width:] < 0).all(axis=1) & (indegree[start:stop] <= wide)
         graph.set_level0(nodes[fits], merged[fits, :width])
-        if not fits.all():
-            overflow_nodes.append(nodes[~fits])
-            overflow_cands.append(merged[~fits])
-    if overflow_nodes:
-        nodes = np.concatenate(overflow_nodes)
-        wide_all = max(c.shape[1] for c in overflow_cands)
-        cands = np.full((len(nodes), wide_all), -1, dtype=np.int32)
-        at = 0
-        for part in overflow_cands:
-            cands[at : at + len(part), : part.shape[1]] = part
-            at += len(part)
-        stats.reselected = len(nodes)
-        graph.set_level0(nodes, select(nodes, nearest(select.rows, nodes, cands, 2 * width), width))
+        overflow.append(nodes[~fits])
+    nodes = np.concatenate(overflow) if overflow else np.zeros(0, dtype=np.int64)
+    stats.reselected = len(nodes)
+    for part in np.array_split(nodes, max(1, -(-len(nodes) // 4096))):
+        if len(part) == 0:
+            continue
+        # Own list and every reverse edge, as wide as this part's largest in-degree.
+        most = int(indegree[part].max())
+        cands = np.full((len(part), width + most), -1, dtype=np.int32)
+        cands[:, :width] = lists[part]
+        for row, node in enumerate(part.tolist()):
+            sources = rev_from[bounds[node] : bounds[node + 1]]
+            cands[row, width : width + len(sources)] = sources
+        chosen = select(part, nearest(select.rows, part, cands, 2 * width), width)
+        graph.set_level0(part, chosen)
+    report(share)
 
 
 def _upper_levels(
@@ -261,8 +265,10 @@ def _navigation_repair(
         nearest_found: list[np.ndarray] = []
         for start, stop in _chunks(len(probe), 16384):
             nodes = probe[start:stop]
-            found = _search(inner, rows.queries(nodes), SELF_SEARCH_EF, SELF_RESULTS)
-            miss = ~(found == nodes[:, None]).any(axis=1) & (found[:, 0] >= 0)
+            distances, found = _search_with_distances(
+                inner, rows.queries(nodes), SELF_SEARCH_EF, SELF_RESULTS
+            )
+            miss = ~_found_itself(rows, nodes, distances, found) & (found[:, 0] >= 0)
             missed.append(nodes[miss])
             nearest_found.append(found[miss, 0])
             if round_no == 0:  # later rounds search only the few missed
@@ -323,19 +329,41 @@ def _heads(graph: _Graph, missing: np.ndarray) -> np.ndarray:
 
 
 def _search(inner: FaissIndex, queries: np.ndarray, ef: int, k: int) -> np.ndarray:
+    return _search_with_distances(inner, queries, ef, k)[1]
+
+
+def _search_with_distances(
+    inner: FaissIndex, queries: np.ndarray, ef: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, int(inner.ntotal))
     if isinstance(inner, faiss.IndexBinary):
         saved = inner.hnsw.efSearch
         inner.hnsw.efSearch = ef
         try:
-            _, found = inner.search(queries, k)
+            distances, found = inner.search(queries, k)
         finally:
             inner.hnsw.efSearch = saved
-        return np.asarray(found)
+        return np.asarray(distances, dtype=np.float32), np.asarray(found)
     params = faiss.SearchParametersHNSW()
     params.efSearch = ef
-    _, found = inner.search(queries, k, params=params)
-    return np.asarray(found)
+    distances, found = inner.search(queries, k, params=params)
+    return np.asarray(distances), np.asarray(found)
+
+
+def _found_itself(
+    rows: StoredRows, nodes: np.ndarray, distances: np.ndarray, found: np.ndarray
+) -> np.ndarray:
+    """The search for each node's vector returned it, or a duplicate of it (a result as
+    near as the node itself: searching finds that vector, whichever copy answers)."""
+    hit: np.ndarray = (found == nodes[:, None]).any(axis=1)
+    if rows.similarity:
+        vectors = rows.take(nodes)
+        own = np.einsum("ij,ij->i", vectors, vectors)
+        close = distances[:, 0] >= own - 1e-5 * np.abs(own) - 1e-6
+    else:
+        close = distances[:, 0] <= 1e-6
+    result: np.ndarray = hit | (close & (found[:, 0] >= 0))
+    return result
 
 
 def _link(graph: _Graph, near: int, head: int, candidates: np.ndarray) -> None:
