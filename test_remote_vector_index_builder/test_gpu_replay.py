@@ -428,3 +428,17 @@ def test_the_session_reads_the_cagra_graph_as_n_rows_of_graph_degree() -> None:
     np.testing.assert_array_equal(knn.ids, graph)
     with pytest.raises(BuildError, match="96 entries for 13 vectors"):
         session.knn_graph(13)
+
+
+def test_identical_vectors_are_all_reachable_after_the_assembly() -> None:
+    """Every candidate list is the same few vectors (all distances tie): the repair has to
+    spread its links (it once overwrote one slot over and over and gave up)."""
+    from remote_vector_index_builder.core.graph_assembly import _Graph, unreached
+
+    n = 300
+    rows = np.ones((n, 16), dtype=np.float32)
+    request = make_request("float", "l2", dim=16, n=n, m=8)
+    index, notes = replayed_gpu_build(request, rows, doc_ids(n))
+    inner = faiss.downcast_index(index.index)
+    assert len(unreached(_Graph(inner.hnsw, n), int(inner.hnsw.entry_point))) == 0
+    assert notes.assembly is not None and notes.assembly["repair_links"] > 0

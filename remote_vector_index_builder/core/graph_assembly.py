@@ -281,8 +281,9 @@ def _navigation_repair(
         near = np.concatenate(nearest_found)
         # One new link per source node and round: its slots are few.
         _, first = np.unique(near, return_index=True)
+        indegree = indegrees(graph)
         for head, source in zip(heads[first].tolist(), near[first].tolist(), strict=True):
-            _link(graph, int(source), int(head), np.array([source]))
+            _link(graph, int(head), np.array([source]), indegree)
             stats.repair_links += 1
         probe = heads
 
@@ -299,11 +300,9 @@ def _repair(inner: FaissIndex, rows: StoredRows, graph: _Graph, stats: AssemblyS
             return
         heads = _heads(graph, missing)
         found = _search(inner, rows.queries(heads), REPAIR_EF, REPAIR_EF)
+        indegree = indegrees(graph)
         for head, near in zip(heads.tolist(), found, strict=True):
-            near = near[near >= 0]
-            if len(near) == 0:
-                continue
-            _link(graph, int(near[0]), head, near)
+            _link(graph, head, near, indegree)
             stats.repair_links += 1
     missing = unreached(graph, start)
     stats.repair_rounds = REPAIR_ROUNDS
@@ -366,28 +365,43 @@ def _found_itself(
     return result
 
 
-def _link(graph: _Graph, near: int, head: int, candidates: np.ndarray) -> None:
-    """An edge into ``head`` from a reached node: a free slot of the nearest one that has
-    one, else the last (farthest) slot of the nearest; and ``head`` links back."""
+def indegrees(graph: _Graph) -> np.ndarray:
+    """How many level-0 lists hold each node."""
+    targets = graph.level0(np.arange(graph.n)).ravel()
+    counts: np.ndarray = np.bincount(targets[targets >= 0], minlength=graph.n)
+    return counts
+
+
+def _link(graph: _Graph, head: int, candidates: np.ndarray, indegree: np.ndarray) -> None:
+    """An edge into ``head`` from one of the reached ``candidates`` (nearest first): a free
+    slot of the nearest that has one; else, among their lists, the slot whose target the
+    most other lists hold (it stays linked from elsewhere: replacing a list's last slot
+    instead made every repair of 200 identical vectors overwrite the one before).
+    ``head`` links back where it has a free slot. ``indegree`` is kept up to date."""
     links = graph.links
-    source = near
-    for node in candidates.tolist():
-        own = links[graph.slots(node, 0)]
-        if (own < 0).any():
-            source = node
-            break
-    level0 = graph.slots(source, 0)
-    own = links[level0]
-    if head not in own:
-        free = np.flatnonzero(own < 0)
-        own[free[0] if len(free) else len(own) - 1] = head
-        links[level0] = own
+    nodes = candidates[candidates >= 0]
+    if len(nodes) == 0:
+        return
+    lists = graph.level0(nodes)
+    if (lists == head).any():
+        return
+    free = np.flatnonzero((lists < 0).any(axis=1))
+    if len(free):
+        row = int(free[0])
+        col = int(np.flatnonzero(lists[row] < 0)[0])
+    else:
+        held = indegree[lists]
+        row, col = (int(i) for i in np.unravel_index(int(np.argmax(held)), held.shape))
+        indegree[lists[row, col]] -= 1
+    source = int(nodes[row])
+    links[graph.offsets[source] + col] = head
+    indegree[head] += 1
     back = links[graph.slots(head, 0)]
     if source not in back:
-        free = np.flatnonzero(back < 0)
-        if len(free):
-            back[free[0]] = source
-            links[graph.slots(head, 0)] = back
+        empty = np.flatnonzero(back < 0)
+        if len(empty):
+            links[graph.slots(head, 0).start + int(empty[0])] = source
+            indegree[source] += 1
 
 
 def assemble(
