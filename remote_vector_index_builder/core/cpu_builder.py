@@ -222,7 +222,8 @@ class CpuBuilder:
         smoother progress: Faiss inserts each ``add``'s upper-level vectors before
         its level-0 ones, and smaller adds built worse graphs (man-page LSA, 20k x
         256: recall@10 at ef 100 0.9208 in one add, 0.9016 in 8192-row adds,
-        0.8845 in 2048-row adds, deterministic over 3 builds each).
+        0.8845 in 2048-row adds, deterministic over 3 builds each; the effect runs
+        both ways, LSA 50k: 0.9121 in one add, 0.9508 in 32k-row adds).
         """
         scratch: np.ndarray | None = None
         binary = request.data_type.spec.packed_bits
