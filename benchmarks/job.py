@@ -553,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part-bytes", type=int, default=16 * MIB)
     p.set_defaults(func=cmd_get_flood)
 
+    from benchmarks import graph_job
+
+    graph_job.add_parser(sub)
+
     args = parser.parse_args(argv)
     args.func(args)
     return 0

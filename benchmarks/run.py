@@ -33,6 +33,7 @@ from benchmarks import (
     chaos,
     e2e,
     fleet,
+    graph_build,
     memory_estimate,
     report,
     service_load,
@@ -53,7 +54,7 @@ from benchmarks.common import (
     touch_free_memory,
 )
 
-SECTIONS = ("e2e", "memory", "transfers", "variants", "service", "fleet", "modes", "chaos")
+SECTIONS = ("e2e", "memory", "transfers", "variants", "service", "fleet", "modes", "graph", "chaos")
 # A run without --only measures performance; the chaos run (a soak of faults) is asked for.
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "chaos")
 
@@ -104,6 +105,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--modes-size", default="50k", help="rows of the generated and text sets (modes)"
+    )
+    p.add_argument(
+        "--graph-sets",
+        default="cohere-1k-l2,cohere-1k-ip,tight-20k,decay-20k,lsa-20k",
+        help="data sets of the graph section (benchmarks/graph_build.py lists them)",
+    )
+    p.add_argument(
+        "--graph-methods",
+        default=",".join(graph_build.METHODS),
+        help="builds per set: faiss, standard, default, exact-knn, fast, gpu-replay",
+    )
+    p.add_argument(
+        "--graph-crossover", default="", help="set whose prefixes place the exact-kNN limit"
     )
     p.add_argument("--load-builds", type=int, default=3, help="builds submitted under load")
     p.add_argument("--load-rate", type=float, default=200.0, help="GET /_status per second")
@@ -292,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
                         k.strip() for k in args.chaos_exclude.split(",") if k.strip()
                     )
                     sections[name] = chaos.run(ctx, args.chaos_minutes, args.chaos_seed, left_out)
+                elif name == "graph":
+                    sections[name] = graph_build.run(
+                        ctx,
+                        [s.strip() for s in args.graph_sets.split(",") if s.strip()],
+                        [m.strip() for m in args.graph_methods.split(",") if m.strip()],
+                        args.graph_crossover or None,
+                    )
                 results["timings_s"][name] = time.perf_counter() - begin
                 say(f"section {name} done in {results['timings_s'][name]:.0f}s")
     finally:
@@ -337,6 +358,7 @@ def render(results: dict[str, Any]) -> list[str]:
         "fleet": fleet,
         "modes": build_modes,
         "chaos": chaos,
+        "graph": graph_build,
     }
     verdicts: list[str] = []
     for name, module in modules.items():

@@ -206,12 +206,15 @@ class GatedStore:
 
 
 class GatedBuilder:
-    """The real CPU builder, paused after ``pause_after`` batches until a test resumes it."""
+    """The real CPU builder, paused after ``pause_after`` batches until a test resumes it.
+
+    It builds by insertion whatever the segment's size (its pauses count ``add`` batches).
+    """
 
     name = "cpu"
 
     def __init__(self, add_batch_rows: int = 1000, pause_after: int = 2) -> None:
-        self.inner = CpuBuilder(add_batch_rows=add_batch_rows)
+        self.inner = CpuBuilder(add_batch_rows=add_batch_rows, knn_graph_max_rows=0)
         self.pause_after = pause_after
         self.paused = threading.Event()
         self.resume = threading.Event()

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from remote_vector_index_builder.core.cpu_builder import insertion_share
 from remote_vector_index_builder.core.object_store import S3ObjectStore, Upload
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import clustered
@@ -111,12 +112,14 @@ def test_cancel_a_running_build_frees_its_worker_and_memory(
         accepted = response.json()
         # Accepted: the build stops at its next batch boundary.
         assert accepted["state"] == "building" and accepted["cancel_requested"] is True
-        assert accepted["progress"]["done"] == 1000
+        # Two 500-row batches of 5000, counted by their share of the insertion work.
+        assert accepted["progress"]["done"] == int(5000 * insertion_share(1000, 5000))
     finally:
         builder.resume.set()
     assert wait_terminal(client, job_id) == CANCELLED
     detail = client.get(f"/_jobs/{job_id}").json()
-    assert detail["state"] == "cancelled" and detail["progress"]["done"] == 1000
+    assert detail["state"] == "cancelled"
+    assert detail["progress"]["done"] == int(5000 * insertion_share(1000, 5000))
     # The only worker and the memory went to the next job, which completes.
     assert wait_terminal(client, next_id)["task_status"] == "COMPLETED_INDEX_BUILD"
     wait_idle(client)

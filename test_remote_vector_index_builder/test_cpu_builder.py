@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import faiss
@@ -20,23 +24,38 @@ from test_remote_vector_index_builder.data import (
     clustered,
     cohere_sample,
     doc_id_blob,
+    make_dataset,
     make_request,
     normalized,
     recall_at_k,
+    rows_for,
     sparse_ids,
     to_binary,
     to_int8,
     vector_blob,
 )
 
+# Both ways the CPU builds a graph: HNSW insertion, and (segments up to
+# knn_graph.EXACT_KNN_MAX_ROWS) the exact kNN graph assembled into an HNSW. Every
+# layout, id and recall check below runs on both.
+GRAPH_PATHS = {"insertion": 0, "exact-knn": 10**9}
 
-def build_and_read(request: BuildRequest, blob: bytes, ids: np.ndarray, batch: int = 300) -> Any:
+
+@pytest.fixture(params=list(GRAPH_PATHS))
+def graph_path(request: Any) -> str:
+    return str(request.param)
+
+
+def build_and_read(
+    request: BuildRequest, blob: bytes, ids: np.ndarray, batch: int = 300, path: str = "insertion"
+) -> Any:
     data = dataset.parse(
         request,
         np.frombuffer(bytearray(blob), dtype=np.uint8),
         np.frombuffer(bytearray(doc_id_blob(ids)), dtype=np.uint8),
     )
-    index = CpuBuilder(add_batch_rows=batch).build(request, data)
+    builder = CpuBuilder(add_batch_rows=batch, knn_graph_max_rows=GRAPH_PATHS[path])
+    index = builder.build(request, data)
     out = io.BytesIO()
     written = index_io.write(index, out, skip_storage=request.skip_stored_vectors)
     raw = out.getvalue()
@@ -46,7 +65,7 @@ def build_and_read(request: BuildRequest, blob: bytes, ids: np.ndarray, batch: i
 
 @pytest.mark.parametrize(("data_type", "space", "hnsw_tag", "storage_tag"), FLOAT_FAMILY_LAYOUTS)
 def test_float_family_layout_ids_and_recall(
-    data_type: str, space: str, hnsw_tag: bytes, storage_tag: bytes
+    data_type: str, space: str, hnsw_tag: bytes, storage_tag: bytes, graph_path: str
 ) -> None:
     vectors, _ = cohere_sample()
     if space == "innerproduct":
@@ -57,7 +76,7 @@ def test_float_family_layout_ids_and_recall(
         base, queries = both[:900], both[900:]
     ids = sparse_ids(len(base))
     request = make_request(data_type, space, 768, len(base))
-    raw = build_and_read(request, vector_blob(base), ids)
+    raw = build_and_read(request, vector_blob(base), ids, path=graph_path)
 
     assert raw[:4] == b"IxMp"
     assert raw[ID_MAP_HEADER : ID_MAP_HEADER + 4] == hnsw_tag
@@ -71,13 +90,13 @@ def test_float_family_layout_ids_and_recall(
     assert recall_at_k(index, base.astype(np.float32), ids, queries, space) >= 0.95
 
 
-def test_binary_layout_ids_and_recall() -> None:
+def test_binary_layout_ids_and_recall(graph_path: str) -> None:
     vectors = clustered(3000, 256, seed=5)
     bits = to_binary(vectors)
     base, queries = bits[:2800], bits[2800:]
     ids = sparse_ids(len(base))
     request = make_request("binary", "hamming", 256, len(base))
-    raw = build_and_read(request, base.tobytes(), ids)
+    raw = build_and_read(request, base.tobytes(), ids, path=graph_path)
     assert raw[:4] == b"IBMp"
     assert raw[BINARY_ID_MAP_HEADER : BINARY_ID_MAP_HEADER + 4] == b"IBHf"
     assert b"IBxF" in raw
@@ -87,13 +106,13 @@ def test_binary_layout_ids_and_recall() -> None:
 
 
 @pytest.mark.parametrize("space", ["l2", "innerproduct"])
-def test_skip_stored_vectors_writes_cagra_hnsw_without_storage(space: str) -> None:
+def test_skip_stored_vectors_writes_cagra_hnsw_without_storage(space: str, graph_path: str) -> None:
     vectors = clustered(1200, 64, seed=9)
     if space == "innerproduct":
         vectors = normalized(vectors)
     ids = sparse_ids(1200)
     request = make_request("float", space, 64, 1200, skip_stored_vectors=True)
-    raw = build_and_read(request, vector_blob(vectors), ids)
+    raw = build_and_read(request, vector_blob(vectors), ids, path=graph_path)
     assert raw[:4] == b"IxMp"
     assert raw[ID_MAP_HEADER : ID_MAP_HEADER + 4] == b"IHc2"
     assert b"null" in raw and b"IxF2" not in raw and b"IxFI" not in raw
@@ -135,14 +154,53 @@ def test_progress_counts_every_vector_and_can_cancel() -> None:
         np.frombuffer(bytearray(doc_id_blob(np.arange(1000))), dtype=np.uint8),
     )
     seen: list[int] = []
-    CpuBuilder(add_batch_rows=256).build(request, data, progress=seen.append)
-    assert seen == [256, 256, 256, 232]
+    CpuBuilder(add_batch_rows=256, knn_graph_max_rows=0).build(request, data, progress=seen.append)
+    assert sum(seen) == 1000 and len(seen) == 4  # one report per 256-row add
 
     def cancel(_: int) -> None:
         raise CancelledError("cancelled by operator")
 
     with pytest.raises(CancelledError):
-        CpuBuilder(add_batch_rows=256).build(request, data, progress=cancel)
+        CpuBuilder(add_batch_rows=256, knn_graph_max_rows=0).build(request, data, progress=cancel)
+
+
+def test_insertion_progress_is_weighted_by_the_cost_of_each_insertion() -> None:
+    """Issue 19: equal batches reported equal progress though later insertions search a
+    larger graph, so the ETA grew as the build went on."""
+    from remote_vector_index_builder.core.cpu_builder import insertion_share
+
+    n = 8000
+    vectors = clustered(n, 8)
+    request = make_request("float", "l2", 8, n, ef_construction=16)
+    data = make_dataset(request, vectors, np.arange(n))
+    seen: list[int] = []
+    CpuBuilder(add_batch_rows=2000, knn_graph_max_rows=0).build(request, data, progress=seen.append)
+    assert sum(seen) == n and len(seen) == 4
+    assert seen == sorted(seen) and seen[0] < seen[-1]  # later batches count more
+    shares = [insertion_share(i, n) for i in range(0, n + 1, n // 4)]
+    assert shares[0] == 0.0 and shares[-1] == 1.0 and (np.diff(np.diff(shares)) > 0).all()
+
+
+def test_the_exact_knn_build_reports_progress_in_small_steps_and_can_cancel() -> None:
+    n = 3000
+    vectors = clustered(n, 16)
+    request = make_request("float", "l2", 16, n)
+    data = make_dataset(request, vectors, np.arange(n))
+    seen: list[int] = []
+    CpuBuilder(add_batch_rows=1024).build(request, data, progress=seen.append)
+    # The kNN graph's blocks, then the assembly's steps (a small build: a few of each).
+    assert sum(seen) == n and len(seen) >= 6 and max(seen) <= n // 4
+
+    calls: list[int] = []
+
+    def cancel_late(amount: int) -> None:
+        calls.append(amount)
+        if sum(calls) > n // 2:  # in the middle of the kNN graph or the assembly
+            raise CancelledError("cancelled by operator")
+
+    data = make_dataset(request, vectors, np.arange(n))
+    with pytest.raises(CancelledError):
+        CpuBuilder(add_batch_rows=1024).build(request, data, progress=cancel_late)
 
 
 @pytest.mark.parametrize("data_type", ["float", "half_float", "byte", "binary"])
@@ -166,3 +224,78 @@ def test_storage_is_allocated_once_for_batched_adds(data_type: str) -> None:
     for start in range(10, 1000, 330):
         inner.add(rows[start : start + 330])
     assert inner.ntotal == 1000 and codes.data() == first  # never reallocated
+
+
+def _with_m(request: BuildRequest, m: int) -> BuildRequest:
+    """``request`` with ``m`` set after validation (params.py may refuse it at the door)."""
+    changed = request.model_copy(deep=True)
+    changed.index_parameters.algorithm_parameters.m = m
+    return changed
+
+
+@pytest.mark.parametrize(
+    ("data_type", "space", "skip"),
+    [
+        ("float", "l2", False),
+        ("float", "innerproduct", True),
+        ("half_float", "l2", False),
+        ("byte", "l2", False),
+        ("binary", "hamming", False),
+    ],
+)
+def test_every_hnsw_constructor_refuses_m_below_2(data_type: str, space: str, skip: bool) -> None:
+    """Faiss's HNSW with M=1 divides by log(1) and its first add writes out of bounds."""
+    from remote_vector_index_builder.core.cpu_builder import _inner_index
+    from remote_vector_index_builder.core.errors import InvalidRequestError
+    from remote_vector_index_builder.core.gpu_builder import _hnsw_target, cagra_params
+    from remote_vector_index_builder.core.projected_graph import Projection, graph_index
+
+    request = _with_m(make_request(data_type, space, 64, 1000, skip_stored_vectors=skip), 1)
+    with pytest.raises(InvalidRequestError, match="m must be at least 2"):
+        _inner_index(request)
+    if data_type != "binary":
+        with pytest.raises(InvalidRequestError, match="m must be at least 2"):
+            graph_index(request, Projection(None, 1.0, 64), clustered(100, 64))
+    params = cagra_params(_with_m(request, 2))
+    with pytest.raises(InvalidRequestError, match="m must be at least 2"):
+        _hnsw_target(dataclasses.replace(params, graph_degree=3))
+
+
+def test_a_build_with_m_1_fails_with_a_typed_error_instead_of_crashing() -> None:
+    """In a child: before the guard this build killed the process (SIGSEGV)."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+        from remote_vector_index_builder.core.errors import InvalidRequestError
+        from test_remote_vector_index_builder.data import clustered, make_dataset, make_request
+
+        request = make_request("float", "l2", 16, 3000)
+        request.index_parameters.algorithm_parameters.m = 1
+        rows = clustered(3000, 16)
+        try:
+            CpuBuilder(knn_graph_max_rows=0).build(
+                request, make_dataset(request, rows, np.arange(3000))
+            )
+        except InvalidRequestError as exc:
+            print("refused:", exc)
+        """)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "refused:" in done.stdout and "m must be at least 2" in done.stdout
+
+
+@pytest.mark.parametrize("n", [5, 17, 40])
+@pytest.mark.parametrize(("data_type", "space"), [("float", "innerproduct"), ("binary", "hamming")])
+def test_tiny_segments_build_from_their_exact_knn_graph(data_type: str, space: str, n: int) -> None:
+    dim = 64
+    rows = rows_for(data_type, space, n, dim)
+    request = make_request(data_type, space, dim, n)
+    index = CpuBuilder().build(request, make_dataset(request, rows, sparse_ids(n)))
+    assert index.ntotal == n
+    queries = rows if data_type == "binary" else rows.astype(np.float32)
+    # ef_search 100 > n: every vector is visited, so only ties (integer Hamming
+    # distances) can make a result differ from the exact ids.
+    expected = 0.95 if data_type == "binary" else 1.0
+    assert recall_at_k(index, rows, sparse_ids(n), queries, space, k=min(10, n)) >= expected

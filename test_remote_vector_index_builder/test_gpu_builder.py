@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 import pytest
 
-from remote_vector_index_builder.core import dataset, index_io
+from remote_vector_index_builder.core import dataset, index_io, workflow
 from remote_vector_index_builder.core.builder import BuilderOptions, Device, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.data_types import NumericType
@@ -37,6 +37,7 @@ from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,
     ID_MAP_HEADER,
     clustered,
+    doc_id_blob,
     doc_ids,
     make_dataset,
     make_request,
@@ -44,7 +45,9 @@ from test_remote_vector_index_builder.data import (
     rows_for,
     to_binary,
     to_int8,
+    vector_blob,
 )
+from test_remote_vector_index_builder.support import request_for
 
 # Faiss's bundled stubs (1.15) lack IndexHNSWCagra and IndexBinaryHNSWCagra's fields.
 untyped_faiss: Any = faiss
@@ -182,6 +185,26 @@ def test_failed_gpu_build_falls_back_to_a_real_cpu_index(
     queries = rows[:50].astype(np.float32) + 0.01
     assert recall_at_k(index, rows, ids, queries, space) >= 0.9
     assert serialized(index)[:4] == b"IxMp"
+
+
+@no_gpu
+def test_a_fallback_is_reported_as_the_cpu_build_it_was(
+    s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    """The quality report, ``BuildResult.builder`` and the build path name the CPU."""
+    n, dim = 2000, 16
+    rows = rows_for("float", "l2", n, dim)
+    s3_client.put_object(Bucket=bucket, Key="g/fb.knnvec", Body=vector_blob(rows))
+    s3_client.put_object(Bucket=bucket, Key="g/fb.knndid", Body=doc_id_blob(doc_ids(n)))
+    request = request_for(bucket, "g/fb", dim, n)
+    result = workflow.run(request, object_store, GpuBuilder(fallback=CpuBuilder()))
+    report = result.quality
+    assert report is not None
+    assert report.device == "cpu" and result.builder == "cpu"
+    assert report.fallback and report.requested_mode == "gpu"
+    assert report.build_mode == "standard" and report.build_path == "exact-knn-assembly"
+    assert report.mode_reason is not None and "GPU build failed" in report.mode_reason
+    assert report.recall >= 0.95
 
 
 @no_gpu

@@ -20,23 +20,32 @@ import numpy as np
 import pytest
 
 from remote_vector_index_builder.core import index_io, memory
+from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.gpu_builder import (
     CagraParams,
     _finish,
     _hnsw_target,
     _id_map,
+    assemble_from_graph,
     cagra_params,
 )
+from remote_vector_index_builder.core.index_builder import fill_storage
 from remote_vector_index_builder.core.multipart import UploadPlan
+from remote_vector_index_builder.core.quality import BuildNotes, hits
 from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,
     ID_MAP_HEADER,
+    cohere_sample,
     doc_ids,
+    exact_neighbours,
+    make_dataset,
     make_request,
+    normalized,
     recall_at_k,
     rows_for,
+    sparse_ids,
 )
 
 untyped_faiss: Any = faiss
@@ -248,16 +257,188 @@ def test_the_gpu_estimate_derives_the_parameters_the_builder_uses(data_type: str
 
 def test_half_float_host_peak_counts_the_fp16_copy_the_graphs_and_int64_graph() -> None:
     # The moments at 10M x 768, m=16 (the issue's example): what the CPU-side structures weigh.
+    # The reference layout's copyTo moment (RVIB_GPU_INDEX_LAYOUT=base_level_only).
     n, d = 10_000_000, 768
+    layout = "base_level_only"
     half = memory.gpu_estimate(
-        make_request("half_float", dim=d, n=n, m=16), upload=UploadPlan.of(S3Config())
+        make_request("half_float", dim=d, n=n, m=16),
+        upload=UploadPlan.of(S3Config()),
+        layout=layout,
     )
     blob, fp16, storage = n * d * 4, n * d * 2, n * d * 2
     assert half.host_bytes >= blob + fp16 + storage + n * 64 * 4 + n * 64 * 8
     floats = memory.gpu_estimate(
-        make_request("float", dim=d, n=n, m=16), upload=UploadPlan.of(S3Config())
+        make_request("float", dim=d, n=n, m=16), upload=UploadPlan.of(S3Config()), layout=layout
     )
     # float's rows are the blob itself; its storage is fp32 (twice fp16's)
     assert floats.host_bytes - half.host_bytes == (n * d * 4) - (fp16 + storage)
     # device: the k-means train set (fp32, a tenth of the rows) dominates graph building
     assert half.gpu_bytes >= n * 0.1 * d * 4 + memory.GPU_DEVICE_OVERHEAD
+
+
+# --- the default layout: the GPU's graph assembled into a full HNSW on the host -------------
+#
+# ``GpuBuilder`` (layout ``hnsw``) takes ``get_knngraph()`` (n x 4 m ids) and hands it to
+# ``assemble_from_graph``. Here the CAGRA graph is stood in for by the exact kNN graph
+# (GEMM, ``faiss.knn``) of the same degree; everything after it is the builder's own code.
+
+
+def exact_graph(request: Any, rows: np.ndarray) -> Any:
+    """The stand-in for ``get_knngraph()``: each row's ``4 m`` exact nearest others."""
+    from remote_vector_index_builder.core.index_builder import new_inner_index
+    from remote_vector_index_builder.core.knn_graph import StoredRows, exact_knn
+
+    scratch = new_inner_index(request)
+    fill_storage(scratch, make_dataset(request, rows, doc_ids(len(rows))), 4096)
+    return exact_knn(StoredRows(scratch), cagra_params(request).graph_degree)
+
+
+def replayed_gpu_build(request: Any, rows: np.ndarray, ids: np.ndarray) -> tuple[Any, Any]:
+    notes = BuildNotes(requested_mode="gpu", mode="gpu", device="gpu")
+    index = assemble_from_graph(
+        request, make_dataset(request, rows, ids), exact_graph(request, rows), notes
+    )
+    return index, notes
+
+
+def standard_build(request: Any, rows: np.ndarray, ids: np.ndarray) -> Any:
+    return CpuBuilder(knn_graph_max_rows=0).build(request, make_dataset(request, rows, ids))
+
+
+def searched(index: Any, queries: np.ndarray, ef: int, binary: bool) -> tuple[np.ndarray, float]:
+    """Doc ids found at ``ef``, one query per call as a data node searches, and the
+    distances computed per query (``faiss.cvar.hnsw_stats``)."""
+    inner = faiss.downcast_IndexBinary(index.index) if binary else faiss.downcast_index(index.index)
+    ids = faiss.vector_to_array(index.id_map)
+    stats = untyped_faiss.cvar.hnsw_stats
+    stats.reset()
+    inner.hnsw.efSearch = ef
+    found = np.vstack(
+        [inner.search(q[None] if binary else q[None].astype(np.float32), 10)[1] for q in queries]
+    )
+    return np.where(found >= 0, ids[np.maximum(found, 0)], -1), float(stats.ndis) / len(queries)
+
+
+def tight_clusters(n: int, dim: int, clusters: int, seed: int = 5) -> np.ndarray:
+    """Clusters far tighter than their spacing: a plain kNN graph of them falls apart."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 10.0, (clusters, dim)).astype(np.float32)
+    labels = rng.integers(0, clusters, n)
+    return (centres[labels] + rng.normal(0.0, 0.05, (n, dim))).astype(np.float32)
+
+
+def gpu_replay_sets() -> dict[str, tuple[np.ndarray, str]]:
+    vectors, _ = cohere_sample()
+    return {
+        "cohere-l2": (vectors, "l2"),
+        "cohere-ip": (normalized(vectors), "innerproduct"),
+        "tight-clusters": (tight_clusters(6000, 32, 150), "l2"),
+    }
+
+
+@pytest.mark.parametrize("name", ["cohere-l2", "cohere-ip", "tight-clusters"])
+def test_assembled_gpu_graph_searches_at_least_as_well_as_the_standard_build(name: str) -> None:
+    """Recall@10 at each ef no lower than the standard CPU build's, distances per query
+    no more, on held-out queries (the issue's proof of the GPU path's assembly)."""
+    rows, space = gpu_replay_sets()[name]
+    held_out = len(rows) // 10
+    base, queries = rows[:-held_out], rows[-held_out:]
+    ids = sparse_ids(len(base))
+    request = make_request("float", space, base.shape[1], len(base), m=16, ef_search=100)
+    assembled, notes = replayed_gpu_build(request, base, ids)
+    standard = standard_build(request, base, ids)
+    truth = ids[exact_neighbours(base, queries, 10, space)]
+    for ef in (16, 32, request.ef_search):
+        ours, our_cost = searched(assembled, queries, ef, False)
+        theirs, their_cost = searched(standard, queries, ef, False)
+        our_recall = hits(truth, ours) / truth.size
+        their_recall = hits(truth, theirs) / truth.size
+        assert our_recall >= their_recall, (ef, our_recall, their_recall)
+        assert our_cost <= their_cost, (ef, our_cost, their_cost)
+    assert notes.path == "gpu-cagra-assembly" and notes.assembly is not None
+    if name == "tight-clusters":  # the kNN graph fell apart and was repaired
+        assert notes.assembly["missed_by_search"] > 0 and notes.assembly["repair_links"] > 0
+
+
+FULL_LAYOUTS = [
+    ("float", "l2", b"IHNf", b"IxF2"),
+    ("float", "innerproduct", b"IHNf", b"IxFI"),
+    ("half_float", "l2", b"IHNs", b"IxSQ"),
+    ("byte", "innerproduct", b"IHNs", b"IxSQ"),
+    ("binary", "hamming", b"IBHf", b"IBxF"),
+]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize(("data_type", "space", "hnsw_tag", "tag"), FULL_LAYOUTS)
+def test_the_default_gpu_layout_is_the_standard_cpu_layout(
+    data_type: str, space: str, hnsw_tag: bytes, tag: bytes, skip: bool
+) -> None:
+    binary = data_type == "binary"
+    if skip and binary:
+        pytest.skip("skip_stored_vectors applies to float-family data only")
+    n, dim, m = 1500, 64 if binary else 32, 8
+    request = make_request(
+        data_type, space, dim=dim, n=n, m=m, ef_search=64, skip_stored_vectors=skip
+    )
+    rows, ids = rows_for(data_type, space, n, dim), doc_ids(n)
+    index, _notes = replayed_gpu_build(request, rows, ids)
+    inner = faiss.downcast_IndexBinary(index.index) if binary else faiss.downcast_index(index.index)
+    assert inner.hnsw.max_level >= 1 and inner.hnsw.entry_point >= 0  # hierarchical entry
+    assert inner.hnsw.nb_neighbors(0) == 2 * m  # the standard build's M, not CAGRA's 2 M
+    queries = rows[:60] if binary else rows[:60].astype(np.float32) + 0.01
+    assert recall(index, rows, ids, queries, space) >= 0.9
+
+    raw = io.BytesIO()
+    index_io.write(index, raw, skip_storage=skip)
+    data = raw.getvalue()
+    header = BINARY_ID_MAP_HEADER if binary else ID_MAP_HEADER
+    assert data[:4] == (b"IBMp" if binary else b"IxMp")
+    assert data[header : header + 4] == (b"IHc2" if skip else hnsw_tag)
+    assert (b"null" in data) if skip else (tag in data)
+    if skip:
+        return
+    back = index_io.read(data)
+    assert faiss.vector_to_array(back.id_map).tolist() == ids.tolist()
+    assert recall(back, rows, ids, queries, space) >= 0.9
+
+
+class _GraphOnly:
+    """Stands in for a trained ``GpuIndexCagra`` (which needs a GPU): only ``get_knngraph``,
+    returning what the SWIG binding returns for ``std::vector<idx_t>``, a Faiss vector."""
+
+    def __init__(self, graph: np.ndarray) -> None:
+        self.graph = graph
+
+    def get_knngraph(self) -> Any:
+        out = faiss.Int64Vector()
+        faiss.copy_array_to_vector(self.graph.astype(np.int64).ravel(), out)
+        return out
+
+
+def test_the_session_reads_the_cagra_graph_as_n_rows_of_graph_degree() -> None:
+    from remote_vector_index_builder.core.errors import BuildError
+    from remote_vector_index_builder.core.gpu_builder import _CagraSession
+
+    graph = np.arange(12 * 8).reshape(12, 8) % 12
+    session = _CagraSession(0)
+    session._index = _GraphOnly(graph)
+    knn = session.knn_graph(12)
+    assert knn.ids.dtype == np.int64 and knn.ids.shape == (12, 8)
+    np.testing.assert_array_equal(knn.ids, graph)
+    with pytest.raises(BuildError, match="96 entries for 13 vectors"):
+        session.knn_graph(13)
+
+
+def test_identical_vectors_are_all_reachable_after_the_assembly() -> None:
+    """Every candidate list is the same few vectors (all distances tie): the repair has to
+    spread its links (it once overwrote one slot over and over and gave up)."""
+    from remote_vector_index_builder.core.graph_assembly import _Graph, unreached
+
+    n = 300
+    rows = np.ones((n, 16), dtype=np.float32)
+    request = make_request("float", "l2", dim=16, n=n, m=8)
+    index, notes = replayed_gpu_build(request, rows, doc_ids(n))
+    inner = faiss.downcast_index(index.index)
+    assert len(unreached(_Graph(inner.hnsw, n), int(inner.hnsw.entry_point))) == 0
+    assert notes.assembly is not None and notes.assembly["repair_links"] > 0

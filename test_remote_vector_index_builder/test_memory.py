@@ -98,7 +98,7 @@ def test_estimate_follows_the_configured_part_size(
 
 
 def test_byte_estimate_holds_one_fp32_conversion_buffer() -> None:
-    from remote_vector_index_builder.core.cpu_builder import CONVERT_ROWS
+    from remote_vector_index_builder.core.index_builder import CONVERT_ROWS
 
     assert memory.CONVERT_ROWS == CONVERT_ROWS
     req = request(20_000, 8192, "byte")
@@ -178,3 +178,86 @@ def test_estimate_is_a_slight_over_estimate_of_a_measured_build(
     assert estimate <= 1.6 * over_baseline, (estimate, over_baseline)
     # The job itself stays near the data it holds (benchmarks target 1.15 x at 100k x 768).
     assert over_baseline <= 1.5 * blob_and_index
+
+
+def test_the_assembly_constants_match_the_modules_that_use_them() -> None:
+    from remote_vector_index_builder.core import knn_graph, neighbour_selection
+
+    assert memory.EXACT_KNN_MAX_ROWS == knn_graph.EXACT_KNN_MAX_ROWS
+    assert memory.EXACT_KNN_CANDIDATES_PER_M == knn_graph.EXACT_KNN_CANDIDATES_PER_M
+    assert memory.ASSEMBLY_BLOCK_BYTES == 2 * neighbour_selection.BLOCK_BYTES
+
+
+def test_the_fast_build_reserves_its_codes_and_second_graph() -> None:
+    req = request(200_000, 768)
+    standard = memory.estimate(req, upload=PLAN, add_batch_rows=32768).host_bytes
+    for mode in ("fast", "auto"):
+        fast = memory.estimate(req, upload=PLAN, add_batch_rows=32768, cpu_build=mode)
+        # The build moment grows by the codes and graph (it becomes the largest moment).
+        assert 0 < fast.host_bytes - standard <= memory.fast_build_bytes(req)
+        graph = 200_000 * memory.graph_bytes_per_vector(16)
+        floor = req.vector_blob_bytes + memory.fast_build_bytes(req) + 2 * graph
+        assert fast.host_bytes >= floor
+    assert memory.fast_build_bytes(req) >= 200_000 * 768  # one byte a dimension at least
+    assert memory.fast_build_bytes(request(200_000, 768, "binary")) == 0
+
+
+def test_the_gpu_estimate_counts_the_host_assembly_of_the_default_layout() -> None:
+    req = request(1_000_000, 768)
+    full = memory.gpu_estimate(req, upload=PLAN)
+    reference = memory.gpu_estimate(req, upload=PLAN, layout="base_level_only")
+    degree = 4 * req.m
+    floor = req.vector_blob_bytes + memory.index_bytes(req) + memory.assembly_bytes(req, degree)
+    assert full.host_bytes >= floor + memory.GPU_HOST_OVERHEAD
+    assert full.gpu_bytes == reference.gpu_bytes  # the device does the same work
+
+
+_ASSEMBLY_CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from remote_vector_index_builder.core.gpu_builder import assemble_from_graph
+    from remote_vector_index_builder.core.index_builder import fill_storage, new_inner_index
+    from remote_vector_index_builder.core.knn_graph import StoredRows, exact_knn
+    from remote_vector_index_builder.core.quality import BuildNotes
+    from test_remote_vector_index_builder.data import clustered, make_dataset, make_request
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+    n, d, m = int(sys.argv[1]), int(sys.argv[2]), 16
+    request = make_request("float", "l2", d, n, m=m)
+    rows = clustered(n, d, seed=2)
+    scratch = new_inner_index(request)
+    fill_storage(scratch, make_dataset(request, rows, np.arange(n)), 8192)
+    knn = exact_knn(StoredRows(scratch), 4 * m)  # the stand-in for get_knngraph()
+    del scratch
+    data = make_dataset(request, rows, np.arange(n))
+    del rows
+    baseline = status("VmRSS")
+    assemble_from_graph(request, data, knn, BuildNotes())
+    print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
+    """)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's VmHWM")
+def test_the_gpu_estimate_covers_a_measured_host_assembly() -> None:
+    """The host half of a GPU build, replayed with an exact kNN graph, in a fresh child."""
+    n, d = 20_000, 128
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _ASSEMBLY_CHILD, str(n), str(d)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    over_baseline = measured["peak"] - measured["baseline"]
+    req = request(n, d, m=16)
+    # The assembly moment without what the child held before its baseline (the blob, the
+    # kNN ids), and without the allowances for CUDA.
+    moment = memory.index_bytes(req) + memory.assembly_bytes(req, 4 * req.m) + 2 * n * 8
+    assert over_baseline <= moment + memory.FIXED_OVERHEAD, (over_baseline, moment)

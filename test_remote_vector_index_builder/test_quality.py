@@ -9,6 +9,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 from remote_vector_index_builder import build_command
 from remote_vector_index_builder.core import dataset, quality, workflow
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+from remote_vector_index_builder.core.errors import CancelledError
 from test_remote_vector_index_builder.data import (
     clustered,
     doc_id_blob,
@@ -99,7 +103,7 @@ def test_report_equals_an_independent_recall_computation(data_type: str, space: 
     )
     data = parsed(request, rows, ids)
     sample = quality.QuerySample.take(data.vectors, 200)
-    index = CpuBuilder(add_batch_rows=700).build(request, data)
+    index = CpuBuilder(add_batch_rows=700, knn_graph_max_rows=0).build(request, data)
     report = quality.check(request, index, sample)
 
     stored = rows.astype(np.float16).astype(np.float32) if data_type == "half_float" else rows
@@ -177,3 +181,82 @@ def test_report_summary_names_a_fallback() -> None:
     out = io.StringIO()
     out.write(json.dumps(report.as_dict()))
     assert json.loads(out.getvalue())["mode_reason"] == "pilot said no"
+
+
+def test_a_huge_ef_search_is_searched_at_ntotal_with_identical_recall() -> None:
+    """Faiss allocates ef-sized heaps per query: at ef 2**31 - 1 that is 16 GiB a thread.
+
+    The check runs in a child limited to 3 GiB of address space, so a search at the
+    request's ef fails there (``std::bad_alloc``) instead of swapping this machine.
+    """
+    code = textwrap.dedent("""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        import numpy as np
+        from remote_vector_index_builder.core import dataset, quality
+        from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+        from test_remote_vector_index_builder.data import clustered, make_dataset, make_request
+
+        rows = clustered(1500, 16, seed=4)
+        huge = make_request("float", "l2", 16, 1500, ef_construction=16, ef_search=2**31 - 1)
+        small = make_request("float", "l2", 16, 1500, ef_construction=16, ef_search=1500)
+        index = CpuBuilder().build(huge, make_dataset(huge, rows, np.arange(1500)))
+        sample = quality.QuerySample.take(rows, 64)
+        a = quality.check(huge, index, sample).recall
+        b = quality.check(small, index, sample).recall
+        print(a, b)
+        sys.exit(0 if a == b else 3)
+        """)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_check_stops_at_its_next_batch_when_the_job_is_cancelled() -> None:
+    rows = clustered(3000, 16, seed=4)
+    request = make_request("float", "l2", 16, 3000, ef_construction=16, ef_search=32)
+    index = CpuBuilder().build(request, parsed(request, rows, np.arange(3000)))
+    sample = quality.QuerySample.take(rows, 256)
+    calls: list[int] = []
+
+    def checkpoint() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise CancelledError("cancelled by operator")
+
+    with pytest.raises(CancelledError):
+        quality.check(request, index, sample, checkpoint=checkpoint)
+    assert len(calls) == 2  # it stopped at the batch boundary where the cancel came
+
+
+def test_a_cancel_after_the_build_stops_the_job_in_its_quality_check(
+    s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    """The runner cancels (or a time limit fails) a job through its tracker: the quality
+    check must see it between its batches, not run on to the upload."""
+    rows = clustered(3000, 16, seed=5)
+    stem = "q/cancel"
+    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knnvec", Body=vector_blob(rows))
+    s3_client.put_object(Bucket=bucket, Key=f"{stem}.knndid", Body=doc_id_blob(np.arange(3000)))
+    request = request_for(bucket, stem, 16, 3000)
+
+    class CancelAfterBuild(workflow.Tracker):
+        def __init__(self) -> None:
+            self.cancelled = False
+            self.stages: list[str] = []
+
+        def stage(self, stage: workflow.Stage, total: int) -> None:
+            self.stages.append(stage.value)
+
+        def stage_finished(self, stage: workflow.Stage, timing: workflow.StageTiming) -> None:
+            self.cancelled = self.cancelled or stage is workflow.Stage.BUILD
+
+        def advance(self, amount: int) -> None:
+            if self.cancelled:
+                raise CancelledError("cancelled by operator")
+
+    tracker = CancelAfterBuild()
+    with pytest.raises(CancelledError):
+        workflow.run(request, object_store, CpuBuilder(), tracker=tracker)
+    assert tracker.stages == ["download", "parse", "build"]  # never reached the upload

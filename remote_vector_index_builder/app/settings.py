@@ -51,6 +51,7 @@ from remote_vector_index_builder.core.options import (
     MIN_PART_SIZE,
     CpuBuildMode,
     Device,
+    GpuLayout,
     SerializationMode,
 )
 
@@ -254,6 +255,8 @@ class Settings(BaseSettings):
     # standard | fast | auto: how the CPU builds the graph (core/projected_graph.py;
     # the default is chosen in benchmarks/README.md, "CPU build modes").
     cpu_build: CpuBuildMode = env("RVIB_CPU_BUILD", CpuBuildMode.STANDARD)
+    # hnsw | base_level_only: how a GPU build is written (core/gpu_builder.py).
+    gpu_index_layout: GpuLayout = env("RVIB_GPU_INDEX_LAYOUT", GpuLayout.HNSW)
 
     # S3
     s3_endpoint_url: str | None = env("S3_ENDPOINT_URL", None)
@@ -380,7 +383,10 @@ class Settings(BaseSettings):
         from remote_vector_index_builder.core.builder import BuilderOptions
 
         return BuilderOptions(
-            device=self.device, add_batch_rows=self.add_batch_rows, cpu_build=self.cpu_build
+            device=self.device,
+            add_batch_rows=self.add_batch_rows,
+            cpu_build=self.cpu_build,
+            gpu_layout=self.gpu_index_layout,
         )
 
     def effective_omp_threads(self) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMode
 from remote_vector_index_builder.core.errors import GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import GpuBuilder
+from remote_vector_index_builder.core.options import GpuLayout
 from remote_vector_index_builder.core.gpu_probe import GpuProbe, ProbeState, probe_gpu
 from remote_vector_index_builder.core.index_builder import IndexBuilder
 from remote_vector_index_builder.core.options import Device as Device
@@ -34,6 +35,8 @@ class BuilderOptions:
     cpu_build: CpuBuildMode = CpuBuildMode.STANDARD
     # GPU only: fall back to the CPU builder when the GPU build raises.
     gpu_fallback_to_cpu: bool = True
+    # GPU only: a full HNSW assembled on the host, or the reference's level-0-only layout.
+    gpu_layout: GpuLayout = GpuLayout.HNSW
 
 
 def choose_builder(options: BuilderOptions, probe: GpuProbe | None = None) -> IndexBuilder:
@@ -57,4 +60,6 @@ def choose_builder(options: BuilderOptions, probe: GpuProbe | None = None) -> In
         else:  # a GPU host whose GPU cannot be used
             log.warning("building on the CPU: %s", probe.reason)
         return cpu
-    return GpuBuilder(fallback=cpu if options.gpu_fallback_to_cpu else None)
+    return GpuBuilder(
+        fallback=cpu if options.gpu_fallback_to_cpu else None, layout=options.gpu_layout
+    )

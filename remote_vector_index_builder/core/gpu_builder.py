@@ -1,4 +1,4 @@
-"""Faiss CAGRA on the GPU, converted on the host to a CAGRA-typed HNSW.
+"""Faiss CAGRA on the GPU; the index written on the host, as a full HNSW by default.
 
 The parameters follow the reference service (docs/knn-contract.md, section 6).
 
@@ -6,10 +6,21 @@ The parameters follow the reference service (docs/knn-contract.md, section 6).
 
     cagra_params(request)        pure; rejects what cuVS would fail or hang on, before any GPU work
     GpuIndex[Binary]Cagra.train  kNN graph + pruning on the GPU, in one call
-    copyTo(Index[Binary]HNSWCagra)  on the host: CAGRA graph -> HNSW level 0, vectors -> storage
-    Index[Binary]IDMap           doc ids in blob order
 
-When the GPU build raises and a fallback builder is given, that builder builds instead.
+then, by ``GpuLayout`` (``RVIB_GPU_INDEX_LAYOUT``):
+
+* ``hnsw`` (default): ``get_knngraph`` (the CAGRA graph, ``4 m`` neighbours per
+  vector) is the candidate list of ``core.graph_assembly``, which writes the
+  standard CPU build's index (``IndexHNSWFlat`` / ``IndexHNSWSQ`` /
+  ``IndexBinaryHNSW``; the CAGRA-typed HNSW for skip-storage) with every level:
+  what every k-NN 3.x reads, searched from a hierarchical entry point;
+* ``base_level_only``: ``copyTo(Index[Binary]HNSWCagra)`` puts the CAGRA graph into
+  level 0 only (``IHc2`` / ``IBHc``), byte for byte the reference service's output
+  (OpenSearch 3.2+ reads it; searches start from random level-0 entry points).
+
+Either way the ID map (``Index[Binary]IDMap``) carries the doc ids in blob order.
+When the GPU build raises and a fallback builder is given, that builder builds instead
+(and the quality report says ``device: cpu``).
 Calls that abort the process instead of raising (``GpuIndexBinaryCagra`` on a device Faiss
 cannot use) are guarded here by a device check and probed once at start-up in a child
 process (core/gpu_probe.py).
@@ -31,19 +42,35 @@ from typing import Any
 import faiss
 import numpy as np
 
+from remote_vector_index_builder.core import graph_assembly
 from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.dataset import Dataset, ids_as_int64, to_fp16
 from remote_vector_index_builder.core.errors import BuildError, GpuUnavailableError
 from remote_vector_index_builder.core.index_builder import (
     FaissIndex,
     IndexBuilder,
+    PreparedIndex,
     Progress,
+    ShareProgress,
+    checked_m,
     faiss_metric,
+    fill_storage,
     gpu_available,
+    new_inner_index,
 )
+from remote_vector_index_builder.core.knn_graph import KnnGraph
+from remote_vector_index_builder.core.options import GpuLayout
 from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.quality import BuildNotes, BuildPath
 
 log = logging.getLogger(__name__)
+
+
+# Share of a GPU build's progress given to the GPU's graph (the rest is the host's
+# assembly): unmeasured here (no GPU was lent), so the two are given equal weight.
+_GPU_SHARE = 0.5
+# Rows copied into the assembled index's storage per batch (blob pages released behind).
+_FILL_ROWS = 32768
 
 
 class GraphBuildAlgo(StrEnum):  # how cuVS builds the kNN graph it prunes; Faiss constants
@@ -303,12 +330,22 @@ class _CagraSession:
     def copy_to(self, target: FaissIndex) -> None:
         self._index.copyTo(target)
 
+    def knn_graph(self, n: int) -> KnnGraph:
+        """The CAGRA graph on the host: ``n x graph_degree`` neighbour ids (``get_knngraph``)."""
+        raw = self._index.get_knngraph()
+        flat = raw if isinstance(raw, np.ndarray) else faiss.vector_to_array(raw)
+        ids = np.asarray(flat, dtype=np.int64)
+        if n == 0 or ids.size % n:
+            raise BuildError(f"the CAGRA graph has {ids.size} entries for {n} vectors")
+        return KnnGraph(ids.reshape(n, ids.size // n))
+
 
 def _hnsw_target(params: CagraParams) -> FaissIndex:
+    m = checked_m(params.hnsw_m)
     if params.ivf_pq is None:
-        target = _api("IndexBinaryHNSWCagra")(params.dimension, params.hnsw_m)
+        target = _api("IndexBinaryHNSWCagra")(params.dimension, m)
     else:
-        target = _api("IndexHNSWCagra")(params.dimension, params.hnsw_m, params.metric)
+        target = _api("IndexHNSWCagra")(params.dimension, m, params.metric)
     # Before copyTo, for both kinds: copyTo then fills storage and copies the CAGRA graph into
     # level 0 only. Unset, it inserts every vector through add() on the CPU, building upper
     # levels no base-level search uses (binary: since Faiss 1.12 its copyTo honours the flag;
@@ -346,58 +383,127 @@ def _attach_ids(index: FaissIndex, ids: np.ndarray) -> None:
     index.ntotal = held
 
 
+class HostAssemblyError(BuildError):
+    """The host's half of a GPU build failed after the vectors were consumed: no fallback."""
+
+
+def assemble_from_graph(
+    request: BuildRequest,
+    dataset: Dataset,
+    knn: KnnGraph,
+    notes: BuildNotes,
+    progress: ShareProgress | None = None,
+) -> FaissIndex:
+    """The host half of the ``hnsw`` layout: the CAGRA graph assembled into the standard
+    CPU build's index over the rows of ``dataset`` (whose blob pages are released as the
+    storage is filled). ``test_gpu_replay`` runs exactly this with an exact kNN graph."""
+    binary = request.data_type.spec.packed_bits
+    inner = new_inner_index(request)
+    index = _id_map(inner, binary)
+    fill_storage(inner, dataset, _FILL_ROWS)
+    low = 0.0 if progress is None else progress.reported / max(1, progress.total)
+
+    def advance(done: float) -> None:
+        if progress is not None:
+            progress.to(low + (1 - low) * done)
+
+    stats = graph_assembly.assemble(inner, knn, request.m, progress=advance)
+    _attach_ids(index, ids_as_int64(dataset.doc_ids))
+    notes.path = BuildPath.GPU_ASSEMBLY
+    notes.assembly = stats.as_dict()
+    return index
+
+
 class GpuBuilder:
     name = "gpu"
 
-    def __init__(self, fallback: IndexBuilder | None = None, device: int = 0) -> None:
+    def __init__(
+        self,
+        fallback: IndexBuilder | None = None,
+        device: int = 0,
+        layout: GpuLayout = GpuLayout.HNSW,
+    ) -> None:
         self.fallback = fallback
         self.device = device
+        self.layout = layout
 
-    def prepare(self, request: BuildRequest) -> None:
-        """The GPU allocates during ``train``; nothing to set up before the download."""
+    def prepare(self, request: BuildRequest) -> PreparedIndex:
+        """Nothing to allocate before the download (the GPU allocates in ``train``); the
+        notes say how the build went, a fallback to the CPU included."""
+        return PreparedIndex(None, BuildNotes(requested_mode="gpu", mode="gpu", device="gpu"))
 
     def build(
         self,
         request: BuildRequest,
         dataset: Dataset,
         progress: Progress | None = None,
-        prepared: Any = None,
+        prepared: PreparedIndex | None = None,
     ) -> FaissIndex:
         # CAGRA builds in one call with no progress callback: a cancellation is observed
-        # only before the GPU starts and after the conversion.
+        # only before the GPU starts and while the host assembles.
+        prepared = prepared if prepared is not None else self.prepare(request)
+        notes = prepared.notes
+        share = ShareProgress(progress, request.doc_count)
         if progress is not None:
             progress(0)
         try:
-            index = self._build_on_gpu(request, dataset)
+            index = self._build_on_gpu(request, dataset, notes, share)
         except BuildError as exc:
-            if self.fallback is None:
+            if self.fallback is None or isinstance(exc, HostAssemblyError):
                 raise
             log.warning(
                 "GPU build failed, using the %s builder instead: %s", self.fallback.name, exc
             )
-            return self.fallback.build(request, dataset, progress)
-        if progress is not None:
-            progress(request.doc_count)
+            fallback = self.fallback.prepare(request)
+            index = self.fallback.build(request, dataset, progress, fallback)
+            if fallback is not None:  # the report describes the build that ran
+                prepared.notes = fallback.notes
+            prepared.notes.device = self.fallback.name
+            prepared.notes.reason = f"the GPU build failed, built on the CPU: {exc}"
+            prepared.notes.fallback = True
+            prepared.notes.requested_mode = "gpu"
+            return index
+        share.finish()
         return index
 
-    def _build_on_gpu(self, request: BuildRequest, dataset: Dataset) -> FaissIndex:
+    def _build_on_gpu(
+        self, request: BuildRequest, dataset: Dataset, notes: BuildNotes, share: ShareProgress
+    ) -> FaissIndex:
         params = cagra_params(request)
         if not gpu_available():
             raise GpuUnavailableError("Faiss reports no CUDA GPU with CAGRA (cuVS) support")
         binary = params.ivf_pq is None
-        # skip_stored_vectors needs nothing here: the inner index is IndexHNSWCagra either way
-        # and index_io writes it without storage.
         try:
             with _CagraSession(self.device) as session:
                 session.train(params, _host_rows(params, dataset))
-                inner = _hnsw_target(params)
-                index = _id_map(inner, binary)
-                session.copy_to(inner)
-            _finish(index, inner, params, ids_as_int64(dataset.doc_ids))
+                if self.layout is GpuLayout.HNSW:
+                    knn = session.knn_graph(request.doc_count)
+                else:
+                    # skip_stored_vectors needs nothing here: the inner index is
+                    # IndexHNSWCagra either way and index_io writes it without storage.
+                    inner = _hnsw_target(params)
+                    index = _id_map(inner, binary)
+                    session.copy_to(inner)
+            if self.layout is not GpuLayout.HNSW:
+                _finish(index, inner, params, ids_as_int64(dataset.doc_ids))
+                notes.path = BuildPath.GPU_BASE_LEVEL
         except (RuntimeError, MemoryError) as exc:
             raise BuildError(
                 f"Faiss CAGRA failed on GPU {self.device} for {request.doc_count} x "
                 f"{request.dimension} {request.data_type.value} vectors: {exc}"
             ) from exc
-        log.info("CAGRA built %d vectors with %s", request.doc_count, params)
-        return index
+        log.info(
+            "CAGRA built %d vectors (%s layout) with %s", request.doc_count, self.layout, params
+        )
+        if self.layout is not GpuLayout.HNSW:
+            return index
+        # The GPU and its host rows are freed: the host assembles the graph. From here
+        # the blob's pages are handed back, so a failure cannot fall back to the CPU.
+        share.to(_GPU_SHARE)
+        try:
+            return assemble_from_graph(request, dataset, knn, notes, share)
+        except (BuildError, RuntimeError, MemoryError) as exc:
+            raise HostAssemblyError(
+                f"assembling the GPU's graph of {request.doc_count} vectors on the host "
+                f"failed: {exc}"
+            ) from exc

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import faiss
+import numpy as np
 
 from remote_vector_index_builder.core.dataset import Dataset
-from remote_vector_index_builder.core.errors import BuildError
+from remote_vector_index_builder.core.errors import BuildError, InvalidRequestError
 from remote_vector_index_builder.core.params import BuildRequest, SpaceType
 from remote_vector_index_builder.core.quality import BuildNotes
 
@@ -54,6 +55,66 @@ class IndexBuilder(Protocol):
     ) -> FaissIndex: ...
 
 
+# Rows of int8 converted to fp32 per ``add`` (``core.memory`` counts one such buffer).
+CONVERT_ROWS = 8192
+# Below this, Faiss's HNSW level generator divides by log(1) and the first add
+# writes out of bounds: the process dies (SIGSEGV), not the build.
+MIN_HNSW_M = 2
+
+
+def checked_m(m: int) -> int:
+    """``m`` for a Faiss HNSW constructor, refused with a typed error where Faiss would crash."""
+    if m < MIN_HNSW_M:
+        raise InvalidRequestError(
+            f"m must be at least {MIN_HNSW_M} for an HNSW graph, got {m}; "
+            "set index_parameters.algorithm_parameters.m to 2 or more"
+        )
+    return m
+
+
+class ShareProgress:
+    """A build's share done (0..1) reported through ``Progress`` as vectors, in whole steps.
+
+    Builders that do not add vectors one batch at a time (kNN graph, assembly)
+    report the share of their work done; the callback sees vectors, as for adds.
+    """
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.reported = 0
+
+    def to(self, share: float) -> None:
+        target = int(self.total * min(1.0, max(0.0, share)))
+        if self.progress is not None and target > self.reported:
+            self.progress(target - self.reported)
+        self.reported = max(self.reported, target)
+
+    def finish(self) -> None:
+        self.to(1.0)
+
+
+def new_inner_index(request: BuildRequest) -> FaissIndex:
+    """The empty HNSW of the standard CPU build for ``request`` (the contract's layout)."""
+    d, m = request.dimension, checked_m(request.m)
+    spec = request.data_type.spec
+    if spec.packed_bits:
+        inner = faiss.IndexBinaryHNSW(d, m)
+    elif request.skip_stored_vectors:
+        # A CAGRA-typed HNSW is the only section the data node accepts without
+        # storage; built as a full multi-level HNSW on the CPU.
+        inner = faiss.IndexHNSWCagra(d, m, faiss_metric(request.space_type))
+        inner.base_level_only = False
+    elif spec.sq_type is None:
+        inner = faiss.IndexHNSWFlat(d, m, faiss_metric(request.space_type))
+    else:
+        qtype = getattr(faiss.ScalarQuantizer, spec.sq_type)
+        inner = faiss.IndexHNSWSQ(d, qtype, m, faiss_metric(request.space_type))
+    inner.hnsw.efConstruction = request.ef_construction
+    inner.hnsw.efSearch = request.ef_search
+    return inner
+
+
 def faiss_metric(space_type: SpaceType) -> int:
     if space_type is SpaceType.INNER_PRODUCT:
         return int(faiss.METRIC_INNER_PRODUCT)
@@ -87,3 +148,24 @@ def set_build_threads(threads: int) -> None:
     ran two spinning OpenMP threads on 2 cores (0.88 x the throughput of one).
     """
     faiss.omp_set_num_threads(threads)
+
+
+def fill_storage(inner: FaissIndex, dataset: Dataset, rows: int) -> None:
+    """Copy the vectors into ``inner``'s storage batch by batch, releasing the blob's pages."""
+    storage = (
+        faiss.downcast_IndexBinary(inner.storage)
+        if isinstance(inner, faiss.IndexBinary)
+        else faiss.downcast_index(inner.storage)
+    )
+    scratch: np.ndarray | None = None
+    for start, batch in dataset.batches(rows):
+        if batch.dtype in (np.float32, np.uint8):
+            storage.add(batch)
+        else:  # int8: the scalar quantizer encodes from float32 (see cpu_builder._add_all)
+            for first in range(0, len(batch), CONVERT_ROWS):
+                chunk = batch[first : first + CONVERT_ROWS]
+                if scratch is None:
+                    scratch = np.empty((len(chunk), batch.shape[1]), dtype=np.float32)
+                np.copyto(scratch[: len(chunk)], chunk)
+                storage.add(scratch[: len(chunk)])
+        dataset.release(start, start + len(batch))

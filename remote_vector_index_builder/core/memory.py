@@ -11,7 +11,7 @@ The CPU path's host peak is the largest of three moments (``n`` vectors,
   (``b * min(row bytes, storage bytes per vector)``), plus the HNSW graph
   twice (its vector grows by doubling), the int64 ids (a temporary and the id
   map) and, for ``byte``, the fp32 buffer int8 rows are converted through
-  (``cpu_builder.CONVERT_ROWS`` rows). An overlapped upload
+  (``index_builder.CONVERT_ROWS`` rows). An overlapped upload
   (``overlapped_upload.OverlappedWrite``) cuts its few storage-section parts in flight
   (``OVERLAP_PARTS_IN_FLIGHT`` + 1 parts of 5 MiB, 15 MiB) from a batch only after that
   batch's blob pages are released, so they fit in the batch term above (at
@@ -21,6 +21,12 @@ The CPU path's host peak is the largest of three moments (``n`` vectors,
   (for an object of known size a quarter of it in flight plus the part
   filling) plus the 4 MiB Faiss writes at a time.
   Disk mode peaks lower (the index is freed before its file is uploaded).
+
+Two CPU paths add to the build moment: a segment of at most
+``EXACT_KNN_MAX_ROWS`` rows is built from its exact kNN graph
+(``exact_knn_bytes``: the assembly's arrays, ``assembly_bytes``, and fp32 rows
+for quantized storage), and ``RVIB_CPU_BUILD`` fast/auto hold the graph's 8-bit
+codes and its graph twice (``fast_build_bytes``).
 
 ``index bytes = n * (storage per vector + graph per vector + 8)`` where the
 HNSW graph keeps ``2m`` int32 neighbours on level 0 and ``m`` on each upper
@@ -54,6 +60,12 @@ Its host side assumes the blobs stay whole and peaks at one of
   returns, while the rows of the train moment are still held;
 * **upload**, as on the CPU.
 
+With the default ``RVIB_GPU_INDEX_LAYOUT=hnsw`` there is no ``copyTo``: the host
+peaks at one of **train** (as above), **graph out** (``get_knngraph``'s int64
+graph and its numpy copy beside cuVS's pruned graph), **assemble** (the blobs,
+the standard CPU index and ``assembly_bytes`` for ``4 m`` candidates) and
+**upload**. ``test_memory`` measures a replayed host assembly against it.
+
 Its device side is the larger of the kNN-graph build (IVF-PQ: the k-means train
 set in fp32, the PQ codes and list ids; binary NN-descent: the packed rows and
 its candidate lists) and the pruning (intermediate + pruned + reverse graph),
@@ -80,8 +92,50 @@ _CHECK_ROWS = 16384
 _WRITE_CHUNK = 4 * MIB
 
 
-# cpu_builder.CONVERT_ROWS (not imported: this module must not load Faiss).
+# index_builder.CONVERT_ROWS (not imported: this module must not load Faiss).
 CONVERT_ROWS = 8192
+# knn_graph.EXACT_KNN_MAX_ROWS and EXACT_KNN_CANDIDATES_PER_M (test_memory checks they agree).
+EXACT_KNN_MAX_ROWS = 6000
+EXACT_KNN_CANDIDATES_PER_M = 3
+# neighbour_selection.BLOCK_BYTES: decoded candidate rows per numpy block, and as much
+# again for the reverse-edge rows graph_assembly builds a chunk at a time.
+ASSEMBLY_BLOCK_BYTES = 2 * 32 * MIB
+
+
+def assembly_bytes(request: BuildRequest, candidates: int) -> int:
+    """``core.graph_assembly``'s own arrays for ``n`` vectors with ``candidates`` each.
+
+    The int64 kNN ids; the selection's scratch HNSW over the storage (a level-0
+    list as wide as the candidates, an offset and a level per vector); the
+    selected lists (``2 m`` int32); the reverse edges (source and target int32
+    and the int64 order that sorts them); and the numpy blocks.
+    """
+    n, width = request.doc_count, 2 * request.m
+    knn = n * candidates * 8
+    scratch = n * (candidates * 4 + 8 + 4)
+    lists = n * width * 4
+    reverse = n * width * (4 + 4 + 8)
+    return knn + scratch + lists + reverse + ASSEMBLY_BLOCK_BYTES
+
+
+def exact_knn_bytes(request: BuildRequest) -> int:
+    """A segment built from its exact kNN graph (``n <= EXACT_KNN_MAX_ROWS``): the assembly,
+    and for quantized storage the fp32 rows ``faiss.knn`` runs over."""
+    if request.doc_count > EXACT_KNN_MAX_ROWS:
+        return 0
+    decoded = 0 if request.data_type.spec.storage_bytes_per_dimension == 4 else 1
+    rows = decoded * request.doc_count * request.dimension * 4
+    return rows + assembly_bytes(request, EXACT_KNN_CANDIDATES_PER_M * request.m)
+
+
+def fast_build_bytes(request: BuildRequest) -> int:
+    """What the fast build (``RVIB_CPU_BUILD`` fast/auto) holds beside the standard one: the
+    8-bit codes of the graph index (at most one byte per dimension) and its HNSW graph,
+    which for a moment exists twice (moved over the storage by copy)."""
+    if request.data_type.spec.packed_bits:
+        return 0  # binary vectors always take the standard path
+    n = request.doc_count
+    return int(n * request.dimension + n * graph_bytes_per_vector(request.m))
 
 
 @dataclass(frozen=True)
@@ -122,8 +176,14 @@ def upload_buffer_bytes(request: BuildRequest, upload: UploadPlan) -> int:
     return upload.buffer_bytes(serialized_bytes(request))
 
 
-def cpu_host_bytes(request: BuildRequest, *, upload: UploadPlan, add_batch_rows: int) -> int:
-    """The largest of the parse, build and upload moments (see the module docstring)."""
+def cpu_host_bytes(
+    request: BuildRequest, *, upload: UploadPlan, add_batch_rows: int, cpu_build: str = "standard"
+) -> int:
+    """The largest of the parse, build and upload moments (see the module docstring).
+
+    ``cpu_build`` is ``RVIB_CPU_BUILD``: ``fast`` and ``auto`` hold the fast build's
+    codes and second graph during the build.
+    """
     n, d = request.doc_count, request.dimension
     vector_blob, doc_ids = request.vector_blob_bytes, request.doc_id_blob_bytes
     storage_pv = storage_bytes_per_vector(request)
@@ -139,6 +199,9 @@ def cpu_host_bytes(request: BuildRequest, *, upload: UploadPlan, add_batch_rows:
     overlap = batch * min(request.row_bytes, storage_pv)
     convert = min(batch, CONVERT_ROWS) * d * 4 if spec.converts_for_faiss else 0
     build = max(vector_blob, storage) + overlap + convert + 2 * graph + 2 * n * 8 + doc_ids
+    build += exact_knn_bytes(request)
+    if cpu_build != "standard":
+        build += fast_build_bytes(request)
 
     sending = index + upload_buffer_bytes(request, upload) + _WRITE_CHUNK
     return int(max(parse, build, sending) + graph) + FIXED_OVERHEAD
@@ -150,12 +213,17 @@ def estimate(
     upload: UploadPlan,
     add_batch_rows: int,
     gpu: bool = False,
+    cpu_build: str = "standard",
+    gpu_layout: str = "hnsw",
 ) -> MemoryEstimate:
-    """``upload`` is the store's plan (``UploadPlan.of(s3_config)``)."""
+    """``upload`` is the store's plan (``UploadPlan.of(s3_config)``); ``cpu_build`` and
+    ``gpu_layout`` are ``RVIB_CPU_BUILD`` and ``RVIB_GPU_INDEX_LAYOUT``."""
     if not gpu:
-        host = cpu_host_bytes(request, upload=upload, add_batch_rows=add_batch_rows)
+        host = cpu_host_bytes(
+            request, upload=upload, add_batch_rows=add_batch_rows, cpu_build=cpu_build
+        )
         return MemoryEstimate(host_bytes=host, gpu_bytes=0)
-    return gpu_estimate(request, upload=upload)
+    return gpu_estimate(request, upload=upload, layout=gpu_layout)
 
 
 # GPU path. cuVS and CUDA allocate outside Faiss's accounting: the CUDA context (about
@@ -199,7 +267,9 @@ def gpu_index_bytes(request: BuildRequest) -> int:
     return int(request.doc_count * per_vector)
 
 
-def gpu_estimate(request: BuildRequest, *, upload: UploadPlan) -> MemoryEstimate:
+def gpu_estimate(
+    request: BuildRequest, *, upload: UploadPlan, layout: str = "hnsw"
+) -> MemoryEstimate:
     """Host and device peaks of one CAGRA build (module docstring, GPU path)."""
     n, d = request.doc_count, request.dimension
     intermediate, degree = _cagra_degrees(request)
@@ -221,7 +291,15 @@ def gpu_estimate(request: BuildRequest, *, upload: UploadPlan) -> MemoryEstimate
     )
     finish = blobs + index + 2 * n * 8  # int64 ids: the temporary and the id map
     sending = index + upload_buffer_bytes(request, upload) + _WRITE_CHUNK
-    host = max(train, copy, finish, sending) + FIXED_OVERHEAD + GPU_HOST_OVERHEAD
+    moments = [train, copy, finish, sending]
+    if layout == "hnsw":
+        # get_knngraph's int64 vector and its numpy copy, beside the pruned graph cuVS
+        # still holds; then the standard CPU index assembled from it on the host.
+        graph_out = blobs + converted + n * degree * 4 + 2 * n * degree * 8
+        cpu_index = index_bytes(request)
+        assemble = blobs + cpu_index + assembly_bytes(request, degree) + 2 * n * 8
+        moments = [train, graph_out, assemble, cpu_index + upload_buffer_bytes(request, upload)]
+    host = max(moments) + FIXED_OVERHEAD + GPU_HOST_OVERHEAD
 
     if spec.packed_bits:
         padded = -(-intermediate // _NN_DESCENT_ROUND) * _NN_DESCENT_ROUND

@@ -50,3 +50,10 @@ class SerializationMode(StrEnum):
 
     DISK = "disk"
     MEMORY = "memory"
+
+
+class GpuLayout(StrEnum):
+    """``RVIB_GPU_INDEX_LAYOUT``: how a GPU build is written (core/gpu_builder.py's docstring)."""
+
+    HNSW = "hnsw"  # a full HNSW assembled on the host from the GPU's kNN graph
+    BASE_LEVEL_ONLY = "base_level_only"  # the reference service's IHc2/IBHc layout

@@ -32,7 +32,13 @@ from threadpoolctl import threadpool_limits
 
 from remote_vector_index_builder.core import quality
 from remote_vector_index_builder.core.dataset import Dataset
-from remote_vector_index_builder.core.index_builder import FaissIndex, Progress, faiss_metric
+from remote_vector_index_builder.core.index_builder import (
+    FaissIndex,
+    Progress,
+    checked_m,
+    faiss_metric,
+    fill_storage,
+)
 from remote_vector_index_builder.core.params import BuildRequest, SpaceType
 
 log = logging.getLogger(__name__)
@@ -159,23 +165,6 @@ def _storage(inner: FaissIndex) -> Any:
     return faiss.downcast_index(inner.storage)
 
 
-def fill_storage(inner: FaissIndex, dataset: Dataset, rows: int) -> None:
-    """Copy the vectors into ``inner``'s storage batch by batch, releasing the blob's pages."""
-    storage = _storage(inner)
-    scratch: np.ndarray | None = None
-    for start, batch in dataset.batches(rows):
-        if batch.dtype == np.float32:
-            storage.add(batch)
-        else:  # int8: the scalar quantizer encodes from float32 (see cpu_builder)
-            for first in range(0, len(batch), GRAPH_ROWS):
-                chunk = batch[first : first + GRAPH_ROWS]
-                if scratch is None:
-                    scratch = np.empty((len(chunk), batch.shape[1]), dtype=np.float32)
-                np.copyto(scratch[: len(chunk)], chunk)
-                storage.add(scratch[: len(chunk)])
-        dataset.release(start, start + len(batch))
-
-
 def stored_rows(inner: FaissIndex, start: int, count: int) -> np.ndarray:
     """Rows ``[start, start + count)`` of the storage as float32 (a view where flat)."""
     storage = _storage(inner)
@@ -190,7 +179,10 @@ def stored_rows(inner: FaissIndex, start: int, count: int) -> np.ndarray:
 def graph_index(request: BuildRequest, projection: Projection, train: np.ndarray) -> FaissIndex:
     """The empty 8-bit HNSW the graph is built in, its quantizer trained on ``train``."""
     graph = faiss.IndexHNSWSQ(
-        projection.dim, faiss.ScalarQuantizer.QT_8bit, request.m, faiss_metric(request.space_type)
+        projection.dim,
+        faiss.ScalarQuantizer.QT_8bit,
+        checked_m(request.m),
+        faiss_metric(request.space_type),
     )
     graph.hnsw.efConstruction = request.ef_construction
     graph.train(projection.apply(train))

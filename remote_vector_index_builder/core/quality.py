@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ import numpy as np
 from remote_vector_index_builder.core.params import BuildRequest, SpaceType
 
 log = logging.getLogger(__name__)
+
+# Called between batches of work; raises (``CancelledError``) to stop it.
+Checkpoint = Callable[[], None]
 
 K = 10
 # Rows searched per quality check. The exact half costs sample x n x d like a
@@ -35,6 +39,19 @@ SAMPLE_SEED = 20261201
 # Stored rows decoded (or viewed) per exact-search batch: 16k x 768 fp32 = 50 MB
 # only for quantized storage; flat storage is scanned in place.
 SCAN_ROWS = 16384
+# Sampled rows searched in the index per batch; the job's cancel and time limit
+# are checked between batches (and between exact-search batches).
+SEARCH_ROWS = 32
+
+
+class BuildPath:
+    """How the graph of a finished index was made (the report's ``build_path``)."""
+
+    INSERTION = "hnsw-insertion"  # Faiss HNSW add() over the stored vectors
+    PROJECTED = "projected-insertion"  # add() over projected 8-bit codes, moved onto storage
+    EXACT_KNN = "exact-knn-assembly"  # exact kNN graph (GEMM), then core.graph_assembly
+    GPU_ASSEMBLY = "gpu-cagra-assembly"  # the GPU's CAGRA graph, then core.graph_assembly
+    GPU_BASE_LEVEL = "gpu-cagra-base-level"  # CAGRA graph as level 0 only (IHc2 / IBHc)
 
 
 @dataclass
@@ -47,6 +64,11 @@ class BuildNotes:
     reason: str | None = None
     # Pilot recalls (fast and standard builds of a sample) when ``auto`` ran one.
     pilot: dict[str, Any] | None = None
+    # Where the build ran in the end: a GPU build that fell back says "cpu".
+    device: str = "cpu"
+    path: str = BuildPath.INSERTION
+    # core.graph_assembly's counts, where the graph was assembled from a kNN graph.
+    assembly: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +84,14 @@ class QualityReport:
     # Why the mode built differs from the one requested (a fallback, or a rule).
     mode_reason: str | None = None
     pilot: dict[str, Any] | None = None
+    # Where the build ran ("cpu" also for a GPU build that fell back) and how its
+    # graph was made (``BuildPath``); assembly counts where it was assembled.
+    device: str = "cpu"
+    build_path: str = BuildPath.INSERTION
+    assembly: dict[str, Any] | None = None
+    # False for skip_stored_vectors: recall was measured with the vectors the
+    # build had, which the written file does not hold (the data node supplies its own).
+    vectors_in_file: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,8 +101,10 @@ class QualityReport:
         text = (
             f"recall@{self.k} {self.recall:.4f} at ef_search {self.ef_search} on "
             f"{self.sample_size} sampled vectors ({self.seconds:.2f} s), build mode "
-            f"{self.build_mode}"
+            f"{self.build_mode}, {self.build_path} on {self.device}"
         )
+        if not self.vectors_in_file:
+            text += " (measured with vectors the file does not hold: skip_stored_vectors)"
         if self.requested_mode != self.build_mode or self.fallback:
             text += f" (requested {self.requested_mode}"
             text += ", fell back" if self.fallback else ""
@@ -149,13 +181,20 @@ def _storage_batches(inner: Any, rows: int) -> Any:
 
 
 def exact_from_storage(
-    inner: Any, queries: np.ndarray, k: int, metric: str, rows: int = SCAN_ROWS
+    inner: Any,
+    queries: np.ndarray,
+    k: int,
+    metric: str,
+    rows: int = SCAN_ROWS,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances and positions of the exact ``k`` nearest stored rows, scanned in batches."""
     nq = int(queries.shape[0])
     heap = faiss.ResultHeap(nq, k, keep_max=metric == "innerproduct")
     worst = -np.inf if metric == "innerproduct" else np.inf
     for start, base in _storage_batches(inner, rows):
+        if checkpoint is not None:
+            checkpoint()
         kk = min(k, int(base.shape[0]))
         if metric == "hamming":
             distances, labels = faiss.knn_hamming(queries, np.ascontiguousarray(base), kk)
@@ -198,18 +237,39 @@ def tie_aware_hits(
     return int(np.count_nonzero(close & (found >= 0)))
 
 
-def sample_recall(index: Any, sample: QuerySample, k: int, ef_search: int, metric: str) -> float:
-    """Recall@k of ``index`` at ``ef_search`` for the sample rows, their own row excluded."""
+def sample_recall(
+    index: Any,
+    sample: QuerySample,
+    k: int,
+    ef_search: int,
+    metric: str,
+    checkpoint: Checkpoint | None = None,
+) -> float:
+    """Recall@k of ``index`` at ``ef_search`` for the sample rows, their own row excluded.
+
+    The search runs at ``min(ef_search, ntotal)``: the same results (a search
+    cannot keep more candidates than there are vectors), without the ef-sized
+    heaps Faiss would allocate per query (16 GiB a thread at ef 2**31 - 1).
+    ``checkpoint`` is called between batches and may raise to stop the check.
+    """
     inner = _inner(index)
     n = int(inner.ntotal)
     k = min(k, n - 1)
     if k <= 0 or len(sample.positions) == 0:
         return 1.0
     truth_d, _ = without_self(
-        *exact_from_storage(inner, sample.rows, k + 1, metric), sample.positions, k
+        *exact_from_storage(inner, sample.rows, k + 1, metric, checkpoint=checkpoint),
+        sample.positions,
+        k,
     )
+    ef = max(1, min(ef_search, n))
+    parts = []
+    for start in range(0, len(sample.rows), SEARCH_ROWS):
+        if checkpoint is not None:
+            checkpoint()
+        parts.append(search(inner, sample.rows[start : start + SEARCH_ROWS], k + 1, ef))
     found_d, found = without_self(
-        *search(inner, sample.rows, k + 1, ef_search), sample.positions, k
+        np.vstack([d for d, _ in parts]), np.vstack([i for _, i in parts]), sample.positions, k
     )
     return tie_aware_hits(truth_d, found_d, found, metric) / float(truth_d.size)
 
@@ -245,11 +305,17 @@ def check(
     sample: QuerySample,
     notes: BuildNotes | None = None,
     k: int = K,
+    checkpoint: Checkpoint | None = None,
 ) -> QualityReport:
-    """The quality report of a finished ``index`` (the workflow's step after the build)."""
+    """The quality report of a finished ``index`` (the workflow's step after the build).
+
+    ``checkpoint`` (the job's cancel and time-limit check) runs between batches.
+    """
     notes = notes or BuildNotes()
     started = time.perf_counter()
-    recall = sample_recall(index, sample, k, request.ef_search, metric_of(request.space_type))
+    recall = sample_recall(
+        index, sample, k, request.ef_search, metric_of(request.space_type), checkpoint
+    )
     report = QualityReport(
         recall=round(recall, 6),
         k=min(k, max(request.doc_count - 1, 0)),
@@ -261,6 +327,10 @@ def check(
         fallback=notes.fallback,
         mode_reason=notes.reason,
         pilot=notes.pilot,
+        device=notes.device,
+        build_path=notes.path,
+        assembly=notes.assembly,
+        vectors_in_file=not request.skip_stored_vectors,
     )
     log.info(
         "index quality: %s",

@@ -175,7 +175,7 @@ def _start_overlap(
     data: Dataset,
     sse: str | None,
 ) -> OverlappedWrite | None:
-    if request.skip_stored_vectors or prepared is None:
+    if request.skip_stored_vectors or prepared is None or prepared.inner is None:
         return None
     if not isinstance(store, NumberedUploads):
         return None
@@ -268,19 +268,23 @@ def check_quality(
     sample: quality.QuerySample,
     builder: IndexBuilder,
     prepared: PreparedIndex | None,
+    checkpoint: quality.Checkpoint | None = None,
 ) -> QualityReport | None:
     """The quality report, while the index still holds its vectors (before the upload).
 
-    The CPU builder says in ``prepared.notes`` which build mode it used; other
-    builders are reported under their name. The check is a measurement, not part
-    of the index: if it fails (a bug), the job still delivers the index.
+    The builder says in ``prepared.notes`` how it built (mode, device, path);
+    a builder that prepared nothing is reported under its name. The check is a
+    measurement, not part of the index: if it fails (a bug), the job still
+    delivers the index; ``checkpoint`` (cancel, time limit) stops it.
     """
     if prepared is not None:
         notes = prepared.notes
     else:
-        notes = quality.BuildNotes(requested_mode=builder.name, mode=builder.name)
+        notes = quality.BuildNotes(
+            requested_mode=builder.name, mode=builder.name, device=builder.name
+        )
     try:
-        return quality.check(request, index, sample, notes)
+        return quality.check(request, index, sample, notes, checkpoint=checkpoint)
     except (RuntimeError, ValueError, AttributeError):
         log.exception("index quality check failed; the index is uploaded without a report")
         return None
@@ -355,7 +359,11 @@ def run(
         with timer.measure(Stage.BUILD, request.doc_count) as span:
             span.nbytes = data.vectors.nbytes
             index = builder.build(request, data, progress=advance, prepared=prepared)
-        result.quality = check_quality(request, index, sample, builder, prepared)
+        result.quality = check_quality(
+            request, index, sample, builder, prepared, lambda: tracker.advance(0)
+        )
+        if result.quality is not None:
+            result.builder = result.quality.device  # a GPU build that fell back ran on the CPU
         # The index owns a copy of the vectors: release the downloaded buffer now,
         # before serialization needs memory of its own.
         del data, prepared  # the index holds the prepared inner index now
