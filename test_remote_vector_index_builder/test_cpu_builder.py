@@ -299,3 +299,17 @@ def test_tiny_segments_build_from_their_exact_knn_graph(data_type: str, space: s
     # distances) can make a result differ from the exact ids.
     expected = 0.95 if data_type == "binary" else 1.0
     assert recall_at_k(index, rows, sparse_ids(n), queries, space, k=min(10, n)) >= expected
+
+
+def test_the_exact_knn_build_links_every_cluster_of_clustered_data() -> None:
+    # 32 clusters far apart at m 8: the exact kNN graph splits into them, and the
+    # repair once linked unreached parts to each other (the search it asks descends
+    # through upper levels into them): 1 of 6000 vectors stayed unreachable and the
+    # build failed (6000 x 768 in the fault tests: 181).
+    n, dim = 6000, 64
+    vectors = clustered(n, dim, seed=n)
+    request = make_request("float", "l2", dim, n, m=8, ef_construction=16)
+    index = CpuBuilder().build(request, make_dataset(request, vectors, sparse_ids(n)))
+    assert index.ntotal == n
+    queries = vectors[::20]
+    assert recall_at_k(index, vectors, sparse_ids(n), queries, "l2") >= 0.9
