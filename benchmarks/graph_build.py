@@ -32,7 +32,7 @@ import numpy as np
 
 from benchmarks.common import Context, median, run_child, say
 
-METHODS = ("faiss", "default", "fast", "gpu-replay")
+METHODS = ("faiss", "default", "fast", "blocked", "gpu-replay")
 QUERIES = 1000
 CROSSOVER_SIZES = (1000, 2000, 4000, 8000, 16000)
 
@@ -56,19 +56,24 @@ def _decay(n: int, dim: int = 256) -> np.ndarray:
 
 
 MINILM_ROWS = 101_000  # 100k base rows + 1000 held-out queries
+# Where the MiniLM vectors are read from (``--minilm-cache``; default: the work directory).
+MINILM_CACHE: Path | None = None
 
 
 def _minilm(work: Path, n: int) -> np.ndarray:
-    """The first ``n`` MiniLM rows (``python -m benchmarks.minilm 101000 <work>/minilm-101000.npy``
-    makes them once, an hour or more; ``n`` may be fewer while that runs)."""
-    from benchmarks.minilm import embeddings
+    """The first ``n`` MiniLM rows of the cache that ``python -m benchmarks.minilm 101000
+    <cache>`` writes (an hour or more; its saved rows may be read while it runs).
 
-    cache = work / f"minilm-{MINILM_ROWS}.npy"
-    if cache.exists():
-        rows: np.ndarray = np.load(cache, mmap_mode="r")
-        if len(rows) >= n:
-            return np.ascontiguousarray(rows[:n])
-    return embeddings(n, cache)
+    Never encodes here: a second encoder beside a running one would write the same file.
+    """
+    cache = MINILM_CACHE or work / f"minilm-{MINILM_ROWS}.npy"
+    rows: np.ndarray = np.load(cache, mmap_mode="r") if cache.exists() else np.zeros((0, 384))
+    if len(rows) < n:
+        raise SystemExit(
+            f"{cache} holds {len(rows)} MiniLM rows, {n} needed: run "
+            f"python -m benchmarks.minilm {MINILM_ROWS} {cache} (it resumes) and wait"
+        )
+    return np.ascontiguousarray(rows[:n])
 
 
 def _count(text: str) -> int:
@@ -118,18 +123,22 @@ def prepare(work: Path, name: str, with_graph: bool = True) -> dict[str, Any]:
 
     make, space, data_type = _maker(name, work)
     stem = work / f"graph-{name}"
-    files = {part: Path(f"{stem}-{part}.npy") for part in ("rows", "queries", "truth", "graph")}
+    parts = ("rows", "queries", "truth", "truthd", "graph")
+    files = {part: Path(f"{stem}-{part}.npy") for part in parts}
     if not all(path.exists() for part, path in files.items() if part != "graph"):
         say(f"  data: making {name}")
         base, queries = _split(np.ascontiguousarray(make()), QUERIES)
         np.save(files["rows"], base)
         np.save(files["queries"], queries)
         if data_type == "binary":
-            _, truth = faiss.knn_hamming(queries, base, 10)
+            distances, truth = faiss.knn_hamming(queries, base, 10)
         else:
             metric = faiss.METRIC_INNER_PRODUCT if space == "innerproduct" else faiss.METRIC_L2
-            _, truth = faiss.knn(queries.astype(np.float32), base.astype(np.float32), 10, metric)
+            distances, truth = faiss.knn(
+                queries.astype(np.float32), base.astype(np.float32), 10, metric
+            )
         np.save(files["truth"], np.asarray(truth))
+        np.save(files["truthd"], np.asarray(distances))
     if with_graph and not files["graph"].exists():
         say(f"  data: the exact {name} graph (the stand-in for CAGRA's)")
         base = np.load(files["rows"])
@@ -158,6 +167,7 @@ def _child(files: dict[str, Path], space: str, data_type: str, method: str) -> d
         "--rows", str(files["rows"]),
         "--queries", str(files["queries"]),
         "--truth", str(files["truth"]),
+        "--truth-distances", str(files["truthd"]),
         "--space", space,
         "--data-type", data_type,
         "--method", method,
@@ -174,13 +184,14 @@ def run(ctx: Context, sets: list[str], methods: list[str], crossover: str | None
     for repeat in range(ctx.repeats):
         for name, info in prepared.items():
             for method in methods:
-                if method == "fast" and info["data_type"] == "binary":
+                if method in ("fast", "blocked") and info["data_type"] == "binary":
                     continue  # binary always takes the standard path
                 result = _child(info["files"], info["space"], info["data_type"], method)
                 runs.setdefault(name, {}).setdefault(method, []).append(result)
                 say(
                     f"  graph {name} {method:<10} repeat {repeat + 1}: {result['wall_s']:.2f}s "
-                    f"({result['build_path']}), recall@10 ef100 {result['recall']['100']:.4f}, "
+                    f"{result['cpu_s']:.1f} CPU-s ({result['build_path']}), recall@10 ef100 "
+                    f"{result['recall']['100']:.4f} (ties {result['tie_recall']['100']:.4f}), "
                     f"ndis {result['ndis']['100']:.0f}, load {result['load_before']:.1f}"
                 )
     out: dict[str, Any] = {"repeats": ctx.repeats, "runs": runs, "summary": summarize(runs)}
@@ -235,12 +246,34 @@ def _prefix(
     return files
 
 
+EF_KEYS = ("50", "100", "200")
+
+
+def paired_interval(
+    ours: list[int], theirs: list[int], draws: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean per-query difference of recall@10 (ours - theirs) and its 95 % bootstrap
+    interval over the queries: how far two builds' recalls may differ by which
+    held-out queries were drawn alone."""
+    diff = (np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)) / 10.0
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
 def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name, by_method in runs.items():
         yardstick = by_method.get("faiss", [])
         for method, results in by_method.items():
             paired = [f["wall_s"] / r["wall_s"] for f, r in zip(yardstick, results, strict=False)]
+            paired_cpu = [f["cpu_s"] / r["cpu_s"] for f, r in zip(yardstick, results, strict=False)]
+            versus = {
+                ef: paired_interval(results[0]["hits"][ef], yardstick[0]["hits"][ef])
+                for ef in EF_KEYS
+                if yardstick and "hits" in results[0]
+            }
             summary[f"{name}/{method}"] = {
                 "set": name,
                 "method": method,
@@ -249,10 +282,15 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
                 "build_s": median(r["wall_s"] for r in results),
                 "cpu_s": median(r["cpu_s"] for r in results),
                 "speedup": median(paired) if paired else None,
-                "recall": {
-                    ef: median(r["recall"][ef] for r in results) for ef in ("50", "100", "200")
+                "cpu_speedup": median(paired_cpu) if paired_cpu else None,
+                "recall": {ef: median(r["recall"][ef] for r in results) for ef in EF_KEYS},
+                "tie_recall": {
+                    ef: median(r["tie_recall"].get(ef, float("nan")) for r in results)
+                    for ef in EF_KEYS
                 },
+                "versus_faiss": versus,
                 "ndis": median(r["ndis"]["100"] for r in results),
+                "ndis_by_ef": {ef: median(r["ndis"][ef] for r in results) for ef in EF_KEYS},
                 "qps": median(r["qps_1_thread"] for r in results),
                 "peak_over_baseline": median(r["peak_rss"] - r["baseline_rss"] for r in results),
                 "estimate": results[0]["estimate_host_bytes"],
@@ -261,24 +299,43 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
     return summary
 
 
+def holds_recall(row: dict[str, Any]) -> bool:
+    """Recall held against Faiss HNSW: at every ef, the 95 % paired interval of the
+    difference reaches zero or above (the loss, if any, is within what the query
+    sample alone can make)."""
+    versus = row.get("versus_faiss") or {}
+    return all(high >= 0.0 for _, _, high in versus.values())
+
+
 def table(result: dict[str, Any]) -> list[str]:
     lines = [
         f"### Graph-first builds vs Faiss HNSW (m 16, ef_construction 100, recall@10 on "
         f"held-out queries, median of {result['repeats']})",
         "",
-        "| data set | method | graph built by | rows | build s | CPU s | speed-up vs Faiss "
-        "(paired) | recall@10 ef 50 / 100 / 200 | distances / query (ef 100) | QPS 1 thread "
+        "| data set | method | graph built by | rows | build s | CPU s | speed-up (wall) "
+        "| speed-up (CPU) | recall@10 ef 50 / 100 / 200 | with ties | vs Faiss ef 100 "
+        "[95 % CI] | holds | distances / query ef 50 / 100 / 200 | QPS 1 thread "
         "| peak - baseline MB | estimate MB | load |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- "
+        "| ---: | ---: | ---: | ---: |",
     ]
     for row in result["summary"].values():
-        recall = " / ".join(f"{row['recall'][ef]:.4f}" for ef in ("50", "100", "200"))
+        recall = " / ".join(f"{row['recall'][ef]:.4f}" for ef in EF_KEYS)
+        ties = " / ".join(f"{row['tie_recall'][ef]:.4f}" for ef in EF_KEYS)
+        ndis = " / ".join(f"{row['ndis_by_ef'][ef]:.0f}" for ef in EF_KEYS)
         speedup = "" if row["speedup"] is None else f"{row['speedup']:.2f}"
+        cpu_speedup = "" if row["cpu_speedup"] is None else f"{row['cpu_speedup']:.2f}"
+        versus, holds = "", ""
+        if row["method"] != "faiss" and row.get("versus_faiss"):
+            mean, low, high = row["versus_faiss"]["100"]
+            versus = f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+            holds = "yes" if holds_recall(row) else "no"
         lines.append(
             f"| {row['set']} | {row['method']} | {row['path']} | {row['n']} "
-            f"| {row['build_s']:.2f} | {row['cpu_s']:.1f} | {speedup} | {recall} "
-            f"| {row['ndis']:.0f} | {row['qps']:.0f} | {row['peak_over_baseline'] / 1e6:.0f} "
-            f"| {row['estimate'] / 1e6:.0f} | {row['load']:.1f} |"
+            f"| {row['build_s']:.2f} | {row['cpu_s']:.1f} | {speedup} | {cpu_speedup} "
+            f"| {recall} | {ties} | {versus} | {holds} | {ndis} | {row['qps']:.0f} "
+            f"| {row['peak_over_baseline'] / 1e6:.0f} | {row['estimate'] / 1e6:.0f} "
+            f"| {row['load']:.1f} |"
         )
     crossover = result.get("crossover")
     if crossover:
@@ -308,12 +365,12 @@ def verdict(result: dict[str, Any]) -> list[str]:
         faiss_row = result["summary"].get(f"{row['set']}/faiss")
         if faiss_row is None:
             continue
-        losses = [
-            ef for ef in ("50", "100", "200") if row["recall"][ef] < faiss_row["recall"][ef] - 1e-9
-        ]
+        losses = [ef for ef in EF_KEYS if row["recall"][ef] < faiss_row["recall"][ef] - 1e-9]
         out.append(
-            f"{row['set']} {row['method']}: {row['speedup']:.2f} x Faiss HNSW, recall "
+            f"{row['set']} {row['method']}: {row['speedup']:.2f} x Faiss HNSW "
+            f"({row['cpu_speedup']:.2f} x in CPU-s), recall "
             + ("held at every ef" if not losses else f"lower at ef {', '.join(losses)}")
+            + (" (within the query noise)" if losses and holds_recall(row) else "")
             + f", {row['ndis']:.0f} vs {faiss_row['ndis']:.0f} distances per query"
         )
     return out

@@ -10,6 +10,9 @@ prints one JSON line. Methods:
   ``knn_graph.EXACT_KNN_MAX_ROWS`` rows, insertion above);
 * ``exact-knn``: the CPU builder forced onto its exact-kNN-graph path;
 * ``fast``: ``RVIB_CPU_BUILD=fast``;
+* ``blocked``: the CPU builder forced onto its blocked-kNN-graph path
+  (``blocked_knn.DEFAULT_RULE``'s parameters, any size; insertion where the rule's
+  data type and metric conditions refuse the set);
 * ``gpu-replay``: the GPU path's host half, ``gpu_builder.assemble_from_graph``, fed the
   exact ``4 m``-NN graph (``--graph``, computed once by the parent) in place of CAGRA's.
 
@@ -17,12 +20,17 @@ Rows are copied into anonymous memory first, as a download leaves them, and the
 builder hands their pages back batch by batch: peak RSS over the baseline is the
 service's. Recall@10 is measured on held-out queries against exact ground truth,
 with the distances each query computed (``faiss.cvar.hnsw_stats.ndis``) and
-single-thread QPS at ef 100.
+single-thread QPS at ef 100. ``tie_recall`` also counts a result as found when it
+is as near as the true 10th neighbour (``--truth-distances``): sets with many
+equidistant rows (duplicate paragraphs, zero rows) make the ids of exact search
+an arbitrary pick among ties. ``hits`` holds each query's hits per ef, for the
+parent's paired confidence intervals.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import mmap
 import time
 from typing import Any
@@ -83,20 +91,54 @@ def _search(inner: Any, queries: np.ndarray, ef: int) -> np.ndarray:
     return np.asarray(inner.search(queries.astype(np.float32), 10, params=params)[1])
 
 
-def measure_search(inner: Any, queries: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+def _search_with_distances(inner: Any, queries: np.ndarray, ef: int) -> tuple[Any, Any]:
     import faiss
 
-    out: dict[str, Any] = {"recall": {}, "ndis": {}}
+    inner.hnsw.efSearch = ef
+    if isinstance(inner, faiss.IndexBinary):
+        distances, found = inner.search(queries, 10)
+        return np.asarray(distances, dtype=np.float64), np.asarray(found)
+    params = faiss.SearchParametersHNSW()
+    params.efSearch = ef
+    distances, found = inner.search(queries.astype(np.float32), 10, params=params)
+    return np.asarray(distances, dtype=np.float64), np.asarray(found)
+
+
+def _tied_hits(distances: np.ndarray, tenth: np.ndarray, similarity: bool) -> np.ndarray:
+    """Per query, results at least as near as the true 10th neighbour (float tolerance)."""
+    slack = 1e-5 * np.abs(tenth) + 1e-6
+    near = (
+        distances >= (tenth - slack)[:, None]
+        if similarity
+        else distances <= (tenth + slack)[:, None]
+    )
+    return np.asarray(near.sum(axis=1))
+
+
+def measure_search(
+    inner: Any,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    truth_distances: np.ndarray | None = None,
+    similarity: bool = False,
+) -> dict[str, Any]:
+    import faiss
+
+    out: dict[str, Any] = {"recall": {}, "ndis": {}, "tie_recall": {}, "hits": {}}
     stats = faiss.cvar.hnsw_stats
     for ef in EFS:
         stats.reset()
-        found = _search(inner, queries, ef)
-        hits = sum(
+        distances, found = _search_with_distances(inner, queries, ef)
+        per_query = [
             len(set(t) & set(f))
             for t, f in zip(truth[:, :10].tolist(), found.tolist(), strict=True)
-        )
-        out["recall"][str(ef)] = hits / (10 * len(queries))
+        ]
+        out["hits"][str(ef)] = per_query
+        out["recall"][str(ef)] = sum(per_query) / (10 * len(queries))
         out["ndis"][str(ef)] = float(stats.ndis) / len(queries)
+        if truth_distances is not None:
+            tied = _tied_hits(distances, truth_distances[:, 9].astype(np.float64), similarity)
+            out["tie_recall"][str(ef)] = float(tied.sum()) / (10 * len(queries))
     saved = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
@@ -110,7 +152,7 @@ def measure_search(inner: Any, queries: np.ndarray, truth: np.ndarray) -> dict[s
 
 def cmd_graph(args: argparse.Namespace) -> None:
     from benchmarks.job import _baseline, _cpu_seconds, _emit, _measured, _threads
-    from remote_vector_index_builder.core import memory
+    from remote_vector_index_builder.core import blocked_knn, memory
     from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMode
     from remote_vector_index_builder.core.dataset import parse
     from remote_vector_index_builder.core.gpu_builder import assemble_from_graph
@@ -126,6 +168,7 @@ def cmd_graph(args: argparse.Namespace) -> None:
     queries = np.load(args.queries)
     truth = np.load(args.truth)
     graph = KnnGraph(np.load(args.graph)) if args.graph else None
+    truth_distances = np.load(args.truth_distances) if args.truth_distances else None
     buffer = mmap.mmap(-1, source.nbytes)
     blob = np.frombuffer(buffer, dtype=np.uint8)
     blob[:] = np.ascontiguousarray(source).view(np.uint8).reshape(-1)
@@ -135,9 +178,13 @@ def cmd_graph(args: argparse.Namespace) -> None:
     data = parse(request, blob, id_blob)
     method = args.method
     builder: Any = None
-    if method in ("standard", "default", "exact-knn", "fast"):
-        limit = {"standard": 0, "exact-knn": 10**9, "fast": 0}.get(method)
+    if method in ("standard", "default", "exact-knn", "fast", "blocked"):
+        limit = {"standard": 0, "exact-knn": 10**9, "fast": 0, "blocked": 0}.get(method)
         kwargs: dict[str, Any] = {} if limit is None else {"knn_graph_max_rows": limit}
+        if method == "standard":
+            kwargs["blocked"] = dataclasses.replace(blocked_knn.DEFAULT_RULE, min_rows=None)
+        if method == "blocked":
+            kwargs["blocked"] = dataclasses.replace(blocked_knn.DEFAULT_RULE, min_rows=0)
         mode = CpuBuildMode.FAST if method == "fast" else CpuBuildMode.STANDARD
         builder = CpuBuilder(mode=mode, **kwargs)
     prepared = builder.prepare(request) if builder is not None else None
@@ -173,7 +220,9 @@ def cmd_graph(args: argparse.Namespace) -> None:
         "build_path": notes.path if method != "faiss" else "faiss-hnsw",
         "assembly": notes.assembly,
         "max_level": int(inner.hnsw.max_level),
-        **measure_search(inner, queries, truth),
+        **measure_search(
+            inner, queries, truth, truth_distances, similarity=args.space == "innerproduct"
+        ),
     }
     _emit(result)
 
@@ -190,11 +239,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--queries", required=True)
     p.add_argument("--truth", required=True)
     p.add_argument("--graph", default="")
+    p.add_argument("--truth-distances", default="")
     p.add_argument("--space", required=True)
     p.add_argument("--data-type", default="float")
     p.add_argument(
         "--method",
-        choices=["faiss", "standard", "default", "exact-knn", "fast", "gpu-replay"],
+        choices=["faiss", "standard", "default", "exact-knn", "fast", "blocked", "gpu-replay"],
         required=True,
     )
     p.add_argument("--threads", type=int, default=0)

@@ -114,7 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--graph-methods",
         default=",".join(graph_build.METHODS),
-        help="builds per set: faiss, standard, default, exact-knn, fast, gpu-replay",
+        help="builds per set: faiss, standard, default, exact-knn, fast, blocked, gpu-replay",
+    )
+    p.add_argument(
+        "--minilm-cache",
+        default="",
+        help="the .npy of MiniLM vectors the minilm sets read (default: in the work directory)",
     )
     p.add_argument(
         "--graph-crossover", default="", help="set whose prefixes place the exact-kNN limit"
@@ -307,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     sections[name] = chaos.run(ctx, args.chaos_minutes, args.chaos_seed, left_out)
                 elif name == "graph":
+                    if args.minilm_cache:
+                        graph_build.MINILM_CACHE = Path(args.minilm_cache)
                     sections[name] = graph_build.run(
                         ctx,
                         [s.strip() for s in args.graph_sets.split(",") if s.strip()],

@@ -13,10 +13,12 @@ import faiss
 import numpy as np
 import pytest
 
-from remote_vector_index_builder.core import dataset, index_io
+from remote_vector_index_builder.core import blocked_knn, dataset, index_io
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.errors import CancelledError
+from remote_vector_index_builder.core.knn_graph import of_one_length
 from remote_vector_index_builder.core.params import BuildRequest
+from remote_vector_index_builder.core.quality import BuildPath
 from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,
     FLOAT_FAMILY_LAYOUTS,
@@ -35,10 +37,23 @@ from test_remote_vector_index_builder.data import (
     vector_blob,
 )
 
-# Both ways the CPU builds a graph: HNSW insertion, and (segments up to
-# knn_graph.EXACT_KNN_MAX_ROWS) the exact kNN graph assembled into an HNSW. Every
-# layout, id and recall check below runs on both.
-GRAPH_PATHS = {"insertion": 0, "exact-knn": 10**9}
+# Every way the CPU builds a graph: HNSW insertion, (segments up to
+# knn_graph.EXACT_KNN_MAX_ROWS) the exact kNN graph assembled into an HNSW, and
+# (segments its rule admits) the blocked kNN graph, here with clusters of 100 rows
+# so that a small test set has several. Every layout, id and recall check below
+# runs on each (binary vectors are never admitted to the blocked path).
+FORCED_BLOCKED = dataclasses.replace(blocked_knn.DEFAULT_RULE, min_rows=0, cluster_rows=100)
+GRAPH_PATHS: dict[str, dict[str, Any]] = {
+    "insertion": {"knn_graph_max_rows": 0},
+    "exact-knn": {"knn_graph_max_rows": 10**9},
+    "blocked-knn": {"knn_graph_max_rows": 0, "blocked": FORCED_BLOCKED},
+}
+
+EXPECTED_BUILD_PATH = {
+    "insertion": BuildPath.INSERTION,
+    "exact-knn": BuildPath.EXACT_KNN,
+    "blocked-knn": BuildPath.BLOCKED_KNN,
+}
 
 
 @pytest.fixture(params=list(GRAPH_PATHS))
@@ -54,8 +69,16 @@ def build_and_read(
         np.frombuffer(bytearray(blob), dtype=np.uint8),
         np.frombuffer(bytearray(doc_id_blob(ids)), dtype=np.uint8),
     )
-    builder = CpuBuilder(add_batch_rows=batch, knn_graph_max_rows=GRAPH_PATHS[path])
-    index = builder.build(request, data)
+    builder = CpuBuilder(add_batch_rows=batch, **GRAPH_PATHS[path])
+    prepared = builder.prepare(request)
+    index = builder.build(request, data, prepared=prepared)
+    expected = EXPECTED_BUILD_PATH[path]
+    # The blocked path's rule: no binary vectors, and inner product only over rows of
+    # one length (byte rows of normalized vectors are not, after rounding).
+    unequal = request.space_type.value == "innerproduct" and not of_one_length([data.vectors])
+    if path == "blocked-knn" and (request.data_type.value == "binary" or unequal):
+        expected = BuildPath.INSERTION
+    assert prepared.notes.path == expected
     out = io.BytesIO()
     written = index_io.write(index, out, skip_storage=request.skip_stored_vectors)
     raw = out.getvalue()

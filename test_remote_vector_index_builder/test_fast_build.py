@@ -117,7 +117,33 @@ def outliers(n: int = 3000, dim: int = 32) -> np.ndarray:
     return rows
 
 
-def test_auto_falls_back_where_the_fast_graph_is_poor_and_says_so() -> None:
+def tight_clusters(n: int = 3000, dim: int = 32) -> np.ndarray:
+    """300 clusters of spread 0.05, 10 apart: an 8-bit step is wider than a cluster."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0.0, 10.0, (300, dim)).astype(np.float32)
+    return (centres[rng.integers(0, 300, n)] + rng.normal(0.0, 0.05, (n, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize("make", [outliers, tight_clusters])
+def test_both_modes_refuse_codes_too_coarse_for_near_neighbours_and_say_so(make: Any) -> None:
+    rows = make()
+    request = make_request("float", "l2", 32, len(rows))
+    ids = np.arange(len(rows))
+    _, standard, _ = build(request, rows, ids, CpuBuildMode.STANDARD)
+    for mode in (CpuBuildMode.FAST, CpuBuildMode.AUTO):
+        _, report, _ = build(request, rows, ids, mode)
+        assert report.build_mode == "standard" and report.fallback
+        assert report.mode_reason is not None and "8-bit codes" in report.mode_reason
+        assert report.pilot is not None and report.pilot["code_noise"] > 0.01
+        assert "tried" not in report.pilot  # refused before any pilot was built
+        assert report.recall == standard.recall
+
+
+def test_auto_falls_back_where_the_fast_graph_is_poor_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The code check off, so that the constructed set reaches the pilot.
+    monkeypatch.setattr(projected_graph, "MAX_CODE_NOISE", float("inf"))
     rows = outliers()
     request = make_request("float", "l2", 32, len(rows))
     ids = np.arange(len(rows))

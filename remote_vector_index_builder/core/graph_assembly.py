@@ -467,10 +467,14 @@ def assemble(
     began = time.perf_counter()
     _upper_levels(inner, rows, graph, m, stats)
     report(_SHARES["upper"])
+    stats.seconds["upper"] = time.perf_counter() - began
+    began = time.perf_counter()
     _navigation_repair(inner, rows, graph, stats, report)
+    stats.seconds["navigation"] = time.perf_counter() - began
+    began = time.perf_counter()
     _repair(inner, rows, graph, stats)
     report(1.0)
-    stats.seconds["upper"] = time.perf_counter() - began
+    stats.seconds["repair"] = time.perf_counter() - began
     log.info(
         "assembled an HNSW from a %d-NN graph of %d vectors: %d upper-level nodes, %d lists "
         "reselected after reverse edges, %d unreached before repair (%d links added)",

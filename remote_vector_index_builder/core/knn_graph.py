@@ -13,7 +13,7 @@ the distances the index's own search sees.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -112,13 +112,18 @@ class StoredRows:
 
     def equal_norms(self) -> bool:
         """All rows of (nearly) one length: inner product then ranks pairs as L2 does."""
-        if self.n == 0:
-            return True
-        low, high = np.inf, 0.0
-        for _, block in self.blocks(8192):
-            squared = np.einsum("ij,ij->i", block, block)
+        return of_one_length(block for _, block in self.blocks(8192))
+
+
+def of_one_length(blocks: Iterable[np.ndarray]) -> bool:
+    """Every row of every block has (nearly) the same length (``EQUAL_NORMS_TOLERANCE``)."""
+    low, high = np.inf, 0.0
+    for block in blocks:
+        if len(block):
+            rows = block.astype(np.float32, copy=False)
+            squared = np.einsum("ij,ij->i", rows, rows)
             low, high = min(low, float(squared.min())), max(high, float(squared.max()))
-        return high <= (1 + EQUAL_NORMS_TOLERANCE) * low
+    return low == np.inf or high <= (1 + EQUAL_NORMS_TOLERANCE) * low
 
 
 def _kind(storage: FaissIndex) -> str:

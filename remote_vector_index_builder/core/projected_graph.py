@@ -1,7 +1,7 @@
 """The fast CPU build: the HNSW graph built on a reduced representation of the vectors.
 
-At d=768 Faiss's HNSW insertion is bound by the bytes each distance reads, so
-the graph is built on fewer bytes: the vectors projected onto their leading
+Faiss's HNSW insertion spends much of its time in distances over the stored
+rows, so the graph is built on fewer bytes: the vectors projected onto their leading
 principal axes (as many as keep ``RETAINED_VARIANCE`` of the variance, rounded
 up to a multiple of 16; none when that is most of the axes) and quantized to
 8 bits per axis (``IndexHNSWSQ`` QT_8bit). The finished graph - every level, its
@@ -15,9 +15,12 @@ blob, batch by batch, handing the blob's pages back as in the standard build;
 the graph is then built from the storage (viewed in place, or decoded a batch
 at a time), so only the n x d' 8-bit codes are extra, never a second copy.
 
-``auto`` decides with a pilot: a seeded sample built both ways, compared on
-recall@10 over several ``ef_search`` values; the fast graph is used only where
-it is at least as good as the standard one on the pilot.
+Both modes first check that 8-bit codes keep near neighbours apart
+(``MAX_CODE_NOISE``); where they would not (clusters far tighter than their
+spread), the standard build runs. ``auto`` then decides with a pilot: a
+seeded sample built both ways, compared on recall@10 over several
+``ef_search`` values; the fast graph is used only where it is at least as good
+as the standard one on the pilot.
 """
 
 from __future__ import annotations
@@ -45,9 +48,19 @@ log = logging.getLogger(__name__)
 
 # Share of the neighbour-difference variance the ``fast`` mode's projection keeps;
 # ``auto`` tries the smaller ones too, smallest first, and keeps the first its
-# pilot accepts (benchmarks/build_modes.py).
-RETAINED_VARIANCE = 0.95
-AUTO_RETAINED_VARIANCES = (0.8, 0.9, 0.95)
+# pilot accepts (benchmarks/build_modes.py). 0.9: MiniLM 29k x 384 (cosine) kept
+# 192 axes and built in 8.2 CPU-s, against 9.6 for 0.95 (240 axes) and 8.5 for 0.8
+# (144), all within 0.1 point of the standard build's recall@10 at ef 100
+# (benchmarks/README.md, "Graph-first builds").
+RETAINED_VARIANCE = 0.9
+AUTO_RETAINED_VARIANCES = (0.8, 0.9)
+# The graph's 8-bit codes may blur distances by at most this share of the typical
+# squared distance between sampled nearest neighbours: each axis's code step is
+# its range / 255, and two rows' codes differ by step^2 / 6 per axis on average.
+# Clusters much tighter than their spacing break it (300 clusters of spread 0.05
+# 10 apart: 2.1, fast recall@10 0.84 vs 0.95); real embeddings and the synthetic
+# sets sit at 1e-4 to 4e-4 (benchmarks/README.md).
+MAX_CODE_NOISE = 0.01
 # Above this share of the dimensions, projecting saves too little: 8-bit codes of
 # every dimension instead.
 MAX_PROJECTED_SHARE = 0.75
@@ -95,6 +108,8 @@ class Spectrum:
 
     axes: np.ndarray | None  # d x d; None when the sample is too small to trust
     shares: np.ndarray  # shares[i]: variance share of the first i + 1 axes
+    # Median squared distance from a sampled row to its nearest other sampled row.
+    neighbour_distance: float = 0.0
 
     def dim_for(self, share: float) -> int | None:
         """Axes keeping ``share`` (a multiple of 16), or None when projecting saves too little."""
@@ -126,13 +141,14 @@ def neighbour_spectrum(sample: np.ndarray, space_type: SpaceType) -> Spectrum:
     """
     d = int(sample.shape[1])
     x = np.ascontiguousarray(sample, dtype=np.float32)
-    if len(x) < MIN_ROWS_PER_DIM * d:
-        return Spectrum(None, np.ones(d))
-    _, nearest = faiss.knn(x, x, 2, faiss_metric(space_type))
+    _, nearest = faiss.knn(x, x, min(2, len(x)), faiss_metric(space_type))
     own = np.arange(len(x))
-    other = np.where(nearest[:, 0] == own, nearest[:, 1], nearest[:, 0])
+    other = np.where(nearest[:, 0] == own, nearest[:, -1], nearest[:, 0])
     other = np.where(other < 0, nearest[:, 0], other)
     diff = x - x[other]
+    spread = float(np.median(np.einsum("ij,ij->i", diff, diff))) if len(x) else 0.0
+    if len(x) < MIN_ROWS_PER_DIM * d:
+        return Spectrum(None, np.ones(d), spread)
     # One BLAS thread: the d x d problem is small, and threaded OpenBLAS next to
     # Faiss's spinning OpenMP threads on a busy host took 5x longer.
     with threadpool_limits(limits=1, user_api="blas"):
@@ -142,8 +158,21 @@ def neighbour_spectrum(sample: np.ndarray, space_type: SpaceType) -> Spectrum:
     values, vectors = np.clip(values[order], 0.0, None), vectors[:, order]
     total = float(values.sum())
     if total <= 0.0:
-        return Spectrum(None, np.ones(d))
-    return Spectrum(vectors, np.cumsum(values) / total)
+        return Spectrum(None, np.ones(d), spread)
+    return Spectrum(vectors, np.cumsum(values) / total, spread)
+
+
+def code_noise(projection: Projection, sample: np.ndarray, spectrum: Spectrum) -> float:
+    """How much the graph's 8-bit codes blur distances, as a share of the typical squared
+    distance between sampled nearest neighbours (see ``MAX_CODE_NOISE``)."""
+    coded = projection.apply(sample)
+    if len(coded) == 0:
+        return 0.0
+    step = (coded.max(axis=0) - coded.min(axis=0)).astype(np.float64) / 255.0
+    noise = float((step**2).sum() / 6.0)
+    if spectrum.neighbour_distance <= 0.0:
+        return 0.0 if noise == 0.0 else float("inf")
+    return noise / spectrum.neighbour_distance
 
 
 def fit_projection(sample: np.ndarray, space_type: SpaceType) -> Projection:
@@ -264,10 +293,14 @@ def _rounded(curve: tuple[float, ...]) -> list[float]:
 
 
 def choose_by_pilot(
-    request: BuildRequest, sample: np.ndarray, new_inner: Any, n: int, details: dict[str, Any]
+    request: BuildRequest,
+    sample: np.ndarray,
+    new_inner: Any,
+    n: int,
+    details: dict[str, Any],
+    spectrum: Spectrum,
 ) -> Projection | None:
     """The fewest-axes candidate whose pilot graph is as good as the standard one, or None."""
-    spectrum = neighbour_spectrum(sample, request.space_type)
     pilot = Pilot.build(request, sample, new_inner, pilot_rows(n))
     details.update(
         rows=len(pilot.rows), ef_search=list(pilot.ef), recall_standard=_rounded(pilot.standard)
@@ -275,6 +308,8 @@ def choose_by_pilot(
     tried: list[dict[str, Any]] = []
     details["tried"] = tried
     for projection in candidates(spectrum, request.dimension):
+        if code_noise(projection, sample, spectrum) > MAX_CODE_NOISE:
+            continue
         curve = pilot.fast_curve(projection, sample, new_inner)
         good = pilot.as_good(curve)
         tried.append({"projected_dim": projection.dim, "recall_fast": _rounded(curve), "ok": good})
@@ -309,8 +344,22 @@ def build(
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     details: dict[str, Any] = {}
     notes.pilot = details
+    spectrum = neighbour_spectrum(sample, request.space_type)
+    widest = spectrum.projection(spectrum.dim_for(RETAINED_VARIANCE), request.dimension)
+    noise = code_noise(widest, sample, spectrum)
+    details["code_noise"] = round(noise, 6)
+    if noise > MAX_CODE_NOISE:
+        notes.mode = "standard"
+        notes.fallback = True
+        notes.reason = (
+            f"8-bit codes would blur distances by {noise:.3g} of the typical squared distance "
+            f"between near neighbours (at most {MAX_CODE_NOISE}): the vectors are clustered far "
+            "tighter than they spread"
+        )
+        log.info("fast build refused: %s", notes.reason)
+        return False
     if auto:
-        chosen = choose_by_pilot(request, sample, new_inner, n, details)
+        chosen = choose_by_pilot(request, sample, new_inner, n, details, spectrum)
         if chosen is None:
             notes.mode = "standard"
             notes.fallback = True
@@ -325,7 +374,7 @@ def build(
             return False
         projection = chosen
     else:
-        projection = fit_projection(sample, request.space_type)
+        projection = widest
     details.update(projected_dim=projection.dim, retained_variance=round(projection.retained, 4))
     log.info(
         "fast build: graph on %d of %d dimensions (%.1f %% of the variance), 8-bit codes",

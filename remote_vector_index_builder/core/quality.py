@@ -50,6 +50,7 @@ class BuildPath:
     INSERTION = "hnsw-insertion"  # Faiss HNSW add() over the stored vectors
     PROJECTED = "projected-insertion"  # add() over projected 8-bit codes, moved onto storage
     EXACT_KNN = "exact-knn-assembly"  # exact kNN graph (GEMM), then core.graph_assembly
+    BLOCKED_KNN = "blocked-knn-assembly"  # approximate kNN by blocked GEMM (core.blocked_knn)
     GPU_ASSEMBLY = "gpu-cagra-assembly"  # the GPU's CAGRA graph, then core.graph_assembly
     GPU_BASE_LEVEL = "gpu-cagra-base-level"  # CAGRA graph as level 0 only (IHc2 / IBHc)
 
