@@ -13,7 +13,6 @@ the parts in flight are chosen here too, by ``UploadPlan``, which
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import queue
@@ -24,8 +23,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from zlib_ng import zlib_ng
-
+from remote_vector_index_builder.core.checksums import crc32_b64
 from remote_vector_index_builder.core.errors import ObjectStoreError
 from remote_vector_index_builder.core.s3_calls import (
     MAX_CONCURRENCY,
@@ -63,11 +61,6 @@ MAX_PARTS = 10_000
 class ReadInto(Protocol):
     # botocore-stubs types StreamingBody.readinto as taking IO[bytes]; it takes a buffer.
     def readinto(self, buffer: memoryview, /) -> int | None: ...
-
-
-def crc32_b64(data: bytes | bytearray | memoryview) -> str:
-    """S3's ``ChecksumCRC32``: the big-endian CRC32 of ``data``, base64-encoded."""
-    return base64.b64encode(zlib_ng.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ graph. S3 joins parts by number: the object is byte for byte what
 
 from __future__ import annotations
 
-import base64
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import faiss
 import numpy as np
 from zlib_ng import zlib_ng
 
+from remote_vector_index_builder.core.checksums import b64, crc32_b64
 from remote_vector_index_builder.core.errors import BuildError
 from remote_vector_index_builder.core.index_builder import FaissIndex
 from remote_vector_index_builder.core.index_io import id_map_header, write_faiss
@@ -33,7 +33,6 @@ from remote_vector_index_builder.core.multipart import (
     CommitCheck,
     NumberedUpload,
     UploadPlan,
-    crc32_b64,
 )
 from remote_vector_index_builder.core.object_store import NumberedUploads
 from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE
@@ -241,7 +240,7 @@ class OverlappedWrite:
             for piece in self._pieces(*self._range(part)):
                 crc = zlib_ng.crc32(piece, crc)
             expected = self._checksums[self._first_number + part]
-            if base64.b64encode(crc.to_bytes(4, "big")).decode("ascii") != expected:
+            if b64(crc) != expected:
                 return False
         return True
 
