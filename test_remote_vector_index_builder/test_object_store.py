@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 from zlib_ng import zlib_ng
 
-from remote_vector_index_builder.core import multipart
+from remote_vector_index_builder.core import multipart, streaming_upload
 from remote_vector_index_builder.core.checksums import RangeCrcs, crc32_b64, plan_ranges
 from remote_vector_index_builder.core.dataset import _mapping_of
 from remote_vector_index_builder.core.errors import (
@@ -118,7 +118,7 @@ def test_part_size_grows_for_long_streams(
     object_store: S3ObjectStore, bucket: str, monkeypatch: pytest.MonkeyPatch
 ):
     # Every 2 parts the part size doubles: 5, 5, 10, 10, 20 MiB (+1 byte for a 6th).
-    monkeypatch.setattr(multipart, "_PARTS_PER_SIZE_STEP", 2)
+    monkeypatch.setattr(streaming_upload, "_PARTS_PER_SIZE_STEP", 2)
     data = random_bytes(50 * MIB + 1)
     upload_bytes(object_store, bucket, "big", data)
     head = object_store.head(bucket, "big")

@@ -1,8 +1,9 @@
 """The object store: the ``ObjectStore`` protocol and its S3 implementation.
 
 A download lands in one pre-allocated numpy buffer that parallel ranged GETs
-read straight into; an upload streams through a bounded multipart writer
-(``core.multipart``). So a multi-GB blob exists once in memory in either
+read straight into, checked against the CRC32 S3 stored (``core.checksums``);
+an upload streams through a bounded multipart writer (``core.streaming_upload``
+on ``core.multipart``). So a multi-GB blob exists once in memory in either
 direction. botocore errors are translated once, in ``core.s3_errors``, into
 ``core.errors``.
 """
@@ -34,9 +35,7 @@ from remote_vector_index_builder.core.errors import (
 )
 from remote_vector_index_builder.core.multipart import (
     CommitCheck,
-    MultipartUpload,
     NumberedUpload,
-    ReadInto,
     UploadPlan,
     abort_incomplete,
 )
@@ -50,6 +49,7 @@ from remote_vector_index_builder.core.s3_calls import (
     submit_in_context,
 )
 from remote_vector_index_builder.core.s3_errors import BodyCut, Corrupt
+from remote_vector_index_builder.core.streaming_upload import MultipartUpload, ReadInto
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
