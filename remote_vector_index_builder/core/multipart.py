@@ -198,6 +198,13 @@ class NumberedUpload:
         for _ in range(slots):
             self._slots.release()
 
+    def has_room(self) -> bool:
+        """Whether a ``send`` now would not wait for a part in flight (one sending thread)."""
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._slots.release()
+        return True
+
     def check(self) -> None:
         """Raise the failure of a part sent earlier, if any."""
         if self._failure is not None:

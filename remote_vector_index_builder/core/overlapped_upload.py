@@ -127,7 +127,9 @@ class OverlappedWrite:
 
     ``stored(start, stop)`` (from the build thread, between two ``add`` calls)
     sends the parts that rows ``[start, stop)`` complete, copying them out of
-    the storage while no ``add`` runs. ``finish(index)`` checks the finished
+    the storage while no ``add`` runs, as far as there is room in flight (it
+    never waits: a waiting build thread leaves the build's cores idle).
+    ``finish(index)`` checks the finished
     index is the one those parts were cut from (same storage buffer, rows, ids
     and every early part's CRC32), sends the rest and completes the object;
     ``None`` if it is not (the caller then uploads sequentially). ``abort``
@@ -180,7 +182,9 @@ class OverlappedWrite:
         if not self._in_order:
             return
         self._rows = stop
-        self._send_ready(stop)
+        # The build never waits for the network: a part that finds no room goes with a
+        # later batch, or at the end.
+        self._send_ready(stop, wait=False)
 
     def _range(self, part: int) -> tuple[int, int]:
         start = self._held + part * self._part
@@ -192,10 +196,10 @@ class OverlappedWrite:
             return layout.rows
         return -(-(end - len(layout.prefix)) // layout.code_size)
 
-    def _send_ready(self, rows: int) -> None:
+    def _send_ready(self, rows: int, *, wait: bool = True) -> None:
         while self._next < self._count:
             start, end = self._range(self._next)
-            if self._rows_for(end) > rows:
+            if self._rows_for(end) > rows or not (wait or self._upload.has_room()):
                 return
             body, number = self._tail(start, end), self._first_number + self._next
             # Computed here, once, to compare with the finished index's rows (``_matches``).
