@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory-modes", default="memory,disk", help="serialization modes per data type"
     )
+    p.add_argument(
+        "--e2e-kinds",
+        default=",".join(e2e.KINDS),
+        help=f"runs of the e2e section, some of {','.join(e2e.KINDS)} (at least one raw)",
+    )
     p.add_argument("--transfer-size", default="1GiB", help="object size for the S3 section")
     p.add_argument(
         "--transfer-schemes", default="http,https", help="endpoints for the S3 section (https: TLS)"
@@ -256,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"section {name}")
                 begin = time.perf_counter()
                 if name == "e2e":
-                    sections[name] = e2e.run(ctx, n, dim)
+                    kinds = tuple(k.strip() for k in args.e2e_kinds.split(",") if k.strip())
+                    sections[name] = e2e.run(ctx, n, dim, kinds)
                 elif name == "memory":
                     earlier: dict[str, list[dict[str, Any]]] = {}
                     if "e2e" in sections:
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     variant_n = parse_count(args.variant_size)
                     batch_n = parse_count(args.batch_size) if args.batch_size else variant_n
                     reuse: dict[str, list[dict[str, Any]]] = {}
-                    if "e2e" in sections and batch_n == n:
+                    if "memory" in sections.get("e2e", {}).get("runs", {}) and batch_n == n:
                         # Section 1's memory-mode jobs are the default rows-per-add runs.
                         default_rows = min(BuilderOptions().add_batch_rows, n)
                         reuse[f"float/{default_rows}"] = sections["e2e"]["runs"]["memory"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 from collections.abc import Iterator
@@ -12,8 +13,10 @@ import botocore
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from zlib_ng import zlib_ng
 
-from remote_vector_index_builder.core import multipart
+from remote_vector_index_builder.core import multipart, streaming_upload
+from remote_vector_index_builder.core.checksums import RangeCrcs, crc32_b64, plan_ranges
 from remote_vector_index_builder.core.dataset import _mapping_of
 from remote_vector_index_builder.core.errors import (
     AccessDeniedError,
@@ -115,7 +118,7 @@ def test_part_size_grows_for_long_streams(
     object_store: S3ObjectStore, bucket: str, monkeypatch: pytest.MonkeyPatch
 ):
     # Every 2 parts the part size doubles: 5, 5, 10, 10, 20 MiB (+1 byte for a 6th).
-    monkeypatch.setattr(multipart, "_PARTS_PER_SIZE_STEP", 2)
+    monkeypatch.setattr(streaming_upload, "_PARTS_PER_SIZE_STEP", 2)
     data = random_bytes(50 * MIB + 1)
     upload_bytes(object_store, bucket, "big", data)
     head = object_store.head(bucket, "big")
@@ -251,7 +254,7 @@ def test_uploads_carry_their_crc32_and_sign_payloads_only_over_plain_http(
             events.unregister(f"before-send.s3.{operation}", unique_id=f"crc-{operation}")
 
     pieces = [data[:PART], data[PART : 2 * PART], data[2 * PART :], b"tiny"]
-    expected = {multipart.crc32_b64(piece) for piece in pieces}
+    expected = {crc32_b64(piece) for piece in pieces}
     assert {crc for crc, _ in sent} == expected
     assert all(len(sha) == 64 for _, sha in sent)  # a hex digest: the payload is signed
     plain: Any = make_s3_client(s3_config).meta.config
@@ -512,7 +515,7 @@ def upload_one_part_multipart(client: S3Client, bucket: str, key: str, data: byt
         PartNumber=1,
         Body=data,
         ChecksumAlgorithm="CRC32",
-        ChecksumCRC32=multipart.crc32_b64(data),
+        ChecksumCRC32=crc32_b64(data),
     )
     part: CompletedPartTypeDef = {
         "PartNumber": 1,
@@ -533,7 +536,7 @@ def test_an_intact_one_part_multipart_object_passes_its_composite_crc32(
     upload_one_part_multipart(s3_client, bucket, "one.knnvec", data)
     head = s3_client.head_object(Bucket=bucket, Key="one.knnvec", ChecksumMode="ENABLED")
     # Stored composite: not the object's own CRC32 (the case this test is about).
-    assert head["ChecksumCRC32"].partition("-")[0] != multipart.crc32_b64(data)
+    assert head["ChecksumCRC32"].partition("-")[0] != crc32_b64(data)
     assert head["ETag"].endswith('-1"')
 
     assert object_store.download(bucket, "one.knnvec").tobytes() == data
@@ -554,3 +557,77 @@ def test_a_bit_flipped_in_a_one_part_multipart_object_is_caught(
         proxy.add(Fault("flip", "GET", "one.knnvec"))
         with pytest.raises(IntegrityError, match="composite CRC32 of the one part"):
             store.download(bucket, "one.knnvec")
+
+
+def upload_parts(client: S3Client, bucket: str, key: str, pieces: list[bytes]) -> None:
+    """A multipart upload of ``pieces`` as its parts, each with its CRC32 (S3's default type)."""
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32")[
+        "UploadId"
+    ]
+    parts: list[CompletedPartTypeDef] = []
+    for number, piece in enumerate(pieces, 1):
+        sent = client.upload_part(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=piece,
+            ChecksumAlgorithm="CRC32",
+            ChecksumCRC32=crc32_b64(piece),
+        )
+        parts.append(
+            {"PartNumber": number, "ETag": sent["ETag"], "ChecksumCRC32": sent["ChecksumCRC32"]}
+        )
+    client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+    )
+
+
+@pytest.mark.parametrize(
+    ("sizes", "ranges"),
+    [
+        # Equal parts (what SDKs upload), not a multiple of the 5 MiB ranges: the ranges
+        # are cut at the part boundaries, and the parts' CRC32s come from the ranges'.
+        ([7 * MIB, 7 * MIB, 3 * MIB], [PART, 2 * MIB, PART, 2 * MIB, 3 * MIB]),
+        # Parts of different sizes: cut as if equal (5 MiB from the first), the guess
+        # fails, the store is asked for each part's size, and the buffer is read again.
+        ([PART, 7 * MIB, 3 * MIB], [PART, PART, PART]),
+    ],
+    ids=["equal-parts", "unequal-parts"],
+)
+@pytest.mark.parametrize("flip", [False, True], ids=["intact", "flipped"])
+def test_a_composite_crc32_is_checked_whatever_the_part_sizes(
+    s3_server: str,
+    s3_config: S3Config,
+    s3_client: S3Client,
+    bucket: str,
+    sizes: list[int],
+    ranges: list[int],
+    flip: bool,
+):
+    data = random_bytes(sum(sizes), seed=len(sizes))
+    bounds = itertools.pairwise(np.cumsum([0, *sizes]))
+    upload_parts(s3_client, bucket, "p.knnvec", [data[a:b] for a, b in bounds])
+    with FaultProxy(s3_server) as proxy:
+        config = s3_config.model_copy(update={"endpoint_url": proxy.url})
+        store = S3ObjectStore(make_s3_client(config), config)
+        if flip:
+            proxy.add(Fault("flip", "GET", "p.knnvec"))
+            with pytest.raises(IntegrityError, match="composite CRC32 of the 3 parts"):
+                store.download(bucket, "p.knnvec")
+        else:
+            assert store.download(bucket, "p.knnvec").tobytes() == data
+        gets = [s for s in proxy.seen if s.method == "GET"]
+    assert len(gets) == len(ranges) * (2 if flip else 1)
+
+
+def test_ranges_follow_the_parts_and_combine_into_their_crc32():
+    assert plan_ranges(10, 4) == [(0, 3), (4, 7), (8, 9)]
+    assert plan_ranges(10, 4, [6, 4]) == [(0, 3), (4, 5), (6, 9)]
+    assert plan_ranges(0, 4) == []
+    data = random_bytes(1000, seed=3)
+    crcs = RangeCrcs(plan_ranges(len(data), 128, [300, 300, 400]))
+    crcs.crcs = [zlib_ng.crc32(data[first : last + 1]) for first, last in crcs.ranges]
+    assert crcs.of(0, 999) == zlib_ng.crc32(data)
+    assert crcs.of(300, 599) == zlib_ng.crc32(data[300:600])
+    assert crcs.of(0, 298) is None and crcs.of(1, 299) is None  # not whole ranges

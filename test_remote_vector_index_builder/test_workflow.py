@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import threading
 from typing import Any
 
 import faiss
@@ -281,9 +282,14 @@ class PartsDuringBuild(workflow.Tracker):
 
 
 def overlap_setup(
-    s3_client: Any, s3_config: Any, bucket: str, proxy: FaultProxy, data_type: str = "float"
+    s3_client: Any,
+    s3_config: Any,
+    bucket: str,
+    proxy: FaultProxy,
+    data_type: str = "float",
+    n: int | None = None,
 ) -> tuple[BuildRequest, S3ObjectStore]:
-    n = OVERLAP_N[data_type]
+    n = n or OVERLAP_N[data_type]
     vectors = clustered(n, OVERLAP_DIM, seed=11)
     if data_type == "byte":
         vectors = np.clip(np.rint(vectors * 40), -128, 127).astype(np.int8)
@@ -451,3 +457,41 @@ def test_commit_check_runs_right_before_the_index_becomes_visible(
         assert [s.method for s in after] == (["DELETE"] if multipart else [])
         assert request.index_key not in keys(s3_client, bucket)
     assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_the_build_never_waits_for_an_early_part_in_flight(
+    s3_server: str, s3_client: Any, s3_config: Any, bucket: str
+) -> None:
+    """Parts held in flight (a slow S3) do not hold the build: the parts that find no room
+    go with a later batch or after the build."""
+    released, held, gave_up = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(**_: Any) -> None:
+        held.set()
+        # The end of the build releases the parts; before the fix the build waited for
+        # them, and only this bound ended the wait.
+        if not released.wait(60):
+            gave_up.set()
+
+    class ReleaseAtBuildEnd(workflow.Tracker):
+        built_while_held = False
+
+        def stage_finished(self, stage: workflow.Stage, timing: workflow.StageTiming) -> None:
+            if stage is workflow.Stage.BUILD:
+                self.built_while_held = held.is_set() and not gave_up.is_set()
+                released.set()
+
+    with FaultProxy(s3_server) as proxy:
+        # 9,000 rows: four 5 MiB parts are ready before the build ends, two fit in flight.
+        request, _ = overlap_setup(s3_client, s3_config, bucket, proxy, n=9000)
+        config = s3_config.model_copy(update={"endpoint_url": proxy.url})
+        client = make_s3_client(config)
+        client.meta.events.register("before-send.s3.UploadPart", hold)
+        store = S3ObjectStore(client, config)
+        tracker, builder = ReleaseAtBuildEnd(), KeepingBuilder()
+        result = workflow.run(request, store, builder, tracker=tracker)
+    assert tracker.built_while_held
+    uploaded = s3_client.get_object(Bucket=bucket, Key=request.index_key)["Body"].read()
+    sequential = io.BytesIO()
+    index_io.write(builder.built, sequential)
+    assert uploaded == sequential.getvalue() and len(uploaded) == result.index_bytes

@@ -1,10 +1,10 @@
-"""S3's multipart upload protocol, spoken in one place, and the streaming writer on it.
+"""S3's multipart upload protocol, spoken in one place.
 
 ``NumberedUpload`` is the one engine: it creates the upload, sends numbered
 parts with their CRC32 from a bounded pool, completes it (recovering a
 completion whose answer was lost) and aborts it. Both index upload writers
-drive it: ``MultipartUpload``, the streaming writer behind
-``S3ObjectStore.open_upload``, numbers its parts 1, 2, ... as its buffers fill;
+drive it: the streaming writer behind ``S3ObjectStore.open_upload``
+(``core.streaming_upload``) numbers its parts 1, 2, ... as its buffers fill;
 the upload overlapped with the build (``core.overlapped_upload``) sends the
 storage section's parts first, under the highest numbers. The part size and
 the parts in flight are chosen here too, by ``UploadPlan``, which
@@ -13,10 +13,8 @@ the parts in flight are chosen here too, by ``UploadPlan``, which
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
-import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,12 +22,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from zlib_ng import zlib_ng
-
+from remote_vector_index_builder.core.checksums import crc32_b64
 from remote_vector_index_builder.core.errors import ObjectStoreError
 from remote_vector_index_builder.core.s3_calls import (
     MAX_CONCURRENCY,
-    MAX_PART_SIZE,
     MIN_PART_SIZE,
     Progress,
     S3Calls,
@@ -46,10 +42,6 @@ log = logging.getLogger(__name__)
 # PutObject); raising stops the upload (``workflow.Tracker.commit_check``).
 CommitCheck = Callable[[], None]
 
-# A streamed upload does not know its size: the part size doubles every
-# _PARTS_PER_SIZE_STEP parts, so 16 MiB parts reach ~960 GiB, not 156 GiB, within
-# S3's 10,000 parts, while small objects keep small parts.
-_PARTS_PER_SIZE_STEP = 2_000
 # An upload whose size is known keeps at most this share of it in flight (and at
 # least one part): with every connection busy, a 92 MB index held 88 MB of part
 # copies beside itself. Its parts are at most an eighth of it (and at least 5 MiB),
@@ -58,16 +50,6 @@ UPLOAD_BUFFER_SHARE = 4
 _PARTS_PER_KNOWN_SIZE = 8
 # S3's largest part number.
 MAX_PARTS = 10_000
-
-
-class ReadInto(Protocol):
-    # botocore-stubs types StreamingBody.readinto as taking IO[bytes]; it takes a buffer.
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
-
-
-def crc32_b64(data: bytes | bytearray | memoryview) -> str:
-    """S3's ``ChecksumCRC32``: the big-endian CRC32 of ``data``, base64-encoded."""
-    return base64.b64encode(zlib_ng.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -216,6 +198,13 @@ class NumberedUpload:
         for _ in range(slots):
             self._slots.release()
 
+    def has_room(self) -> bool:
+        """Whether a ``send`` now would not wait for a part in flight (one sending thread)."""
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._slots.release()
+        return True
+
     def check(self) -> None:
         """Raise the failure of a part sent earlier, if any."""
         if self._failure is not None:
@@ -336,144 +325,3 @@ class NumberedUpload:
         # Parts still in flight would otherwise land after the abort and linger.
         self._pool.shutdown(wait=True, cancel_futures=True)
         abort_upload(self._s3, self._where, self._object, self._upload_id)
-
-
-class MultipartUpload:
-    """Streams writes into parts 1, 2, ... of a ``NumberedUpload``, started once a part is full.
-
-    An object smaller than one part is one PutObject. At most ``slots`` parts
-    are in flight (``write`` blocks beyond that), so memory stays near
-    ``(slots + 1) * part_size`` whatever the object's size. ``commit_check``
-    runs right before the PutObject or CompleteMultipartUpload (``close``).
-    """
-
-    def __init__(
-        self,
-        s3: S3Calls,
-        bucket: str,
-        key: str,
-        sse: str | None,
-        report: Progress,
-        part_size: int,
-        slots: int,
-        commit_check: CommitCheck | None = None,
-    ) -> None:
-        self._s3 = s3
-        self._commit_check = commit_check
-        self._bucket, self._key, self._sse = bucket, key, sse
-        self._report = report
-        self._where = f"upload of s3://{bucket}/{key}"
-        self.bytes_written = 0
-        self._part_size = part_size
-        self._buffer, self._filled = bytearray(part_size), 0
-        self._spare: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        self._slot_count = slots
-        self._upload: NumberedUpload | None = None
-        self._parts = 0
-        self._state = "open"  # -> "closed" | "aborted"
-
-    @property
-    def part_size(self) -> int:
-        """The first part's size (later parts of a long stream grow)."""
-        return self._part_size
-
-    @property
-    def parts_in_flight(self) -> int:
-        return self._slot_count
-
-    def __enter__(self) -> MultipartUpload:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc is None:
-            self.close()
-        else:
-            abort_quietly(self)
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        source, done = memoryview(data).cast("B"), 0
-        while done < len(source):
-            self._make_room()
-            take = min(len(source) - done, len(self._buffer) - self._filled)
-            self._buffer[self._filled : self._filled + take] = source[done : done + take]
-            self._filled += take
-            done += take
-        self.bytes_written += done
-        return done
-
-    def write_from(self, file: ReadInto) -> None:
-        while True:
-            self._make_room()
-            got = file.readinto(memoryview(self._buffer)[self._filled :])
-            if not got:
-                return
-            self._filled += got
-            self.bytes_written += got
-
-    def _make_room(self) -> None:
-        if self._state != "open":
-            raise ObjectStoreError(f"{self._where} failed: write after close or abort")
-        if self._upload is not None:
-            self._upload.check()
-        if self._filled == len(self._buffer):
-            self._send_buffer()
-
-    def _send_buffer(self) -> None:
-        if self._upload is None:
-            self._upload = NumberedUpload(
-                self._s3,
-                self._bucket,
-                self._key,
-                self._sse,
-                self._report,
-                self._slot_count,
-                workers=self._slot_count,
-            )
-        self._parts += 1
-        number, buffer = self._parts, self._buffer
-        if self._filled == len(buffer):
-            self._upload.send(number, buffer, sent=lambda: self._spare.put(buffer))
-        else:  # a short last part: only it is copied
-            self._upload.send(number, bytes(memoryview(buffer)[: self._filled]))
-            self._spare.put(buffer)
-        size = min(MAX_PART_SIZE, self._part_size * 2 ** (number // _PARTS_PER_SIZE_STEP))
-        self._buffer = self._spare.get_nowait() if not self._spare.empty() else bytearray(size)
-        if len(self._buffer) != size:
-            self._buffer = bytearray(size)
-        self._filled = 0
-
-    def close(self) -> None:
-        if self._state == "closed":
-            return
-        if self._state == "aborted":
-            raise ObjectStoreError(f"{self._where} failed: the upload was aborted")
-        try:
-            if self._upload is None:
-                self._put()
-            else:
-                if self._filled:
-                    self._send_buffer()
-                self._upload.complete(self._commit_check)
-        except BaseException:
-            abort_quietly(self)
-            raise
-        self._state = "closed"
-
-    def _put(self) -> None:
-        body = bytes(memoryview(self._buffer)[: self._filled])
-        # Reported before the PUT, so a cancelling callback leaves no object behind.
-        self._report(len(body))
-        create = create_arguments(self._bucket, self._key, self._sse)
-        create["ChecksumCRC32"] = crc32_b64(body)
-        if self._commit_check is not None:
-            self._commit_check()
-        self._s3.call(self._where, self._s3.client.put_object, **create, Body=body)
-
-    def abort(self) -> None:
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        if self._upload is not None:
-            self._upload.abort()

@@ -1,15 +1,15 @@
 """The object store: the ``ObjectStore`` protocol and its S3 implementation.
 
 A download lands in one pre-allocated numpy buffer that parallel ranged GETs
-read straight into; an upload streams through a bounded multipart writer
-(``core.multipart``). So a multi-GB blob exists once in memory in either
+read straight into, checked against the CRC32 S3 stored (``core.checksums``);
+an upload streams through a bounded multipart writer (``core.streaming_upload``
+on ``core.multipart``). So a multi-GB blob exists once in memory in either
 direction. botocore errors are translated once, in ``core.s3_errors``, into
 ``core.errors``.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import http.client
 import logging
@@ -23,19 +23,21 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 import numpy as np
 from zlib_ng import zlib_ng
 
+from remote_vector_index_builder.core.checksums import (
+    Crc32Check,
+    RangeCrcs,
+    StoredCrc32,
+    plan_ranges,
+)
 from remote_vector_index_builder.core.errors import (
     DatasetError,
     IntegrityError,
-    ObjectStoreError,
 )
 from remote_vector_index_builder.core.multipart import (
     CommitCheck,
-    MultipartUpload,
     NumberedUpload,
-    ReadInto,
     UploadPlan,
     abort_incomplete,
-    crc32_b64,
 )
 from remote_vector_index_builder.core.s3_calls import (
     MIB,
@@ -47,6 +49,7 @@ from remote_vector_index_builder.core.s3_calls import (
     submit_in_context,
 )
 from remote_vector_index_builder.core.s3_errors import BodyCut, Corrupt
+from remote_vector_index_builder.core.streaming_upload import MultipartUpload, ReadInto
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -206,13 +209,19 @@ class S3ObjectStore:
                 f"object s3://{bucket}/{key} holds {info.size} bytes, expected {expected_size}"
             )
         buffer = _page_buffer(info.size)
-        stored = (info.checksums or {}).get("CRC32")
+        stored = StoredCrc32.of(info)
+        check = None if stored is None else Crc32Check(self._s3, bucket, key, info, stored)
+        # Ranges cut at the parts' boundaries where the parts are known: each part's
+        # CRC32 then comes from its ranges', with no pass over the buffer afterwards.
+        ranged = info.size > self._config.part_size
+        parts = check.part_sizes() if check is not None and ranged else None
+        crcs = RangeCrcs(plan_ranges(info.size, self._config.part_size, parts))
         for round_ in range(1, _DOWNLOAD_ROUNDS + 1):
             # A repeated download reports no progress: its bytes were counted once.
-            self._fetch(bucket, key, info, buffer, progress if round_ == 1 else None)
-            if stored is None:
+            self._fetch(bucket, key, info, buffer, progress if round_ == 1 else None, crcs)
+            if check is None:
                 return buffer  # nothing S3 can verify: sizes and the ETag (IfMatch) only
-            mismatch = self._crc32_mismatch(bucket, key, info, stored, buffer)
+            mismatch = check.mismatch(buffer, crcs)
             if mismatch is None:
                 return buffer
             log.warning("%s: %s (download %d of %d)", where, mismatch, round_, _DOWNLOAD_ROUNDS)
@@ -222,60 +231,6 @@ class S3ObjectStore:
             "succeed, otherwise upload the vectors again"
         )
 
-    def _crc32_mismatch(
-        self, bucket: str, key: str, info: ObjectInfo, stored: str, buffer: np.ndarray
-    ) -> str | None:
-        """How the buffer's CRC32 differs from the one S3 stored, or None if it does not.
-
-        A full-object checksum is the CRC32 of the object; a composite one (S3's
-        default for multipart uploads, "<base64>-<parts>") the CRC32 of the
-        parts' CRC32s, so it needs the part boundaries: the first part's size,
-        all parts but the last being equal (what SDKs upload), or else every
-        part's size; of one part, the CRC32 of the object's CRC32. Some stores
-        report neither the type nor the suffix (moto): a multipart object is
-        then checked both ways.
-        """
-        value, _, suffix = stored.partition("-")
-        etag_parts = info.etag.strip('"').rpartition("-")[2]
-        parts = int(suffix or (etag_parts if "-" in info.etag else 0) or 0)
-        full = crc32_b64(buffer.data)
-        if full == value and info.checksum_type != "COMPOSITE" and not suffix:
-            return None
-        if parts == 0 or info.checksum_type == "FULL_OBJECT":
-            return f"CRC32 of the object {full}, S3 stored {value}"
-        if parts == 1:
-            # One part (a client that always uploads multipart): S3 stores the CRC32 of
-            # that part's CRC32, which is the object's; no part sizes needed.
-            composite = crc32_b64(base64.b64decode(full))
-            if composite == value:
-                return None
-            return f"composite CRC32 of the one part {composite}, S3 stored {value}"
-        try:
-            composite = self._composite_crc32(bucket, key, info, parts, buffer, value)
-        except ObjectStoreError as exc:
-            # Not evidence of corruption: the store would not say where its parts are.
-            log.warning("%s: cannot check the composite CRC32 (%s)", key, exc)
-            return None
-        if composite == value:
-            return None
-        return f"composite CRC32 of the {parts} parts {composite}, S3 stored {value}"
-
-    def _composite_crc32(
-        self, bucket: str, key: str, info: ObjectInfo, parts: int, buffer: np.ndarray, value: str
-    ) -> str:
-        first = self._s3.head("checksum check", bucket, key, part=1).size
-        last = info.size - first * (parts - 1)
-        composite = _composite_crc32(buffer, [first] * (parts - 1) + [last])
-        if composite != value:
-            # Perhaps parts of different sizes: ask for each one's.
-            exact = [
-                self._s3.head("checksum check", bucket, key, part=number).size
-                for number in range(1, parts + 1)
-            ]
-            if sum(exact) == info.size:
-                composite = _composite_crc32(buffer, exact)
-        return composite
-
     def _fetch(
         self,
         bucket: str,
@@ -283,12 +238,13 @@ class S3ObjectStore:
         info: ObjectInfo,
         buffer: np.ndarray,
         progress: Progress | None,
+        crcs: RangeCrcs,
     ) -> None:
-        """Fill ``buffer`` with the object: one GET, or parallel ranged GETs."""
+        """Fill ``buffer`` with the object (one GET, or parallel ranged GETs) and ``crcs``."""
         target, report, stop = buffer.data, _serialized(progress), threading.Event()
         ranged = info.size > self._config.part_size
 
-        def attempt(first: int, last: int, reported: list[int]) -> None:
+        def attempt(index: int, first: int, last: int, reported: list[int]) -> None:
             # A whole-object GET (no Range) lets botocore verify the stored CRC, if any.
             extra: dict[str, Any] = {"Range": f"bytes={first}-{last}"} if ranged else {}
             response = self._s3.client.get_object(
@@ -296,12 +252,14 @@ class S3ObjectStore:
             )
             direct = _direct_reader(response["Body"]) if ranged else None
             body = direct or cast(ReadInto, response["Body"])
-            part, filled = target[first : last + 1], 0
+            part, filled, crc = target[first : last + 1], 0, 0
             try:
                 while filled < len(part) and not stop.is_set():
                     got = body.readinto(part[filled : filled + _READ_CHUNK])
                     if not got:
                         raise BodyCut(f"body ended after {filled} of {len(part)} bytes")
+                    # While the chunk is in the cache; zlib-ng releases the GIL.
+                    crc = zlib_ng.crc32(part[filled : filled + got], crc)
                     filled += got
                     # A retried range reports only the bytes it did not report before.
                     report(filled - reported[0])
@@ -317,19 +275,19 @@ class S3ObjectStore:
                 # Reading past the end lets botocore check Content-Length and any checksum.
                 elif body.readinto(memoryview(bytearray(1))):
                     raise Corrupt(f"body is longer than the {len(part)} bytes asked for")
+                crcs.crcs[index] = crc
             finally:
                 response["Body"].close()
 
-        def fetch(first: int) -> None:
-            last = min(first + self._config.part_size, info.size) - 1
+        def fetch(index: int) -> None:
+            first, last = crcs.ranges[index]
             where = f"download of s3://{bucket}/{key} (bytes {first}-{last})"
-            self._s3.call(where, attempt, first=first, last=last, reported=[0])
+            self._s3.call(where, attempt, index=index, first=first, last=last, reported=[0])
 
-        starts = range(0, info.size, self._config.part_size)
-        if len(starts) == 1:
+        if len(crcs.ranges) == 1:
             fetch(0)
         elif ranged:
-            tasks = [functools.partial(fetch, first) for first in starts]
+            tasks = [functools.partial(fetch, index) for index in range(len(crcs.ranges))]
             _run_all(tasks, stop, min(self._config.concurrency, len(tasks)))
 
     def open_upload(
@@ -392,15 +350,6 @@ class S3ObjectStore:
     def abort_incomplete_uploads(self, bucket: str, key: str) -> int:
         """Abort the incomplete multipart uploads of exactly ``key`` (an earlier attempt's)."""
         return abort_incomplete(self._s3, bucket, key)
-
-
-def _composite_crc32(buffer: np.ndarray, sizes: list[int]) -> str:
-    """S3's composite CRC32 (without "-<parts>") of ``buffer`` cut into parts of ``sizes``."""
-    view, digests, start = buffer.data.cast("B"), bytearray(), 0
-    for size in sizes:
-        digests += zlib_ng.crc32(view[start : start + size]).to_bytes(4, "big")
-        start += size
-    return crc32_b64(digests)
 
 
 def _run_all(tasks: list[functools.partial[None]], stop: threading.Event, workers: int) -> None:

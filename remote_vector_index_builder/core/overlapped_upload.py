@@ -16,7 +16,6 @@ graph. S3 joins parts by number: the object is byte for byte what
 
 from __future__ import annotations
 
-import base64
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import faiss
 import numpy as np
 from zlib_ng import zlib_ng
 
+from remote_vector_index_builder.core.checksums import b64, crc32_b64
 from remote_vector_index_builder.core.errors import BuildError
 from remote_vector_index_builder.core.index_builder import FaissIndex
 from remote_vector_index_builder.core.index_io import id_map_header, write_faiss
@@ -33,7 +33,6 @@ from remote_vector_index_builder.core.multipart import (
     CommitCheck,
     NumberedUpload,
     UploadPlan,
-    crc32_b64,
 )
 from remote_vector_index_builder.core.object_store import NumberedUploads
 from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE
@@ -128,7 +127,9 @@ class OverlappedWrite:
 
     ``stored(start, stop)`` (from the build thread, between two ``add`` calls)
     sends the parts that rows ``[start, stop)`` complete, copying them out of
-    the storage while no ``add`` runs. ``finish(index)`` checks the finished
+    the storage while no ``add`` runs, as far as there is room in flight (it
+    never waits: a waiting build thread leaves the build's cores idle).
+    ``finish(index)`` checks the finished
     index is the one those parts were cut from (same storage buffer, rows, ids
     and every early part's CRC32), sends the rest and completes the object;
     ``None`` if it is not (the caller then uploads sequentially). ``abort``
@@ -181,7 +182,9 @@ class OverlappedWrite:
         if not self._in_order:
             return
         self._rows = stop
-        self._send_ready(stop)
+        # The build never waits for the network: a part that finds no room goes with a
+        # later batch, or at the end.
+        self._send_ready(stop, wait=False)
 
     def _range(self, part: int) -> tuple[int, int]:
         start = self._held + part * self._part
@@ -193,10 +196,10 @@ class OverlappedWrite:
             return layout.rows
         return -(-(end - len(layout.prefix)) // layout.code_size)
 
-    def _send_ready(self, rows: int) -> None:
+    def _send_ready(self, rows: int, *, wait: bool = True) -> None:
         while self._next < self._count:
             start, end = self._range(self._next)
-            if self._rows_for(end) > rows:
+            if self._rows_for(end) > rows or not (wait or self._upload.has_room()):
                 return
             body, number = self._tail(start, end), self._first_number + self._next
             # Computed here, once, to compare with the finished index's rows (``_matches``).
@@ -241,7 +244,7 @@ class OverlappedWrite:
             for piece in self._pieces(*self._range(part)):
                 crc = zlib_ng.crc32(piece, crc)
             expected = self._checksums[self._first_number + part]
-            if base64.b64encode(crc.to_bytes(4, "big")).decode("ascii") != expected:
+            if b64(crc) != expected:
                 return False
         return True
 
