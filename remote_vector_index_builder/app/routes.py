@@ -32,14 +32,14 @@ from remote_vector_index_builder.app.runner import Runner
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core import sizing
 from remote_vector_index_builder.core.errors import (
-    AccessDeniedError,
+    BucketNotAllowed,
     InsufficientMemoryError,
-    InvalidRequestError,
     JobConflictError,
     JobNotFoundError,
     RvibError,
     ServiceUnavailableError,
     StoreFullError,
+    Unauthorized,
     problem_message,
 )
 from remote_vector_index_builder.core.params import BuildRequest
@@ -152,14 +152,6 @@ class ValidationErrorResponse(BaseModel):
     """The 422 body of ``main.validation_error`` (not FastAPI's default shape)."""
 
     detail: list[FieldProblem]
-
-
-class Unauthorized(RvibError):
-    pass
-
-
-class BucketNotAllowed(RvibError):
-    pass
 
 
 class BasicAuthHeader(SecurityBase):
@@ -391,11 +383,9 @@ async def ready(runner: RunnerDep) -> Any:
 _STATUS_CODES: list[tuple[type[RvibError], int]] = [
     (Unauthorized, 401),
     (BucketNotAllowed, 403),
-    (AccessDeniedError, 403),
     (JobNotFoundError, 404),
     (JobConflictError, 409),
     (StoreFullError, 429),
-    (InvalidRequestError, 422),
     (ServiceUnavailableError, 503),
     (InsufficientMemoryError, 507),
 ]

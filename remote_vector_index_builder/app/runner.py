@@ -22,9 +22,8 @@ import anyio.to_thread
 from remote_vector_index_builder.app.jobs import Clock, Job, JobSnapshot, JobState, JobStore
 from remote_vector_index_builder.app.logs import job_context, set_stage
 from remote_vector_index_builder.app.metrics import Metrics
-from remote_vector_index_builder.core import memory, workflow
+from remote_vector_index_builder.core import errors, memory, workflow
 from remote_vector_index_builder.core.errors import (
-    CancelledError,
     InsufficientMemoryError,
     JobConflictError,
     RvibError,
@@ -66,7 +65,7 @@ class Outcome:
 
 
 def classify(exc: BaseException) -> Outcome:
-    if isinstance(exc, CancelledError):
+    if isinstance(exc, errors.CancelledError):
         return Outcome(JobState.CANCELLED, str(exc) or CANCELLED_MESSAGE, "cancelled", False)
     if isinstance(exc, RvibError):
         return Outcome(JobState.FAILED, str(exc), type(exc).__name__, False)
@@ -126,11 +125,11 @@ class RunnerJobs(Protocol):
     def active(self) -> list[Job]: ...
 
     def checkpoint(self, job: Job) -> None:
-        """Between batches and parts: raise ``CancelledError`` if this build must stop."""
+        """Between batches and parts: raise ``errors.CancelledError`` if this build must stop."""
         ...
 
     def commit_check(self, job: Job) -> None:
-        """Right before the index becomes visible: raise ``CancelledError`` if it must not."""
+        """Right before the index becomes visible: raise ``errors.CancelledError`` if not."""
         ...
 
     def hand_back(self, job: Job) -> bool:
@@ -245,7 +244,8 @@ class _JobTracker(workflow.Tracker):
     def stage(self, stage: workflow.Stage, total: int) -> None:
         self._check()
         if not self.job.start_stage(stage, total, self.clock()):
-            raise CancelledError(CANCELLED_MESSAGE)  # failed meanwhile (time limit, shutdown)
+            # Failed meanwhile (time limit, shutdown).
+            raise errors.CancelledError(CANCELLED_MESSAGE)
         self._stage = stage
         set_stage(stage.value)
         log.info("job %s: %s", self.job.id, stage.value)
@@ -272,13 +272,13 @@ class _JobTracker(workflow.Tracker):
         if self.jobs is not None:
             self.jobs.commit_check(self.job)
         if self.job.cancel_requested.is_set():
-            raise CancelledError(CANCELLED_MESSAGE)
+            raise errors.CancelledError(CANCELLED_MESSAGE)
 
     def _check(self) -> None:
         if self.jobs is not None:
             self.jobs.checkpoint(self.job)
         if self.job.cancel_requested.is_set():
-            raise CancelledError(CANCELLED_MESSAGE)
+            raise errors.CancelledError(CANCELLED_MESSAGE)
 
 
 @dataclass(frozen=True)
@@ -434,7 +434,7 @@ class Runner:
                 self.record(job, exc)
                 return
             if not acquired:
-                self.record(job, CancelledError(CANCELLED_MESSAGE))
+                self.record(job, errors.CancelledError(CANCELLED_MESSAGE))
                 return
         key = (job.id, job.attempt)
         with self._lock:
@@ -539,7 +539,7 @@ class Runner:
                 # It never ran, so ``_run`` will not forget it: do it here.
                 del self._futures[key]
         if never_ran:
-            self.record(job, CancelledError(CANCELLED_MESSAGE))
+            self.record(job, errors.CancelledError(CANCELLED_MESSAGE))
 
     def check_time_limits(self) -> list[Job]:
         """Fail running builds older than the time limit; returns the jobs it failed."""
