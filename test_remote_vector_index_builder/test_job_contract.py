@@ -51,6 +51,14 @@ def detail(client: TestClient, job_id: str) -> dict[str, Any]:
     return body
 
 
+def gated(
+    service: Callable[..., TestClient], object_store: Any, **settings: Any
+) -> tuple[TestClient, GatedStore]:
+    """A service whose downloads wait at a gate the test opens."""
+    store = GatedStore(object_store)
+    return service(store=store, **settings), store
+
+
 def building(client: TestClient, job_id: str) -> Job:
     """The job as the runner holds it, once it runs here."""
     ledger = client.app.state.backend.ledger  # type: ignore[attr-defined]
@@ -67,8 +75,7 @@ def building(client: TestClient, job_id: str) -> Job:
 def test_the_same_request_is_one_job_and_a_different_one_a_409_that_fits_its_state(
     service: Callable[..., TestClient], s3_client: Any, bucket: str, object_store: Any
 ) -> None:
-    store = GatedStore(object_store)
-    client = service(store=store, max_workers=1)
+    client, store = gated(service, object_store, max_workers=1)
     upload(s3_client, bucket, "idx/a", clustered(300, 16))
     body = fast_body(bucket, "idx/a", 16, 300)
     job_id = post(client, body)
@@ -108,8 +115,7 @@ def test_the_same_request_is_one_job_and_a_different_one_a_409_that_fits_its_sta
 def test_a_store_full_of_active_jobs_answers_429_and_unknown_jobs_404(
     service: Callable[..., TestClient], s3_client: Any, bucket: str, object_store: Any
 ) -> None:
-    store = GatedStore(object_store)
-    client = service(store=store, request_store_max_size=2, max_workers=1)
+    client, store = gated(service, object_store, request_store_max_size=2, max_workers=1)
     try:
         for i in range(2):
             upload(s3_client, bucket, f"idx/full{i}", clustered(300, 16))
@@ -185,9 +191,8 @@ def test_cancel_of_queued_and_running_jobs_and_attempt_numbers(
 def test_a_failed_job_submitted_again_waits_with_its_runs_counted(
     service: Callable[..., TestClient], s3_client: Any, bucket: str, object_store: Any
 ) -> None:
-    store = GatedStore(object_store)
+    client, store = gated(service, object_store, max_workers=1)
     store.gate.set()
-    client = service(store=store, max_workers=1)
     body = fast_body(bucket, "idx/late", 16, 300)
     job_id = post(client, body)
     failed = wait_terminal(client, job_id)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 from cachetools import LRUCache
@@ -225,6 +225,7 @@ class Claimed:
     need: MemoryEstimate
 
 
+@dataclass
 class Placement:
     """Which queued job this replica takes next, and the claim of it.
 
@@ -241,23 +242,15 @@ class Placement:
     that cannot fit beside what builds stuck past their time limit hold.
     """
 
-    def __init__(
-        self,
-        queue: Queue,
-        admission: Admission,
-        *,
-        starvation_s: float = STARVATION_S,
-        monotonic: Callable[[], float] = time.monotonic,
-        allowed_buckets: frozenset[str] = frozenset(),
-    ) -> None:
-        self.queue = queue
-        self.admission = admission
-        self.allowed_buckets = allowed_buckets
-        self.starvation_s = starvation_s
-        self.monotonic = monotonic
-        # Per queued id: when this replica first saw it, and its parsed request.
-        self._first_seen: dict[str, float] = {}
-        self._requests: dict[str, BuildRequest] = {}
+    queue: Queue
+    admission: Admission
+    _: KW_ONLY
+    starvation_s: float = STARVATION_S
+    monotonic: Callable[[], float] = time.monotonic
+    allowed_buckets: frozenset[str] = frozenset()
+    # Per queued id: when this replica first saw it, and its parsed request.
+    _first_seen: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _requests: dict[str, BuildRequest] = field(default_factory=dict, init=False, repr=False)
 
     def take(self) -> Claimed | None:
         """Reserve and claim the next job, or None (nothing fits now, or the guard holds)."""
