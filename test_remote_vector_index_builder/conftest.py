@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -22,7 +23,7 @@ from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectS
 from remote_vector_index_builder.core.s3_calls import MIB, S3Config, make_s3_client
 from remote_vector_index_builder.local_s3 import free_port
 from test_remote_vector_index_builder.fleet_harness import RedisServer
-from test_remote_vector_index_builder.support import Clock, make_settings
+from test_remote_vector_index_builder.support import FLEET_SETTINGS, Clock, make_settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -109,9 +110,18 @@ def bucket(s3_client: S3Client) -> str:
 
 
 @pytest.fixture
-def service(s3_config: S3Config) -> Iterator[Callable[..., Any]]:
-    """Factory: ``service(store=..., clock=..., builder=..., **settings)`` -> running TestClient."""
+def service(
+    request: pytest.FixtureRequest, s3_config: S3Config, tmp_path: Any
+) -> Iterator[Callable[..., Any]]:
+    """Factory: ``service(store=..., clock=..., builder=..., **settings)`` -> running TestClient.
+
+    One process by default; parametrized with ``support.both_modes`` (indirectly), also a
+    fleet replica on a redis-server of its own (each service a database of its own).
+    """
+    mode = getattr(request, "param", "local")
     clients: list[TestClient] = []
+    stack = ExitStack()
+    redis = stack.enter_context(RedisServer(tmp_path / "redis")) if mode == "fleet" else None
 
     def start(
         store: ObjectStore | None = None,
@@ -119,6 +129,8 @@ def service(s3_config: S3Config) -> Iterator[Callable[..., Any]]:
         builder: IndexBuilder | None = None,
         **kw: Any,
     ) -> Any:
+        if redis is not None:
+            kw = {**FLEET_SETTINGS, "redis_url": redis.url[:-1] + str(len(clients)), **kw}
         app = create_app(
             make_settings(s3_config, **kw),
             Overrides(object_store=store, builder=builder, clock=clock or time.time),
@@ -128,9 +140,10 @@ def service(s3_config: S3Config) -> Iterator[Callable[..., Any]]:
         clients.append(client)
         return client
 
-    yield start
-    for client in clients:
-        client.__exit__(None, None, None)
+    with stack:
+        yield start
+        for client in clients:
+            client.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------------------

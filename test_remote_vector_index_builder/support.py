@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 import redis
 import redis.asyncio
 from fastapi import FastAPI
@@ -22,6 +23,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from remote_vector_index_builder.app.admission import Admission
 from remote_vector_index_builder.app.fleet_health import FleetMetrics, Health
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
@@ -31,12 +33,14 @@ from remote_vector_index_builder.app.fleet_store import (
     StatusCache,
 )
 from remote_vector_index_builder.app.settings import Settings
+from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.dataset import Dataset
 from remote_vector_index_builder.core.index_builder import FaissIndex, Progress
+from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import S3ObjectStore, Upload
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.s3_calls import ObjectInfo, S3Config
+from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, ObjectInfo, S3Config
 from test_remote_vector_index_builder.data import doc_id_blob, vector_blob
 
 T = TypeVar("T")
@@ -74,6 +78,16 @@ def parse_metrics(text: str) -> MetricSamples:
 def metric_value(samples: MetricSamples, name: str, **labels: str) -> float:
     """The sample ``name`` with exactly ``labels``; 0 when absent (a counter never bumped)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+# conftest's ``service`` in both modes: one process, and a fleet replica (on a Redis of its
+# own) that renews its lease and publishes progress every 0.1 s.
+both_modes = pytest.mark.parametrize("service", ["local", "fleet"], indirect=True)
+FLEET_SETTINGS: dict[str, Any] = {
+    "replica_id": "solo",
+    "lease_seconds": 10,
+    "heartbeat_seconds": 0.1,
+}
 
 
 def make_settings(s3_config: S3Config, **overrides: Any) -> Settings:
@@ -257,6 +271,16 @@ def readme_variables() -> set[str]:
     return names
 
 
+def estimate(request: BuildRequest) -> memory.MemoryEstimate:
+    """The admission estimate with small upload parts and batches (real formula)."""
+    return memory.estimate(request, upload=UploadPlan(MIN_PART_SIZE, 2), add_batch_rows=10_000)
+
+
+def admission(host_bytes: int = 2**50, gpu_bytes: int = 0) -> Admission:
+    """Admission with ``estimate`` and these limits (by default, everything fits)."""
+    return Admission(host_bytes, gpu_bytes, estimate)
+
+
 # --------------------------------------------------------------------------------------
 # The fleet's stores in this process, on a real redis-server (conftest's ``redis_server``)
 # --------------------------------------------------------------------------------------
@@ -287,9 +311,11 @@ def with_service(
     url: str,
     body: Callable[[FleetJobService], Awaitable[T]],
     cache: StatusCache | None = None,
+    intake: Admission | None = None,
     **config: Any,
 ) -> T:
-    """Run ``body`` on a fresh service in its own event loop (the client belongs to it)."""
+    """Run ``body`` on a fresh service in its own event loop (the client belongs to it);
+    ``intake``: its admission (by default, everything fits)."""
 
     async def main() -> T:
         client = redis.asyncio.Redis.from_url(url, decode_responses=True)
@@ -300,6 +326,7 @@ def with_service(
             cache or StatusCache(),
             Health(FleetMetrics(CollectorRegistry()), settings.retry_after_s),
             time.time,
+            intake or admission(),
         )
         try:
             return await body(service)
@@ -309,8 +336,8 @@ def with_service(
     return asyncio.run(main())
 
 
-def fleet_submit(url: str, request: BuildRequest) -> str:
-    return with_service(url, lambda s: s.submit(request))
+def fleet_submit(url: str, request: BuildRequest, intake: Admission | None = None) -> str:
+    return with_service(url, lambda s: s.submit(request), intake=intake)
 
 
 def fleet_status(url: str, job_id: str) -> dict[str, Any]:

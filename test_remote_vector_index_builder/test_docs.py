@@ -45,15 +45,15 @@ def test_the_documents_the_code_cites_exist() -> None:
     assert missing == []
 
 
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def doc_section(title: str, document: str = "README.md") -> str:
+    text = (ROOT / document).read_text()
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end > 0 else None]
 
 
 def test_readme_says_what_differs_from_the_reference_builder() -> None:
-    section = readme_section("Coming from the reference builder")
+    section = doc_section("Coming from the reference builder")
     assert "opensearch-project/remote-vector-index-builder" in section
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     named = {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])}
@@ -71,7 +71,7 @@ def test_readme_says_what_differs_from_the_reference_builder() -> None:
 
 
 def test_readme_has_the_opensearch_version_matrix() -> None:
-    section = readme_section("OpenSearch versions")
+    section = doc_section("OpenSearch versions")
     releases = re.findall(r"^\| (3\.\d+)", section, re.MULTILINE)
     assert releases == ["3.0", "3.1", "3.2", "3.7", "3.9"]
     for name in (
@@ -87,7 +87,7 @@ def test_readme_has_the_opensearch_version_matrix() -> None:
 
 
 def test_readme_walks_a_cluster_to_remote_builds() -> None:
-    section = readme_section("Point your cluster at it")
+    section = doc_section("Point your cluster at it")
     for step in (
         "opensearch-plugin install repository-s3",
         "PUT _snapshot/",
@@ -107,7 +107,7 @@ def test_readme_walks_a_cluster_to_remote_builds() -> None:
 
 
 def test_readme_sizing_table_is_what_admission_admits() -> None:
-    section = readme_section("Sizing")
+    section = doc_section("Sizing")
     header, _, *rows = [line for line in section.splitlines() if line.startswith("| ")]
     dimensions = [int(d.split()[0]) for d in header.split("|")[2:-1]]
     settings = Settings(_env_file=None)  # the defaults: m 16, 16 MiB parts, CPU
@@ -139,3 +139,17 @@ def test_the_contract_records_the_protocol_changes_and_their_clients() -> None:
     request = contract.split("## 1.", 1)[1].split("\n## ", 1)[0]
     for fact in ("3.7", "3.9", "k-NN #3459", "half_float", "m >= 2"):
         assert fact in request, fact
+
+
+def test_api_md_names_every_field_and_parameter_of_the_jobs_listing() -> None:
+    from remote_vector_index_builder.app.job_responses import JobSummary
+    from remote_vector_index_builder.app.main import create_app
+
+    section = doc_section("GET /_jobs", "API.md")
+    named = set(re.findall(r"`([a-z_]+)`", section))
+    assert sorted(set(JobSummary.model_fields) - named) == []
+    schema = create_app(Settings(_env_file=None, device="cpu")).openapi()
+    parameters = {p["name"] for p in schema["paths"]["/_jobs"]["get"]["parameters"]}
+    assert parameters == {"state", "limit", "after"}
+    rows = {row.split("|")[1].strip(" `") for row in section.splitlines() if row.startswith("| `")}
+    assert rows == parameters

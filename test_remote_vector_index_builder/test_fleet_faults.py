@@ -18,9 +18,9 @@ import redis
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from remote_vector_index_builder.app.fleet import Placement
+from remote_vector_index_builder.app.admission import Placement
 from remote_vector_index_builder.app.fleet_health import FleetMetrics
-from remote_vector_index_builder.app.fleet_leases import FleetJobs
+from remote_vector_index_builder.app.fleet_leases import Leases
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     AUDIT,
@@ -33,23 +33,21 @@ from remote_vector_index_builder.app.fleet_store import (
     StatusCache,
     job_key,
 )
-from remote_vector_index_builder.app.jobs import Job, JobState
+from remote_vector_index_builder.app.job_responses import JobDetail, JobSummary
+from remote_vector_index_builder.app.jobs import Job, JobQuery, JobState, Outcome
 from remote_vector_index_builder.app.main import Overrides, create_app
-from remote_vector_index_builder.app.routes import JobDetail, JobSummary
-from remote_vector_index_builder.app.runner import MemoryBudget
-from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.core.errors import (
     CancelledError,
-    JobConflictError,
     JobStoreUnavailableError,
 )
-from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, S3Config
+from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import (
     GatedBuilder,
+    admission,
+    estimate,
     fast_body,
     fleet_status,
     fleet_submit,
@@ -118,13 +116,16 @@ def everything(r: Any) -> dict[str, Any]:
     return found
 
 
-def fleet_jobs(store: FleetStore, released: list[int] | None = None, **kw: Any) -> FleetJobs:
+def leases(store: FleetStore, released: list[int] | None = None, **kw: Any) -> Leases:
     metrics = FleetMetrics(CollectorRegistry())
     done = released if released is not None else []
-    return FleetJobs(store, StatusCache(), metrics, float, lambda: done.append(1), **kw)
+    return Leases(store, StatusCache(), metrics, float, lambda: done.append(1), **kw)
 
 
-def owned_job(store: FleetStore, jobs: FleetJobs, request: BuildRequest) -> Job:
+COMPLETED = Outcome(JobState.COMPLETED, file_name="seg.faiss")
+
+
+def owned_job(store: FleetStore, jobs: Leases, request: BuildRequest) -> Job:
     """``request`` submitted and claimed by ``store``'s replica, held by ``jobs``."""
     attempt = store.claim(fleet_submit(store.config.url, request))
     assert attempt >= 1
@@ -153,16 +154,14 @@ def test_redis_refusing_writes_refuses_every_step_whole(
     store.register({})
     r = redis_server.admin()
     before = everything(r)
-    done: dict[str, Any] = {"device": "cpu", "index_bytes": 1, "quality": None, "progress": "{}"}
+    done = Outcome(JobState.COMPLETED, file_name="owned.faiss", index_bytes=1)
     steps: dict[str, Callable[[], Any]] = {
         "submit": lambda: fleet_submit(url, build_request("idx/new")),
         "resubmit": lambda: fleet_submit(url, build_request("idx/queued")),  # no write: fine
-        "cancel": lambda: with_service(url, lambda s: s.cancel(queued)),
+        "cancel": lambda: with_service(url, lambda s: s.delete(queued)),
         "claim": lambda: store.claim(queued),
         "renew": lambda: store.renew([(owned, 1, "building", "{}", "cpu")]),
-        "complete": lambda: store.complete(
-            owned, 1, JobState.COMPLETED, file_name="owned.faiss", error=None, **done
-        ),
+        "complete": lambda: store.complete(owned, 1, done, device="cpu", progress="{}"),
         "release": lambda: store.release(owned, 1),
         "reclaim": lambda: store.reclaim(lapsed),
         "register": lambda: store.register({}),
@@ -182,7 +181,7 @@ def test_redis_refusing_writes_refuses_every_step_whole(
     assert after == before
     stop()
     assert store.claim(queued) == 1
-    assert store.complete(owned, 1, JobState.COMPLETED, file_name="owned.faiss", error=None, **done)
+    assert store.complete(owned, 1, done, device="cpu", progress="{}")
     assert store.reclaim(lapsed) == "queued"
     assert fleet_submit(url, build_request("idx/new")) in r.zrange(QUEUE, 0, -1)
 
@@ -195,14 +194,14 @@ def test_an_outcome_is_recorded_once_redis_takes_writes_again(
     _, start, stop = refusing
     store = sync_store(redis_server.url)
     released: list[int] = []
-    jobs = fleet_jobs(store, released)
+    jobs = leases(store, released)
     job = owned_job(store, jobs, build_request())
     start()
     result: list[Any] = []
 
     def finish() -> None:
         try:
-            result.append(jobs.finish(job, JobState.COMPLETED, file_name="seg.faiss"))
+            result.append(jobs.record(job, COMPLETED))
         except BaseException as exc:
             result.append(exc)
             raise
@@ -225,12 +224,13 @@ def test_a_failure_to_record_leaves_the_job_to_the_reaper(
     the job leaves this replica's hands, so its lease runs out and it runs again."""
     store = sync_store(redis_server.url)
     released: list[int] = []
-    jobs = fleet_jobs(store, released)
+    jobs = leases(store, released)
     job = owned_job(store, jobs, build_request())
     with caplog.at_level(logging.ERROR):
-        recorded = jobs.finish(
-            job, JobState.COMPLETED, file_name="seg.faiss", quality={"recall": np.float32(0.9)}
+        unencodable = Outcome(
+            JobState.COMPLETED, file_name="seg.faiss", quality={"recall": np.float32(0.9)}
         )
+        recorded = jobs.record(job, unencodable)
     assert recorded is False and jobs.owned() == [] and released == [1]
     [record] = [r for r in caplog.records if "recording its outcome" in r.getMessage()]
     assert record.exc_info is not None and job.id in record.getMessage()
@@ -246,7 +246,7 @@ def test_a_checkpoint_builds_on_while_redis_refuses_writes(
     _, start, stop = refusing
     store = sync_store(redis_server.url, lease_s=10.0)
     now = [0.0]
-    jobs = fleet_jobs(store, monotonic=lambda: now[0])
+    jobs = leases(store, monotonic=lambda: now[0])
     job = owned_job(store, jobs, build_request())
     now[0] = 6.0  # past half a lease since the claim: the checkpoint renews
     start()
@@ -290,10 +290,6 @@ def test_the_endpoints_answer_503_with_retry_after_while_redis_refuses_writes(
         assert r.zcard(JOBS) == 2
 
 
-def estimate(request: BuildRequest) -> memory.MemoryEstimate:
-    return memory.estimate(request, upload=UploadPlan(MIN_PART_SIZE, 2), add_batch_rows=10_000)
-
-
 @pytest.mark.parametrize("fault", ["unsaving", "a bug"])
 def test_a_failed_claim_gives_its_memory_back_and_the_replica_claims_again(
     redis_server: RedisServer, fault: str
@@ -303,8 +299,8 @@ def test_a_failed_claim_gives_its_memory_back_and_the_replica_claims_again(
     holds one build never claimed again, although Redis was fine and /_ready said 200."""
     url = redis_server.url
     store = sync_store(url)
-    budget = MemoryBudget(estimate(build_request()).host_bytes, 0)  # one build at a time
-    placement = Placement(store, budget, estimate)
+    budget = admission(estimate(build_request()).host_bytes)  # one build at a time
+    placement = Placement(store, budget)
     first = fleet_submit(url, build_request("idx/first"))
     second = fleet_submit(url, build_request("idx/second"))
     r = redis_server.admin()
@@ -362,13 +358,13 @@ def test_an_unreadable_stored_request_fails_and_the_queue_moves_on(
     good = fleet_submit(url, build_request("idx/good"))
     for how, job_id in bad.items():
         make_unreadable(r, job_id, how)
-    listing = {snap.id: snap for snap in with_service(url, lambda s: s.snapshots())}
+    listing = {snap.id: snap for snap in with_service(url, lambda s: s.snapshots(JobQuery()))}
     assert set(listing) == {*bad.values(), good}
     newer = listing[bad["data_type"]]
     assert newer.request is None and newer.state is JobState.QUEUED
-    summary = JobSummary.model_validate(newer.summary())  # what GET /_jobs answers
+    summary = JobSummary.model_validate(JobSummary.of(newer).model_dump())  # GET /_jobs
     assert (summary.bucket, summary.data_type, summary.dimension) == ("b", "float8", 8)
-    placement = Placement(sync_store(url), MemoryBudget(2**40, 0), estimate)
+    placement = Placement(sync_store(url), admission())
     claimed = placement.take()
     assert claimed is not None and claimed.job_id == good
     for how, job_id in bad.items():
@@ -376,8 +372,8 @@ def test_an_unreadable_stored_request_fails_and_the_queue_moves_on(
         assert body["task_status"] == "FAILED_INDEX_BUILD"
         assert body["error_message"].startswith("this replica cannot read the stored build request")
         assert how in body["error_message"]
-        with pytest.raises(JobConflictError, match="already ended"):  # DELETE's usual 409
-            with_service(url, partial(FleetJobService.cancel, job_id=job_id))
+        # DELETE forgets it like any ended job.
+        assert with_service(url, partial(FleetJobService.delete, job_id=job_id)).forgotten
     assert r.zrange(QUEUE, 0, -1) == []
 
 
@@ -386,8 +382,8 @@ def test_an_unreadable_queued_request_can_be_cancelled(redis_server: RedisServer
     url = redis_server.url
     job_id = fleet_submit(url, build_request())
     make_unreadable(redis_server.admin(), job_id, "recursion limit")
-    snap = with_service(url, lambda s: s.cancel(job_id))
-    detail = JobDetail.model_validate(snap.detail(0.0))  # what DELETE answers (202)
+    snap = with_service(url, lambda s: s.delete(job_id)).snapshot
+    detail = JobDetail.model_validate(JobDetail.at(snap, 0.0).model_dump())  # DELETE's 202
     assert detail.state is JobState.CANCELLED and detail.vector_path == "idx/seg.knnvec"
     assert fleet_status(url, job_id)["error_message"] == "cancelled by operator"
 
@@ -408,7 +404,7 @@ def test_a_replica_gets_past_an_unreadable_request_to_the_job_behind_it(
         listing = client.get("/_jobs")
         assert listing.status_code == 200 and listing.json()[poisoned]["data_type"] == "float8"
         assert client.get(f"/_jobs/{poisoned}").json()["state"] == "failed"
-        assert client.delete(f"/_jobs/{poisoned}").status_code == 409
+        assert client.delete(f"/_jobs/{poisoned}").status_code == 200  # forgotten
 
 
 def test_claiming_a_job_again_fences_this_replicas_older_attempt(
@@ -417,7 +413,7 @@ def test_claiming_a_job_again_fences_this_replicas_older_attempt(
     """The newer attempt replaced the older one's entry, unfenced: both built on."""
     url = redis_server.url
     store = sync_store(url)
-    jobs = fleet_jobs(store)
+    jobs = leases(store)
     old = owned_job(store, jobs, build_request())
     run_out_lease(url, old.id)  # its lease lapsed (a long pause) and it was queued again
     assert store.reclaim(old.id) == "queued"
@@ -428,8 +424,8 @@ def test_claiming_a_job_again_fences_this_replicas_older_attempt(
         jobs.checkpoint(old)
     jobs.checkpoint(new)
     assert jobs.active() == [new]
-    assert not jobs.finish(old, JobState.COMPLETED, file_name="old.faiss")
-    assert jobs.finish(new, JobState.COMPLETED, file_name="seg.faiss")
+    assert not jobs.record(old, Outcome(JobState.COMPLETED, file_name="old.faiss"))
+    assert jobs.record(new, COMPLETED)
     assert jobs.owned() == []
     ends = [
         (e["attempt"], e["state"])
@@ -463,16 +459,16 @@ def test_a_replica_never_runs_two_builds_of_a_job_it_claims_again(
         ]
         assert builder.paused.wait(timeout=30)
         r.zadd(LEASES, {job_id: 0}, xx=True)  # the lease lapsed (as after a long pause)
-        fleet = app.state.fleet
-        wait_until("claimed again", lambda: len(fleet.jobs.owned()) == 2)
-        [old, new] = sorted(fleet.jobs.owned(), key=lambda entry: entry.attempt)
+        fleet = app.state.backend
+        wait_until("claimed again", lambda: len(fleet.leases.owned()) == 2)
+        [old, new] = sorted(fleet.leases.owned(), key=lambda entry: entry.attempt)
         assert (old.attempt, new.attempt) == (1, 2)
         assert old.lost and old.job.cancel_requested.is_set()
         assert app.state.runner.busy() == 2
         builder.resume.set()
         assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
         wait_idle(client)
-        assert fleet.jobs.owned() == []
+        assert fleet.leases.owned() == []
         events = [(e["event"], e["attempt"]) for _, e in r.xrange(AUDIT)]
         assert events == [("start", "1"), ("reclaimed", "1"), ("start", "2"), ("end", "2")]
 
@@ -483,7 +479,7 @@ def test_the_commit_check_confirms_the_lease_right_before_the_upload(
     url = redis_server.url
     store = sync_store(url, lease_s=10.0)
     now = [0.0]
-    jobs = fleet_jobs(store, monotonic=lambda: now[0])
+    jobs = leases(store, monotonic=lambda: now[0])
     job = owned_job(store, jobs, build_request())
     r = redis_server.admin()
     r.zadd(LEASES, {job.id: 1}, xx=True)  # about to run out (Redis's clock)
@@ -496,7 +492,7 @@ def test_the_commit_check_confirms_the_lease_right_before_the_upload(
     assert sync_store(url, "r2").claim(job.id) == 2
     with pytest.raises(CancelledError, match="another replica"):
         jobs.commit_check(job)
-    assert not jobs.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+    assert not jobs.record(job, COMPLETED)
     assert fleet_status(url, job.id)["task_status"] == "RUNNING_INDEX_BUILD"
 
 
@@ -509,7 +505,7 @@ def test_an_owner_cut_off_from_redis_for_a_whole_lease_stops_before_it_uploads(
     replaced. Within a lease nobody can have taken the job over: the upload goes on."""
     store = sync_store(redis_server.url, lease_s=10.0)
     now = [0.0]
-    jobs = fleet_jobs(store, monotonic=lambda: now[0])
+    jobs = leases(store, monotonic=lambda: now[0])
     job = owned_job(store, jobs, build_request())
     if cut_off == "unreachable":
         redis_server.kill()
@@ -522,7 +518,7 @@ def test_an_owner_cut_off_from_redis_for_a_whole_lease_stops_before_it_uploads(
     with pytest.raises(CancelledError, match="unconfirmed for 10 s"):
         jobs.commit_check(job)
     assert job.cancel_requested.is_set() and jobs.active() == []
-    assert not jobs.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+    assert not jobs.record(job, COMPLETED)
     assert jobs.owned() == []
 
 
@@ -572,8 +568,8 @@ def test_the_event_listener_outlives_an_error_and_delivers_cancels_again(
         wait_until("refused", lambda: "(events, NOPERM)" in caplog.text)
         admin.execute_command("ACL", "SETUSER", "rvib", "&{rvib}:events")
         wait_until("listening", lambda: admin.pubsub_numsub(CHANNEL) == [(CHANNEL, 1)])
-        with_service(redis_server.url, partial(FleetJobService.cancel, job_id=job_id))
-        [entry] = app.state.fleet.jobs.owned()
+        with_service(redis_server.url, partial(FleetJobService.delete, job_id=job_id))
+        [entry] = app.state.backend.leases.owned()
         wait_until("the cancel delivered", entry.job.cancel_requested.is_set)
         builder.resume.set()
         assert wait_terminal(client, job_id)["error_message"] == "cancelled by operator"
@@ -583,9 +579,7 @@ def test_a_bucket_that_left_the_allow_list_fails_its_queued_jobs_at_claim(
     redis_server: RedisServer,
 ) -> None:
     url = redis_server.url
-    placement = Placement(
-        sync_store(url), MemoryBudget(2**40, 0), estimate, allowed_buckets=frozenset({"kept"})
-    )
+    placement = Placement(sync_store(url), admission(), allowed_buckets=frozenset({"kept"}))
     dropped = fleet_submit(url, request_for("dropped", "idx/a", 8, 10))
     kept = fleet_submit(url, request_for("kept", "idx/b", 8, 10))
     claimed = placement.take()

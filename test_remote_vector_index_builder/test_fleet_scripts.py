@@ -18,29 +18,26 @@ import redis
 import redis.asyncio
 from fastapi.testclient import TestClient
 
-from remote_vector_index_builder.app.fleet import STARVATION_S, Placement
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     AUDIT,
     CHANNEL,
+    JOBS,
     LEASES,
     QUEUE,
     StatusCache,
     job_key,
 )
-from remote_vector_index_builder.app.jobs import JobState
+from remote_vector_index_builder.app.jobs import JobState, Outcome
 from remote_vector_index_builder.app.main import create_app
-from remote_vector_index_builder.app.runner import MemoryBudget
-from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.core.errors import (
     JobConflictError,
     JobNotFoundError,
     JobStoreUnavailableError,
     StoreFullError,
 )
-from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, S3Config
+from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import (
@@ -102,9 +99,9 @@ def test_claim_lease_reclaim_and_fencing(redis_server: RedisServer) -> None:
     assert b.claim(job_id) == 2
     # The old owner comes back: it can neither renew nor record.
     assert a.renew([(job_id, 1, "", "{}", "cpu")]) == [(False, False)]
-    done: dict[str, Any] = {"device": "cpu", "index_bytes": 10, "quality": None, "progress": "{}"}
-    assert not a.complete(job_id, 1, JobState.COMPLETED, file_name="x", error=None, **done)
-    assert b.complete(job_id, 2, JobState.COMPLETED, file_name="seg.faiss", error=None, **done)
+    done = Outcome(JobState.COMPLETED, file_name="seg.faiss", index_bytes=10)
+    assert not a.complete(job_id, 1, done, device="cpu", progress="{}")
+    assert b.complete(job_id, 2, done, device="cpu", progress="{}")
     r: Any = redis.Redis.from_url(url, decode_responses=True)
     assert 0 < r.pttl(job_key(job_id)) <= 60_000  # the finished TTL counts from now
     assert r.zcard(LEASES) == 0 and r.zcard(QUEUE) == 0
@@ -147,20 +144,26 @@ def test_cancel_queued_and_owned_jobs(redis_server: RedisServer) -> None:
     url = redis_server.url
     store = sync_store(url, lease_s=0.2)
     queued = fleet_submit(url, build_request("idx/q"))
-    snap = with_service(url, lambda s: s.cancel(queued))
+    deleted = with_service(url, lambda s: s.delete(queued))
+    snap = deleted.snapshot
+    assert not deleted.forgotten
     assert snap.state is JobState.CANCELLED and snap.error == "cancelled by operator"
     assert fleet_status(url, queued)["error_message"] == "cancelled by operator"
-    with pytest.raises(JobConflictError, match="nothing to cancel"):
-        with_service(url, lambda s: s.cancel(queued))
-    with pytest.raises(JobNotFoundError):
-        with_service(url, lambda s: s.cancel("never-seen"))
+    # Deleted again, the ended job is forgotten: its hash and its place in the listing.
+    again = with_service(url, lambda s: s.delete(queued))
+    assert again.forgotten and again.snapshot.state is JobState.CANCELLED
+    r: Any = redis.Redis.from_url(url, decode_responses=True)
+    assert not r.exists(job_key(queued)) and r.zscore(JOBS, queued) is None
+    for gone in (queued, "never-seen"):
+        with pytest.raises(JobNotFoundError):
+            with_service(url, lambda s: s.delete(gone))  # noqa: B023
 
     owned = fleet_submit(url, build_request("idx/o"))
     assert store.claim(owned) == 1
     client: Any = redis.Redis.from_url(url, decode_responses=True)
     events = client.pubsub(ignore_subscribe_messages=True)
     events.subscribe(CHANNEL)
-    snap = with_service(url, lambda s: s.cancel(owned))
+    snap = with_service(url, lambda s: s.delete(owned)).snapshot
     assert snap.cancel_requested and snap.owner == "r1" and not snap.state.terminal
     message = None
     for _ in range(50):
@@ -263,7 +266,6 @@ def test_one_replica_in_fleet_mode_builds_through_the_app(
         detail = client.get(f"/_jobs/{job_id}").json()
         assert detail["progress"]["percent"] == 100.0 and detail["index_bytes"] > 0
         assert set(detail["stages"]) == {"download", "parse", "build", "upload"}
-        assert client.delete(f"/_jobs/{job_id}").status_code == 409
         assert client.get("/_status/never-seen").status_code == 404
         metrics = client.get("/metrics").text
         assert "rvib_fleet_replicas 1.0" in metrics
@@ -314,8 +316,6 @@ def test_one_process_never_imports_redis() -> None:
 import sys
 from fastapi.testclient import TestClient
 from remote_vector_index_builder.app.main import create_app
-from remote_vector_index_builder.app.runner import MemoryBudget
-from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.app.settings import Settings
 
 settings = Settings(_env_file=None, device="cpu", max_workers=1, omp_threads=1)
@@ -332,64 +332,3 @@ sys.exit(1 if loaded else 0)
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "redis modules: []" in done.stdout
-
-
-def test_a_large_job_is_not_starved_by_a_stream_of_small_ones(redis_server: RedisServer) -> None:
-    """One replica whose memory holds one large build or many small ones (real estimates).
-
-    Small jobs keep arriving while small builds hold memory: before the guard's
-    window they are taken past the waiting large job; once it has waited the
-    window, they are held back, and the large job is taken as soon as the
-    running builds drain. The replica's clock is a seam (no sleeping here).
-    """
-    url = redis_server.url
-    store = sync_store(url)
-    plan = UploadPlan(MIN_PART_SIZE, 2)
-
-    def estimate(request: BuildRequest) -> memory.MemoryEstimate:
-        return memory.estimate(request, upload=plan, add_batch_rows=10_000)
-
-    large = build_request("idx/large", dimension=768, doc_count=1_000_000)
-    budget = MemoryBudget(estimate(large).host_bytes, 0)
-    assert 5 * estimate(build_request("idx/s")).host_bytes < budget.host_limit
-    clock = [0.0]
-    placement = Placement(store, budget, estimate, STARVATION_S, monotonic=lambda: clock[0])
-    smalls = iter(build_request(f"idx/small-{n}") for n in range(100))
-    running: list[memory.MemoryEstimate] = []
-
-    def submit_small() -> str:
-        return fleet_submit(url, next(smalls))
-
-    def take() -> str | None:
-        claimed = placement.take()
-        if claimed is None:
-            return None
-        assert claimed.need == estimate(claimed.request) and claimed.attempt == 1
-        running.append(claimed.need)
-        return claimed.job_id
-
-    first = submit_small()
-    assert take() == first  # a small build holds memory from now on
-    large_id = fleet_submit(url, large)
-    # Inside the window: small jobs behind the large one are taken while it waits.
-    for at in (0.0, STARVATION_S / 2, STARVATION_S - 1):
-        clock[0] = at
-        small_id = submit_small()
-        assert take() == small_id
-    assert store.queue_head(10) == [large_id]
-    # Past the window: a small job fits now, but is held back for the large one.
-    clock[0] = STARVATION_S
-    held = submit_small()
-    assert take() is None
-    assert store.queue_head(10) == [large_id, held]
-    # The small builds end one by one; the large job is taken once they all have.
-    while len(running) > 1:
-        budget.release(running.pop(0))
-        assert take() is None
-    budget.release(running.pop(0))
-    assert take() == large_id
-    assert store.queue_head(10) == [held]
-    assert take() is None  # the large build holds all the memory now
-    budget.release(running.pop(0))
-    assert take() == held
-    assert store.queue_head(10) == []

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from remote_vector_index_builder.app.jobs import JobState, JobStore, TaskStatus
+from remote_vector_index_builder.app.job_responses import JobSummary
+from remote_vector_index_builder.app.jobs import JobState, Outcome, TaskStatus
+from remote_vector_index_builder.app.local import LocalJobStore
 from remote_vector_index_builder.core.errors import (
     JobConflictError,
     JobNotFoundError,
@@ -33,12 +35,12 @@ def request(path: str = "idx/seg", **kw: Any) -> BuildRequest:
 
 def test_active_jobs_never_expire_and_ttl_counts_from_finish() -> None:
     clock = FakeClock()
-    store = JobStore(max_size=10, ttl_seconds=60, clock=clock)
+    store = LocalJobStore(max_size=10, ttl_seconds=60, clock=clock)
     job, created = store.add_if_absent(request())
     assert created
     clock.now += 3600  # a build far longer than the TTL
     assert store.get(job.id).snapshot().task_status is TaskStatus.RUNNING
-    store.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+    store.record(job, Outcome(JobState.COMPLETED, file_name="seg.faiss"))
     clock.now += 59
     assert store.get(job.id).status_body() == {
         "task_status": "COMPLETED_INDEX_BUILD",
@@ -51,34 +53,36 @@ def test_active_jobs_never_expire_and_ttl_counts_from_finish() -> None:
 
 
 def test_duplicates_share_a_job_failed_ones_retry_and_conflicts_raise() -> None:
-    store = JobStore(max_size=10, ttl_seconds=60, clock=FakeClock())
+    store = LocalJobStore(max_size=10, ttl_seconds=60, clock=FakeClock())
     job, _ = store.add_if_absent(request())
     again, created = store.add_if_absent(request())
     assert again is job and not created
     with pytest.raises(JobConflictError, match="different build parameters"):
         store.add_if_absent(request(dimension=16))
-    store.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+    store.record(job, Outcome(JobState.COMPLETED, file_name="seg.faiss"))
     assert store.add_if_absent(request()) == (job, False)
 
     other, _ = store.add_if_absent(request("idx/other"))
-    store.finish(other, JobState.FAILED, error="boom")
+    store.record(other, Outcome(JobState.FAILED, error="boom"))
     retry, created = store.add_if_absent(request("idx/other"))
-    assert created and retry is not other and retry.attempt == 2
+    # Attempts count runs (claims); a new request keeps the count of the failed job's.
+    assert created and retry is not other and retry.attempt == other.attempt
+    assert store.claim(retry.id) is retry and retry.attempt == other.attempt + 1
     assert retry.id == other.id and store.get(retry.id) is retry
 
 
 def test_outcome_is_recorded_once() -> None:
-    store = JobStore(max_size=10, ttl_seconds=60, clock=FakeClock())
+    store = LocalJobStore(max_size=10, ttl_seconds=60, clock=FakeClock())
     job, _ = store.add_if_absent(request())
-    assert store.finish(job, JobState.FAILED, error="first")
-    assert not store.finish(job, JobState.COMPLETED, file_name="x.faiss")
+    assert store.record(job, Outcome(JobState.FAILED, error="first"))
+    assert not store.record(job, Outcome(JobState.COMPLETED, file_name="x.faiss"))
     assert store.get(job.id).status_body()["error_message"] == "first"
 
 
 def test_full_store_evicts_finished_then_refuses() -> None:
-    store = JobStore(max_size=3, ttl_seconds=60, clock=FakeClock())
+    store = LocalJobStore(max_size=3, ttl_seconds=60, clock=FakeClock())
     jobs = [store.add_if_absent(request(f"idx/{i}"))[0] for i in range(3)]
-    store.finish(jobs[0], JobState.COMPLETED, file_name="0.faiss")
+    store.record(jobs[0], Outcome(JobState.COMPLETED, file_name="0.faiss"))
     store.add_if_absent(request("idx/3"))  # evicts the finished job
     assert len(store) == 3
     with pytest.raises(JobNotFoundError):
@@ -88,7 +92,7 @@ def test_full_store_evicts_finished_then_refuses() -> None:
 
 
 def test_concurrent_identical_requests_create_one_job() -> None:
-    store = JobStore(max_size=100, ttl_seconds=60, clock=FakeClock())
+    store = LocalJobStore(max_size=100, ttl_seconds=60, clock=FakeClock())
     barrier = threading.Barrier(16)
     created: list[bool] = []
     lock = threading.Lock()
@@ -108,13 +112,13 @@ def test_concurrent_identical_requests_create_one_job() -> None:
 
 
 def test_snapshot_is_frozen_and_taken_whole() -> None:
-    store = JobStore(max_size=10, ttl_seconds=60, clock=FakeClock())
+    store = LocalJobStore(max_size=10, ttl_seconds=60, clock=FakeClock())
     job, _ = store.add_if_absent(request())
     job.begin(1001.0, "cpu", 4096)
     snap = job.snapshot()
     with pytest.raises(dataclasses.FrozenInstanceError):
         snap.state = JobState.COMPLETED  # type: ignore[misc]
-    store.finish(job, JobState.COMPLETED, file_name="seg.faiss", index_bytes=123)
+    store.record(job, Outcome(JobState.COMPLETED, file_name="seg.faiss", index_bytes=123))
     # The old snapshot is unchanged; a new one sees every field of the outcome.
     assert snap.state is JobState.QUEUED and snap.reserved_bytes == 4096
     done = job.snapshot()
@@ -123,7 +127,8 @@ def test_snapshot_is_frozen_and_taken_whole() -> None:
         "seg.faiss",
         123,
     )
-    assert done.summary()["device"] == "cpu" and done.summary()["quality"] is None
+    summary = JobSummary.of(done)
+    assert summary.device == "cpu" and summary.quality is None
 
 
 def test_status_is_never_completed_without_its_file_name() -> None:
@@ -138,7 +143,7 @@ def test_status_is_never_completed_without_its_file_name() -> None:
         {"task_status": "RUNNING_INDEX_BUILD", "file_name": None, "error_message": None},
         {"task_status": "COMPLETED_INDEX_BUILD", "file_name": "seg.faiss", "error_message": None},
     ]
-    store = JobStore(max_size=100_000, ttl_seconds=600, clock=FakeClock())
+    store = LocalJobStore(max_size=100_000, ttl_seconds=600, clock=FakeClock())
     current = [store.add_if_absent(request("idx/race"))[0]]
     torn: list[dict[str, Any]] = []
     done = threading.Event()
@@ -158,7 +163,7 @@ def test_status_is_never_completed_without_its_file_name() -> None:
         for i in range(5000):
             job = store.add_if_absent(request(f"idx/race{i}"))[0]
             current[0] = job
-            store.finish(job, JobState.COMPLETED, file_name="seg.faiss")
+            store.record(job, Outcome(JobState.COMPLETED, file_name="seg.faiss"))
     finally:
         done.set()
         for reader in readers:

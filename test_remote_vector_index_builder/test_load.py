@@ -28,7 +28,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from remote_vector_index_builder.app.jobs import Job, JobState, JobStore
+from remote_vector_index_builder.app.jobs import Job, JobState, Outcome
+from remote_vector_index_builder.app.local import LocalJobStore
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.dataset import Dataset
@@ -77,17 +78,17 @@ class CountingBuilder(CpuBuilder):
 
 
 class StoreWatch:
-    """Records, around the real ``JobStore``, what it created and how each job ended."""
+    """Records, around the real ``LocalJobStore``, what it created and how each job ended."""
 
-    def __init__(self, jobs: JobStore) -> None:
+    def __init__(self, jobs: LocalJobStore) -> None:
         self.jobs = jobs
         self.lock = threading.Lock()
         self.created: dict[str, list[Job]] = defaultdict(list)
-        self.endings: Counter[int] = Counter()  # id(job) -> finish() calls that returned True
-        self.late_endings = 0  # finish() calls that returned False
+        self.endings: Counter[int] = Counter()  # id(job) -> record() calls that returned True
+        self.late_endings = 0  # record() calls that returned False
         self.overlaps: list[str] = []  # a job created while one for the same id was active
         self.max_size = 0
-        real_add, real_finish = jobs.add_if_absent, jobs.finish
+        real_add, real_record = jobs.add_if_absent, jobs.record
 
         def add_if_absent(request: BuildRequest) -> tuple[Job, bool]:
             job, created = real_add(request)
@@ -99,8 +100,8 @@ class StoreWatch:
             self.sample()
             return job, created
 
-        def finish(job: Job, state: JobState, **kwargs: Any) -> bool:
-            ended = real_finish(job, state, **kwargs)
+        def record(job: Job, outcome: Outcome) -> bool:
+            ended = real_record(job, outcome)
             with self.lock:
                 if ended:
                     self.endings[id(job)] += 1
@@ -108,9 +109,9 @@ class StoreWatch:
                     self.late_endings += 1
             return ended
 
-        # Instance attributes shadow the methods for every caller (routes and runner).
+        # Instance attributes shadow the methods for every caller (service and runner).
         setattr(jobs, "add_if_absent", add_if_absent)  # noqa: B010
-        setattr(jobs, "finish", finish)  # noqa: B010
+        setattr(jobs, "record", record)  # noqa: B010
 
     def sample(self) -> None:
         size = len(self.jobs)
@@ -182,7 +183,7 @@ def test_load(s3_config: S3Config, s3_client: Any, bucket: str) -> None:
     done = threading.Event()
 
     with serving(app) as url:
-        watch = StoreWatch(app.state.jobs)
+        watch = StoreWatch(app.state.backend.store)
         limits = httpx.Limits(max_connections=SUBMITTERS + POLLERS)
         with httpx.Client(base_url=url, limits=limits, timeout=30) as http:
             # Warm up (imports, first builds), then take the memory baseline.

@@ -7,22 +7,25 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
-from remote_vector_index_builder.core import memory
+from remote_vector_index_builder.core import memory, multipart
 from remote_vector_index_builder.core.data_types import DataType
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import S3ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.s3_calls import MIB, S3Config
+from remote_vector_index_builder.core.s3_calls import MIB, S3Config, make_s3_client
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+    pass
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = UploadPlan.of(S3Config())  # the service's default: 16 MiB parts, 25 connections
@@ -78,23 +81,85 @@ def test_upload_buffers_count_only_up_to_the_index() -> None:
     assert host(big, UploadPlan(16 * MIB, 64)) > host(big, UploadPlan(16 * MIB, 2))
 
 
-def test_estimate_follows_the_configured_part_size(
-    s3_client: S3Client, s3_config: S3Config, bucket: str
-) -> None:
+def test_estimate_follows_the_configured_part_size(s3_config: S3Config) -> None:
     """RVIB_S3_PART_SIZE=64 MiB holds more part buffers than 16 MiB, and admission knows."""
     big = request(500_000, 768)
     configs = {mib: s3_config.model_copy(update={"part_size": mib * MIB}) for mib in (16, 64)}
     estimates = {mib: host(big, UploadPlan.of(config)) for mib, config in configs.items()}
     assert estimates[64] > estimates[16]
-    for config in configs.values():
-        # The store's own upload of this index, as the workflow opens it.
-        store = S3ObjectStore(s3_client, config)
-        upload = store.open_upload(bucket, "index", size_hint=memory.serialized_bytes(big))
-        upload.abort()
-        held = upload.part_size * (upload.parts_in_flight + 1)
-        assert memory.upload_buffer_bytes(big, UploadPlan.of(config)) >= held
     counted = {mib: memory.upload_buffer_bytes(big, UploadPlan.of(c)) for mib, c in configs.items()}
     assert estimates[64] - estimates[16] == counted[64] - counted[16]
+
+
+class Source:
+    """The bytes an index upload reads, noting when ``count`` of them have been read."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.data = memoryview(bytes(range(256)) * (size // 256))
+        self.read = 0
+        self.count = count
+        self.reached = threading.Event()
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        # Up to ``count`` first (one read must not cross it), then to the end.
+        limit = self.count if self.read < self.count else len(self.data)
+        take = min(len(buffer), limit - self.read)
+        buffer[:take] = self.data[self.read : self.read + take]
+        self.read += take
+        if self.read >= self.count:
+            self.reached.set()
+        return take
+
+
+def test_an_upload_holds_no_more_part_buffers_than_the_estimate_counts(
+    s3_config: S3Config, bucket: str
+) -> None:
+    """Measured, not restated: the bytes ``core/multipart.py`` has allocated (tracemalloc)
+    while every part the upload may have in flight is held at S3's door and the writer has
+    filled the next one, the most it ever holds. (This compared the plan with the upload's
+    own copy of the plan, which cannot differ.)"""
+    plan = UploadPlan.of(s3_config)
+    size = 8 * s3_config.part_size  # 40 MiB: 5 MiB parts, two in flight
+    part, slots = plan.first_part(size), plan.in_flight(size)
+    assert slots >= 2
+    client = make_s3_client(s3_config)  # its own: the hook below holds every part it sends
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def hold(**_: Any) -> None:
+        entered.release()
+        assert release.wait(timeout=60)
+
+    client.meta.events.register("before-call.s3.UploadPart", hold)
+    store = S3ObjectStore(client, s3_config)
+    source = Source(size, (slots + 1) * part)
+    tracemalloc.start()
+    try:
+        with ThreadPoolExecutor(1) as writer:
+
+            def write() -> None:
+                with store.open_upload(bucket, "m/measured", size_hint=size) as upload:
+                    upload.write_from(source)
+
+            done = writer.submit(write)
+            try:
+                for _ in range(slots):
+                    assert entered.acquire(timeout=60)
+                assert source.reached.wait(timeout=60)
+                traces = tracemalloc.take_snapshot().filter_traces(
+                    [tracemalloc.Filter(True, multipart.__file__)]
+                )
+            finally:
+                release.set()
+            done.result(timeout=120)
+    finally:
+        tracemalloc.stop()
+    # The part buffers (each a MiB or more; the few small objects beside them are the fixed
+    # allowance's), against what memory.upload_buffer_bytes counts for an index this size;
+    # a bytearray allocates one byte more than it holds.
+    buffers = [trace.size - 1 for trace in traces.traces if trace.size >= MIB]
+    held = sum(buffers)
+    assert held >= slots * part  # the measurement sees the parts in flight
+    assert held <= plan.buffer_bytes(size), (held, plan.buffer_bytes(size))
 
 
 def test_byte_estimate_holds_one_fp32_conversion_buffer() -> None:

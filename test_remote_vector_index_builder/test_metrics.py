@@ -10,7 +10,13 @@ from fastapi.testclient import TestClient
 
 from remote_vector_index_builder.app.metrics import GpuSample, Metrics, Nvml
 from test_remote_vector_index_builder.data import clustered
-from test_remote_vector_index_builder.support import GatedStore, fast_body, upload, wait_terminal
+from test_remote_vector_index_builder.support import (
+    GatedStore,
+    both_modes,
+    fast_body,
+    upload,
+    wait_terminal,
+)
 from test_remote_vector_index_builder.support import MetricSamples as Samples
 from test_remote_vector_index_builder.support import metric_value as value
 from test_remote_vector_index_builder.support import parse_metrics as parse
@@ -85,6 +91,7 @@ def test_metrics_follow_a_real_job(
     assert value(after, latency, method="POST", route="/_build") == 2
 
 
+@both_modes
 def test_failures_are_counted_by_error_class(
     service: Callable[..., TestClient], s3_client: Any, bucket: str
 ) -> None:

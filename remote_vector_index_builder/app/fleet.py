@@ -3,7 +3,8 @@
 Imported only in that mode, so one process never imports ``redis``. Intake and
 placement are separate: any replica accepts a POST (``fleet_service``), and
 each replica *pulls* the oldest queued job its own memory admission can hold
-now (``Placement``: first fit over the queue head, with a starvation guard).
+now (``admission.Placement``: first fit over the queue head, with a starvation guard,
+the same rule one process follows).
 The owner renews its leases on Redis's clock every heartbeat
 (``fleet_leases``); any replica re-queues a job whose lease expired (the
 reaper), and the attempt number fences an old owner that comes back.
@@ -20,20 +21,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
 import redis.asyncio
 import redis.asyncio.retry
 import redis.retry
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from redis.backoff import NoBackoff
 
+from remote_vector_index_builder.app.admission import Admission, Placement
 from remote_vector_index_builder.app.fleet_health import FleetMetrics, Health
-from remote_vector_index_builder.app.fleet_leases import FleetJobs
+from remote_vector_index_builder.app.fleet_leases import Leases
 from remote_vector_index_builder.app.fleet_service import FleetJobService
 from remote_vector_index_builder.app.fleet_store import (
     CHANNEL,
@@ -42,158 +42,31 @@ from remote_vector_index_builder.app.fleet_store import (
     StatusCache,
     client_options,
     progress_json,
-    read_request,
 )
 from remote_vector_index_builder.app.jobs import Clock, Job, JobState
-from remote_vector_index_builder.app.runner import MemoryBudget, Runner
+from remote_vector_index_builder.app.metrics import Metrics
+from remote_vector_index_builder.app.runner import Runner
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.errors import (
-    InsufficientMemoryError,
     JobStoreUnavailableError,
     ServiceUnavailableError,
-    UnreadableRequestError,
 )
-from remote_vector_index_builder.core.memory import MemoryEstimate
-from remote_vector_index_builder.core.params import BuildRequest
 
 log = logging.getLogger(__name__)
 
-# Queue entries a replica considers per pass (first fit in FIFO order).
-QUEUE_SCAN = 16
 # How often a replica looks at the queue without a wake-up, and for expired leases.
 CLAIM_POLL_S = 0.5
 # Ids of {rvib}:jobs the reaper looks at per pass (every CLAIM_POLL_S) for expired hashes:
 # each replica sweeps about 500 ids a second, so the set holds the live jobs and at most
 # a few seconds' worth of expired ones.
 PRUNE_SCAN = 256
-# A queued job older than this that could fit here holds this replica's memory for
-# itself: smaller jobs behind it wait until it fits (no starvation of large jobs).
-STARVATION_S = 30.0
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A job this replica has just claimed, with its memory already reserved."""
-
-    job_id: str
-    attempt: int
-    request: BuildRequest
-    need: MemoryEstimate
-
-
-class Placement:
-    """Which queued job this replica takes next, and the claim of it.
-
-    First fit over the queue head in FIFO order: the oldest job this replica's
-    memory holds *now* (jobs that never fit here are left to larger replicas).
-    Starvation guard: once a job that could fit here has waited ``starvation_s``
-    (since this replica first saw it), nothing behind it is taken until it fits,
-    so running builds drain and free its memory instead of a stream of small jobs
-    keeping it out forever.
-
-    A queued job no replica may take fails instead of stalling the queue: a stored
-    request this version cannot read, or a bucket that left ``allowed_buckets``
-    (``RVIB_ALLOWED_BUCKETS``, checked at intake too) since it was accepted.
-    """
-
-    def __init__(
-        self,
-        store: FleetStore,
-        budget: MemoryBudget,
-        estimate: Callable[[BuildRequest], MemoryEstimate],
-        starvation_s: float = STARVATION_S,
-        monotonic: Callable[[], float] = time.monotonic,
-        allowed_buckets: frozenset[str] = frozenset(),
-    ) -> None:
-        self.store = store
-        self.allowed_buckets = allowed_buckets
-        self.budget = budget
-        self.estimate = estimate
-        self.starvation_s = starvation_s
-        self.monotonic = monotonic
-        # Per queued id: when this replica first saw it, and its parsed request.
-        self._first_seen: dict[str, float] = {}
-        self._requests: dict[str, BuildRequest] = {}
-
-    def take(self) -> Claimed | None:
-        """Reserve and claim the next job, or None (nothing fits now, or the guard holds)."""
-        ids = self.store.queue_head(QUEUE_SCAN)
-        self._forget_except(ids)
-        now = self.monotonic()
-        for job_id in ids:
-            seen = self._first_seen.setdefault(job_id, now)
-            request = self._request(job_id)
-            if request is None:
-                continue
-            bucket = request.container_name
-            if self.allowed_buckets and bucket not in self.allowed_buckets:
-                self._reject(
-                    job_id,
-                    f"bucket {bucket!r} is no longer in this service's allow-list "
-                    "(RVIB_ALLOWED_BUCKETS); add it back, or build this segment elsewhere",
-                )
-                continue
-            need = self.estimate(request)
-            try:
-                self.budget.check_fits(need)
-            except InsufficientMemoryError:
-                continue  # never fits here; a larger replica may take it
-            if not self.budget.try_acquire(need):
-                if now - seen >= self.starvation_s:
-                    return None  # hold this replica's memory for the job that waited
-                continue
-            attempt = 0
-            try:
-                attempt = self.store.claim(job_id)
-            finally:
-                # Not claimed (another replica was faster, Redis cannot serve, a bug):
-                # the reservation goes back, or this replica never claims again.
-                if attempt == 0:
-                    self.budget.release(need)
-            self._first_seen.pop(job_id, None)
-            self._requests.pop(job_id, None)
-            if attempt == 0:
-                continue
-            return Claimed(job_id, attempt, request, need)
-        return None
-
-    def _request(self, job_id: str) -> BuildRequest | None:
-        """The queued job's request; None (skip it) if it is gone or cannot be read."""
-        request = self._requests.get(job_id)
-        if request is None:
-            text = self.store.request_json(job_id)
-            if text is None:
-                return None
-            try:
-                request = read_request(text)
-            except UnreadableRequestError as exc:
-                # Skipped forever, it would stall every replica's queue: it fails instead.
-                self._reject(job_id, str(exc))
-                return None
-            self._requests[job_id] = request
-        return request
-
-    def _reject(self, job_id: str, error: str) -> None:
-        if self.store.reject(job_id, error):
-            log.warning("job %s failed before it was claimed: %s", job_id, error)
-
-    def _forget_except(self, ids: Iterable[str]) -> None:
-        keep = set(ids)
-        for cache in (self._first_seen, self._requests):
-            for job_id in [k for k in cache if k not in keep]:
-                del cache[job_id]
 
 
 class Fleet:
     """Everything fleet mode adds to one replica; built and closed by the app's lifespan."""
 
     def __init__(
-        self,
-        settings: Settings,
-        registry: CollectorRegistry,
-        clock: Clock,
-        *,
-        starvation_s: float = STARVATION_S,
+        self, settings: Settings, admission: Admission, metrics: Metrics, clock: Clock
     ) -> None:
         self.config = FleetConfig.from_settings(settings)
         options = client_options(self.config)
@@ -203,35 +76,30 @@ class Fleet:
         async_client = redis.asyncio.Redis.from_url(
             self.config.url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **options
         )
-        self.metrics = FleetMetrics(registry)
+        self.metrics = FleetMetrics(metrics.registry)
         self.health = Health(self.metrics, self.config.retry_after_s)
         self.store = FleetStore(sync_client, self.config, self.health)
         self.cache = StatusCache()
         self.wake = threading.Event()
-        self.jobs = FleetJobs(self.store, self.cache, self.metrics, clock, self.wake.set)
-        self.service = FleetJobService(async_client, self.config, self.cache, self.health, clock)
+        self.admission = admission
+        self.leases = Leases(self.store, self.cache, self.metrics, clock, self.wake.set)
+        self.ledger = self.leases
+        self.service = FleetJobService(
+            async_client, self.config, self.cache, self.health, clock, admission, metrics
+        )
+        self.placement = Placement(self.store, admission, allowed_buckets=settings.allowed_buckets)
         self.clock = clock
-        registry.register(_FleetCollector(self.store))
+        metrics.registry.register(_FleetCollector(self.store))
         self._claiming = threading.Event()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
         self._runner: Runner | None = None
-        self._placement: Placement | None = None
-        self._starvation_s = starvation_s
-        self._allowed_buckets = settings.allowed_buckets
         self._lock = threading.Lock()
         self._alive: list[str] = []  # the replica registry at the last heartbeat
         self._prune_at = 0  # where the reaper's sweep of {rvib}:jobs goes on (a rank)
 
     def start(self, runner: Runner) -> None:
         self._runner = runner
-        self._placement = Placement(
-            self.store,
-            runner.budget,
-            runner.estimate,
-            self._starvation_s,
-            allowed_buckets=self._allowed_buckets,
-        )
         self._claiming.set()
         for name, target in (
             ("fleet-claim", self._claim_loop),
@@ -249,14 +117,19 @@ class Fleet:
             self.config.max_attempts,
         )
 
-    def stop_claiming(self) -> None:
+    def slot_free(self) -> None:
+        """A build thread is free (or a build got stuck): the claim loop looks again."""
+        self.wake.set()
+
+    def stop(self) -> None:
+        """Claim nothing more: the runner's shutdown follows."""
         self._claiming.clear()
         self.wake.set()
 
     async def close(self) -> None:
-        self.jobs.closing.set()
+        self.leases.closing.set()
         self._closed.set()
-        self.stop_claiming()
+        self.stop()
         for thread in self._threads:
             thread.join(timeout=5)
         with contextlib.suppress(JobStoreUnavailableError):  # else it expires on its own
@@ -299,13 +172,12 @@ class Fleet:
 
     def _claim_one(self) -> bool:
         runner = self._runner
-        placement = self._placement
-        assert runner is not None and placement is not None
-        state = runner.state()
-        # Not ready (shutting down, or a build past its time limit still runs): no new work.
-        if not state.ready or state.busy >= state.workers:
+        assert runner is not None
+        # Not ready (shutting down, a build past its time limit still runs, no S3
+        # credentials): no new work; other replicas take it.
+        if self.admission.refusal() is not None or runner.free_threads() <= 0:
             return False
-        claimed = placement.take()
+        claimed = self.placement.take()
         if claimed is None:
             return False
         job = Job(
@@ -314,13 +186,13 @@ class Fleet:
             submitted_at=self.clock(),
             attempt=claimed.attempt,
         )
-        self.jobs.own(job)
+        self.leases.own(job)
         try:
-            runner.submit(job, reserved=claimed.need)
+            runner.submit(job, claimed.need)
         except BaseException as exc:
             # Never queued here: its memory goes back, the job to the fleet.
-            runner.budget.release(claimed.need)
-            self.jobs.hand_back(job)
+            self.admission.release(claimed.need)
+            self.leases.hand_back(job)
             if isinstance(exc, ServiceUnavailableError):
                 return False  # shutting down
             raise
@@ -343,7 +215,7 @@ class Fleet:
                 return
 
     def heartbeat(self) -> None:
-        owned = [entry for entry in self.jobs.owned() if not entry.lost]
+        owned = [entry for entry in self.leases.owned() if not entry.lost]
         if owned:
             renewals = []
             for entry in owned:
@@ -363,9 +235,9 @@ class Fleet:
                 )
             for entry, (kept, cancel) in zip(owned, self.store.renew(renewals), strict=True):
                 if kept:
-                    self.jobs.renewed(entry, cancel)
+                    self.leases.renewed(entry, cancel)
                 else:
-                    self.jobs.lose(entry)
+                    self.leases.lose(entry)
         runner = self._runner
         if runner is not None:
             now = runner.state()
@@ -385,7 +257,8 @@ class Fleet:
                 self._alive = sorted(alive)
 
     def summary(self) -> dict[str, Any]:
-        """``/_heart_beat``'s ``fleet`` block: read from memory, so it answers with Redis down.
+        """What fleet mode adds to ``/_heart_beat``: its ``fleet`` block, read from memory,
+        so it answers with Redis down.
 
         ``replicas_alive`` is the registry as this replica's last successful
         heartbeat read it (empty before the first one).
@@ -393,9 +266,11 @@ class Fleet:
         with self._lock:
             alive = list(self._alive)
         return {
-            "replica_id": self.config.replica_id,
-            "replicas_alive": alive,
-            "redis_reachable": self.health.reachable(),
+            "fleet": {
+                "replica_id": self.config.replica_id,
+                "replicas_alive": alive,
+                "redis_reachable": self.health.reachable(),
+            }
         }
 
     # -- wake-ups: cancel and submitted events ---------------------------------------------
@@ -406,7 +281,7 @@ class Fleet:
                 with self.health.guard("events"):
                     for kind, job_id in self._events():
                         if kind == "cancel":
-                            self.jobs.cancel_local(job_id)
+                            self.leases.cancel_local(job_id)
                         elif kind == "submitted":
                             self.wake.set()
             except JobStoreUnavailableError:

@@ -1,6 +1,6 @@
 """The jobs this replica owns in fleet mode: their leases, fencing and recorded outcomes.
 
-This is the runner's ``RunnerJobs`` in fleet mode. The attempt number a job
+This is the runner's ``JobLedger`` in fleet mode. The attempt number a job
 was claimed with fences it: a build whose lease another replica took over
 stops at its next checkpoint and records nothing. Entries are held by
 ``(job id, attempt)``: a replica whose lease lapsed and that claims the same
@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from remote_vector_index_builder.app.fleet_health import FleetMetrics
 from remote_vector_index_builder.app.fleet_store import (
@@ -22,7 +21,7 @@ from remote_vector_index_builder.app.fleet_store import (
     StatusCache,
     progress_json,
 )
-from remote_vector_index_builder.app.jobs import Clock, Job, JobSnapshot, JobState
+from remote_vector_index_builder.app.jobs import Clock, Job, Outcome
 from remote_vector_index_builder.core.errors import CancelledError, JobStoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -40,10 +39,10 @@ class Owned:
     lost: bool = False
 
 
-class FleetJobs:
-    """The runner's record of outcomes in fleet mode: the jobs this replica owns.
+class Leases:
+    """The jobs this replica owns, by lease: the runner's ledger in fleet mode.
 
-    ``finish`` records through the fenced ``complete`` script and, while Redis is
+    ``record`` records through the fenced ``complete`` script and, while Redis is
     unreachable or refuses writes, keeps retrying (the lease is still renewed
     meanwhile, so no other replica takes the job): the index is in S3 already and
     the client keeps seeing RUNNING until the outcome is recorded. Whatever else
@@ -205,16 +204,7 @@ class FleetJobs:
             raise CancelledError(FENCED_MESSAGE)
         self.renewed(entry, cancel)
 
-    def finish(
-        self,
-        job: Job,
-        state: JobState,
-        *,
-        file_name: str | None = None,
-        error: str | None = None,
-        index_bytes: int | None = None,
-        quality: dict[str, Any] | None = None,
-    ) -> bool:
+    def record(self, job: Job, outcome: Outcome) -> bool:
         with self._lock:
             entry = self._entry(job)
         if entry is None:
@@ -222,21 +212,21 @@ class FleetJobs:
         if entry.lost:
             self._take(job)  # its build has ended: nothing is left to fence
             return False
-        if not job.end(
-            state, file_name, error, self.clock(), index_bytes=index_bytes, quality=quality
-        ):
+        if not job.end(outcome, self.clock()):
             return False
         snap = job.snapshot()
         recorded: bool | None = None
         try:
-            recorded = self._complete(entry, snap)
+            recorded = self._complete(
+                entry, outcome, device=snap.device, progress=progress_json(snap)
+            )
         except Exception:
             log.exception(
                 "job %s attempt %d: recording its outcome (%s) failed; it runs again once "
                 "its lease expires",
                 job.id,
                 entry.attempt,
-                state.value,
+                outcome.state.value,
             )
         finally:
             self._take(job)
@@ -248,22 +238,17 @@ class FleetJobs:
             self.lose(entry, recorded_elsewhere=True)
         return False
 
-    def _complete(self, entry: Owned, snap: JobSnapshot) -> bool | None:
+    def _complete(
+        self, entry: Owned, outcome: Outcome, *, device: str | None, progress: str
+    ) -> bool | None:
         """The ``complete`` script, retried while Redis cannot serve: recorded, fenced (False),
         or None when the replica shuts down first."""
         delay = 0.1
+        job_id = entry.job.id
         while True:
             try:
                 return self.store.complete(
-                    snap.id,
-                    entry.attempt,
-                    snap.state,
-                    file_name=snap.file_name,
-                    error=snap.error,
-                    device=snap.device,
-                    index_bytes=snap.index_bytes,
-                    quality=snap.quality,
-                    progress=progress_json(snap),
+                    job_id, entry.attempt, outcome, device=device, progress=progress
                 )
             except JobStoreUnavailableError:
                 if self.closing.wait(delay):
@@ -271,8 +256,8 @@ class FleetJobs:
                         "job %s: shutting down while Redis cannot serve; the outcome (%s) is "
                         "not recorded and the job will run again elsewhere once its lease "
                         "expires",
-                        snap.id,
-                        snap.state.value,
+                        job_id,
+                        outcome.state.value,
                     )
                     return None
                 delay = min(delay * 2, 2.0)

@@ -12,7 +12,8 @@ has written, it runs to its end (a script is atomic). So every step that writes
 starts with such a command (HSET, HINCRBY, ZADD) and reads before it: a full
 Redis refuses the whole step, as it would refuse one write, instead of letting
 it through after a first DEL or ZREM (a submit accepted past ``maxmemory``).
-Only steps that free memory (pruning ``{rvib}:jobs``) run when Redis is full.
+Only steps that free memory (pruning ``{rvib}:jobs``, forgetting an ended job) run when
+Redis is full.
 
 Key layout (all keys share the hash tag ``{rvib}``, one Cluster slot):
 
@@ -185,22 +186,29 @@ audit(KEYS[3], 'event', 'rejected', 'job', ARGV[1], 'state', 'failed', 'at', now
 return 1
 """
 
-# KEYS: job, queue. ARGV: id, ttl ms, cancelled message, channel.
-# Returns {outcome, state before}: missing, terminal, cancelled (it was queued), requested.
-CANCEL = _PRELUDE + """
+# KEYS: job, queue, jobs. ARGV: id, ttl ms, cancelled message, channel.
+# Returns {outcome, state before, fields}: missing; forgotten (it had ended: its hash as it
+# was, now deleted, so the id is free for a corrected request); cancelled (it was queued);
+# requested (it runs: its owner stops it). Forgetting only frees memory, like PRUNE.
+DELETE = _PRELUDE + """
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing', ''} end
-if TERMINAL[state] then return {'terminal', state} end
+if not state then return {'missing', '', {}} end
+if TERMINAL[state] then
+  local fields = redis.call('HGETALL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return {'forgotten', state, fields}
+end
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'error', ARGV[3], 'finished_at', now_ms(),
     'cancel', 1)
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {'cancelled', state}
+  return {'cancelled', state, {}}
 end
 redis.call('HSET', KEYS[1], 'cancel', 1)
 redis.call('PUBLISH', ARGV[4], 'cancel ' .. ARGV[1])
-return {'requested', state}
+return {'requested', state, {}}
 """
 
 # KEYS: replicas, replica. ARGV: replica id, ttl ms, description json.

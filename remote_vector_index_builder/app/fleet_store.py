@@ -30,8 +30,7 @@ from pydantic import ValidationError
 
 from remote_vector_index_builder.app import fleet_scripts as scripts
 from remote_vector_index_builder.app.fleet_health import Health
-from remote_vector_index_builder.app.jobs import JobSnapshot, JobState
-from remote_vector_index_builder.app.runner import CANCELLED_MESSAGE
+from remote_vector_index_builder.app.jobs import CANCELLED_MESSAGE, JobSnapshot, JobState, Outcome
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.errors import UnreadableRequestError
 from remote_vector_index_builder.core.params import BuildRequest
@@ -150,9 +149,10 @@ class FleetStore:
     def queue_head(self, count: int) -> list[str]:
         return list(self.call("queue", lambda: self._r.zrange(QUEUE, 0, count - 1)))
 
-    def request_json(self, job_id: str) -> str | None:
+    def queued_request(self, job_id: str) -> BuildRequest | None:
+        """The job's stored request (``read_request``); None if the job is gone."""
         value = self.call("read job", lambda: self._r.hget(job_key(job_id), "req"))
-        return None if value is None else str(value)
+        return None if value is None else read_request(str(value))
 
     def claim(self, job_id: str) -> int:
         keys = [job_key(job_id), QUEUE, LEASES, AUDIT]
@@ -184,30 +184,21 @@ class FleetStore:
         return [(int(kept) == 1, str(cancel) == "1") for kept, cancel in answers]
 
     def complete(
-        self,
-        job_id: str,
-        attempt: int,
-        state: JobState,
-        *,
-        file_name: str | None,
-        error: str | None,
-        device: str | None,
-        index_bytes: int | None,
-        quality: dict[str, Any] | None,
-        progress: str,
+        self, job_id: str, attempt: int, outcome: Outcome, *, device: str | None, progress: str
     ) -> bool:
+        """Record ``outcome`` if this replica still owns ``attempt``; False if fenced."""
         keys = [job_key(job_id), LEASES, AUDIT]
         args: list[Arg] = [
             job_id,
             self.config.replica_id,
             attempt,
-            state.value,
-            file_name or "",
-            error or "",
+            outcome.state.value,
+            outcome.file_name or "",
+            outcome.error or "",
             self.config.ttl_ms,
             device or "",
-            "" if index_bytes is None else index_bytes,
-            "" if quality is None else json.dumps(quality),
+            "" if outcome.index_bytes is None else outcome.index_bytes,
+            "" if outcome.quality is None else json.dumps(outcome.quality),
             progress,
         ]
         return int(self.call("complete", lambda: self._complete(keys=keys, args=args))) == 1
@@ -291,6 +282,10 @@ class StatusCache:
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             return self._bodies.get(job_id)
+
+    def drop(self, job_id: str) -> None:
+        with self._lock:
+            self._bodies.pop(job_id, None)
 
 
 def progress_json(snap: JobSnapshot) -> str:

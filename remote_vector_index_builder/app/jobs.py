@@ -1,23 +1,19 @@
-"""Jobs and the job store: the service's only shared mutable state.
+"""Jobs: their states, one job of this process, the frozen snapshot every answer is built
+from, the one value of a job's outcome, and what the endpoints and the runner need of the
+jobs (``JobService``, ``JobLedger``), whichever backend holds them (``app/local.py`` in one
+process, ``app/fleet*.py`` in a fleet).
 
-Active (queued or running) jobs live in a plain dict and never expire: the
-client sees a 404 as "abandon the remote build". Finished jobs move to a
-``cachetools.TTLCache`` when they finish, so their TTL counts from the end of
-the build, not from submission. Both together stay within ``max_size``: a full
-store drops the least recently used finished job, and a store full of active
-jobs refuses new ones (``StoreFullError`` -> 429).
+The three refusals of add-if-absent (404, 409, 429) are worded here once: the in-memory
+store (Python) and the fleet's SUBMIT script (Lua) decide, these functions say it.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
-
-from cachetools import TTLCache
 
 from remote_vector_index_builder.core.errors import (
     JobConflictError,
@@ -25,9 +21,11 @@ from remote_vector_index_builder.core.errors import (
     StoreFullError,
 )
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.workflow import Stage, StageProgress, stage_unit
+from remote_vector_index_builder.core.workflow import Stage, stage_unit
 
 Clock = Callable[[], float]
+
+CANCELLED_MESSAGE = "cancelled by operator"
 
 
 class JobState(StrEnum):
@@ -125,107 +123,27 @@ class JobSnapshot:
     def status_body(self) -> dict[str, Any]:
         return status_body(self.state, self.file_name, self.error)
 
-    def _request_summary(self) -> dict[str, Any]:
-        r = self.request
-        if r is not None:
-            return {
-                "tenant_id": r.tenant_id,
-                "bucket": r.container_name,
-                "vector_path": r.vector_path,
-                "data_type": r.data_type.value,
-                "dimension": r.dimension,
-                "doc_count": r.doc_count,
-                "vector_bytes": r.vector_blob_bytes,
-            }
-        # What could be read of an unreadable request; its size is unknown (0).
-        raw = self.raw_request or {}
+    @property
+    def stage(self) -> Stage | None:
+        """The stage the job is in, or the last one it reached; None while it never ran."""
+        if self.state in _STATE_STAGES:
+            return _STATE_STAGES[self.state]
+        return Stage(self.stage_times[-1][0]) if self.stage_times else None
 
-        def text(key: str) -> str:
-            value = raw.get(key)
-            return value if isinstance(value, str) else ""
 
-        def number(key: str) -> int:
-            value = raw.get(key)
-            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended, recorded whole by either store (``JobLedger.record``).
 
-        return {
-            "tenant_id": text("tenant_id"),
-            "bucket": text("container_name"),
-            "vector_path": text("vector_path"),
-            "data_type": text("data_type"),
-            "dimension": number("dimension"),
-            "doc_count": number("doc_count"),
-            "vector_bytes": 0,
-        }
+    ``error`` is what ``/_status`` reports for a failed or cancelled job; ``file_name``,
+    ``index_bytes`` and ``quality`` belong to a completed one.
+    """
 
-    def summary(self) -> dict[str, Any]:
-        """What operators see in ``GET /_jobs``."""
-        return {
-            "task_status": self.task_status.value,
-            "state": self.state.value,
-            "attempt": self.attempt,
-            **self._request_summary(),
-            "submitted_at": self.submitted_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "file_name": self.file_name,
-            "error_message": self.error,
-            "device": self.device,
-            "index_bytes": self.index_bytes,
-            "quality": self.quality,
-            "owner": self.owner,
-            "lease_expires_at": self.lease_expires_at,
-        }
-
-    def progress(self, now: float) -> dict[str, Any]:
-        """The current stage's progress; a completed job is at 100 %."""
-        state, done, total = self.state, self.stage_done, self.stage_total
-        last = self.stage_times[-1][0] if self.stage_times else None
-        stage = _STATE_STAGES.get(state) or (Stage(last) if last else None)
-        if stage is None:  # queued
-            return {
-                "stage": None,
-                "unit": None,
-                "done": 0,
-                "total": 0,
-                "percent": 0.0,
-                "eta_seconds": None,
-            }
-        if state is JobState.COMPLETED:
-            return {
-                "stage": stage.value,
-                "unit": stage_unit(stage),
-                "done": done,
-                "total": total,
-                "percent": 100.0,
-                "eta_seconds": 0.0,
-            }
-        started = self.stage_started_at
-        elapsed = now - started if started is not None else 0.0
-        view = StageProgress(stage, done, total, elapsed)
-        eta = view.eta_s if not state.terminal else None
-        return {
-            "stage": stage.value,
-            "unit": view.unit,
-            "done": done,
-            "total": total,
-            "percent": None if view.percent is None else round(view.percent, 2),
-            "eta_seconds": None if eta is None else round(eta, 1),
-        }
-
-    def detail(self, now: float) -> dict[str, Any]:
-        """What operators see in ``GET /_jobs/{job_id}``: the summary, progress and stages."""
-        seconds = dict(self.stage_seconds)
-        return {
-            "job_id": self.id,
-            **self.summary(),
-            "cancel_requested": self.cancel_requested,
-            "progress": self.progress(now),
-            "stages": {
-                name: {"started_at": started, "seconds": seconds.get(name)}
-                for name, started in self.stage_times
-            },
-        }
+    state: JobState
+    error: str | None = None
+    file_name: str | None = None
+    index_bytes: int | None = None
+    quality: dict[str, Any] | None = None
 
 
 @dataclass
@@ -235,7 +153,9 @@ class Job:
     id: str
     request: BuildRequest
     submitted_at: float
-    attempt: int = 1
+    # Runs started: 0 while a new job waits, one more at each claim (the fleet's fencing
+    # token); a job submitted again after it failed keeps its count.
+    attempt: int = 0
     state: JobState = JobState.QUEUED
     started_at: float | None = None
     finished_at: float | None = None
@@ -317,29 +237,26 @@ class Job:
             else:  # a builder that reports nothing (CAGRA builds in one call)
                 self.stage_done = self.stage_total
 
-    def end(
-        self,
-        state: JobState,
-        file_name: str | None,
-        error: str | None,
-        now: float,
-        *,
-        index_bytes: int | None = None,
-        quality: dict[str, Any] | None = None,
-    ) -> bool:
+    def end(self, outcome: Outcome, now: float) -> bool:
         """Record the outcome, all fields in one step; False if the job had already ended."""
         with self._lock:
             if self.state.terminal:
                 return False
-            self.state = state
-            self.file_name = file_name
-            self.error = error
+            self.state = outcome.state
+            self.file_name = outcome.file_name
+            self.error = outcome.error
             self.finished_at = now
-            if index_bytes is not None:
-                self.index_bytes = index_bytes
-            if quality is not None:
-                self.quality = dict(quality)
+            if outcome.index_bytes is not None:
+                self.index_bytes = outcome.index_bytes
+            if outcome.quality is not None:
+                self.quality = dict(outcome.quality)
             return True
+
+    def claimed(self) -> int:
+        """A run of the job starts: its attempt number (one more than the last)."""
+        with self._lock:
+            self.attempt += 1
+            return self.attempt
 
     def current_state(self) -> JobState:
         with self._lock:
@@ -349,10 +266,54 @@ class Job:
         return self.snapshot().status_body()
 
 
-class JobService(Protocol):
-    """What the endpoints need of jobs: ``LocalJobService`` (runner) or ``FleetJobService``.
+def state_named(value: object) -> object:
+    """A ``JobState`` or ``TaskStatus`` by its value (``GET /_jobs?state=``); one error
+    naming every value for anything else."""
+    if not isinstance(value, str):
+        return value
+    for kind in (JobState, TaskStatus):
+        if value in kind.__members__.values():
+            return kind(value)
+    names = ", ".join([*JobState, *TaskStatus])
+    raise ValueError(f"unknown state {value!r}; use one of {names}")
 
-    Every read returns a ``JobSnapshot`` (or the status body built from one).
+
+@dataclass(frozen=True)
+class JobQuery:
+    """Which jobs ``GET /_jobs`` lists: by state (a ``JobState`` or the client's
+    ``TaskStatus``), in job id order, ``limit`` of them after the id ``after``."""
+
+    state: JobState | TaskStatus | None = None
+    limit: int | None = None
+    after: str | None = None
+
+    def wants(self, snap: JobSnapshot) -> bool:
+        state = self.state
+        return state is None or snap.state is state or snap.task_status is state
+
+    def page(self, snaps: Iterable[JobSnapshot]) -> list[JobSnapshot]:
+        after = self.after
+        chosen = sorted(
+            (s for s in snaps if (after is None or s.id > after) and self.wants(s)),
+            key=lambda s: s.id,
+        )
+        return chosen if self.limit is None else chosen[: self.limit]
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What ``DELETE /_jobs/{id}`` did: cancelled an active job, or forgot an ended one."""
+
+    snapshot: JobSnapshot
+    forgotten: bool
+
+
+class JobService(Protocol):
+    """What the endpoints need of jobs (``local.LocalJobService``,
+    ``fleet_service.FleetJobService``).
+
+    Every read returns a ``JobSnapshot`` (or the status body built from one). ``submit``
+    admits the request first (``admission.Admission.admit``: 503, 507).
     """
 
     def now(self) -> float: ...
@@ -365,119 +326,62 @@ class JobService(Protocol):
 
     async def snapshot(self, job_id: str) -> JobSnapshot: ...
 
-    async def snapshots(self) -> list[JobSnapshot]: ...
+    async def snapshots(self, query: JobQuery) -> list[JobSnapshot]: ...
 
-    async def cancel(self, job_id: str) -> JobSnapshot: ...
+    async def delete(self, job_id: str) -> Deleted:
+        """Cancel a queued or running job; forget an ended one (its id is free again)."""
+        ...
 
 
-class JobStore:
-    def __init__(self, max_size: int, ttl_seconds: float, clock: Clock = time.time) -> None:
-        self.max_size = max_size
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._active: dict[str, Job] = {}
-        self._finished: TTLCache[str, Job] = TTLCache(max_size, ttl_seconds, timer=clock)
+class JobLedger(Protocol):
+    """Where the runner records outcomes and asks whether a build may go on: the in-memory
+    store (``local.LocalJobStore``) or the leases this fleet replica holds
+    (``fleet_leases.Leases``)."""
 
-    def add_if_absent(self, request: BuildRequest) -> tuple[Job, bool]:
-        """Return ``(job, created)``; atomic, so concurrent duplicates share one job.
+    def record(self, job: Job, outcome: Outcome) -> bool:
+        """Record ``outcome`` once; False if the job had ended or is no longer this process's."""
+        ...
 
-        A queued, running or completed job with the same id is returned as is;
-        a failed one is replaced by a new attempt. The same id with different
-        build parameters is a conflict.
-        """
-        job_id = request.job_id
-        with self._lock:
-            existing = self._active.get(job_id) or self._finished.get(job_id)
-            if existing is not None and existing.state is not JobState.FAILED:
-                if existing.state is JobState.CANCELLED:
-                    pass  # a cancelled job may be submitted again
-                elif existing.request.fingerprint != request.fingerprint:
-                    raise JobConflictError(
-                        f"job {job_id} for {request.vector_path!r} already exists with "
-                        "different build parameters; wait for it to finish or use a new "
-                        "vector_path"
-                    )
-                else:
-                    return existing, False
-            if existing is not None:
-                self._finished.pop(job_id, None)
-            self._make_room()
-            job = Job(
-                id=job_id,
-                request=request,
-                submitted_at=self.clock(),
-                attempt=existing.attempt + 1 if existing else 1,
-            )
-            self._active[job_id] = job
-            return job, True
-
-    def _make_room(self) -> None:
-        self._finished.expire()
-        while len(self._active) + len(self._finished) >= self.max_size:
-            if not self._finished:
-                raise StoreFullError(
-                    f"the job store holds {len(self._active)} queued or running jobs, its "
-                    "limit (REQUEST_STORE_MAX_SIZE); retry later"
-                )
-            self._finished.popitem()
-
-    def get(self, job_id: str) -> Job:
-        with self._lock:
-            job = self._active.get(job_id) or self._finished.get(job_id)
-        if job is None:
-            raise JobNotFoundError(
-                f"no job {job_id!r}: it was never accepted or finished more than "
-                "REQUEST_STORE_TTL_SECONDS ago"
-            )
-        return job
-
-    def finish(
-        self,
-        job: Job,
-        state: JobState,
-        *,
-        file_name: str | None = None,
-        error: str | None = None,
-        index_bytes: int | None = None,
-        quality: dict[str, Any] | None = None,
-    ) -> bool:
-        """Record the outcome once; False if the job had already finished."""
-        with self._lock:
-            ended = job.end(
-                state, file_name, error, self.clock(), index_bytes=index_bytes, quality=quality
-            )
-            if not ended:
-                return False
-            if self._active.get(job.id) is job:
-                del self._active[job.id]
-                self._finished[job.id] = job
-            return True
-
-    def hand_back(self, job: Job) -> bool:
-        """One process has no other replica to give a job to."""
-        return False
+    def active(self) -> list[Job]: ...
 
     def checkpoint(self, job: Job) -> None:
-        """Nothing but a cancel (which the runner checks itself) stops a build here."""
+        """Between batches and parts: raise ``CancelledError`` if this build must stop."""
+        ...
 
     def commit_check(self, job: Job) -> None:
-        """One process holds no lease: nothing but a cancel stops the upload here."""
+        """Right before the index becomes visible: raise ``CancelledError`` if it must not."""
+        ...
 
-    def remove(self, job: Job) -> None:
-        with self._lock:
-            if self._active.get(job.id) is job:
-                del self._active[job.id]
+    def hand_back(self, job: Job) -> bool:
+        """Give a job this process cannot finish to another replica; False if there is none."""
+        ...
 
-    def jobs(self) -> list[Job]:
-        with self._lock:
-            self._finished.expire()
-            return [*self._active.values(), *self._finished.values()]
 
-    def active(self) -> list[Job]:
-        with self._lock:
-            return list(self._active.values())
+def conflict(request: BuildRequest, state: JobState) -> JobConflictError:
+    """409: the job of this id was submitted with other build parameters and is ``state``."""
+    job_id, path = request.job_id, request.vector_path
+    if state is JobState.COMPLETED:
+        return JobConflictError(
+            f"job {job_id} for {path!r} already exists with different build parameters and "
+            f"has completed; forget it (DELETE /_jobs/{job_id}) and submit again, or use a "
+            "new vector_path"
+        )
+    return JobConflictError(
+        f"job {job_id} for {path!r} already exists with different build parameters and is "
+        f"still running ({state.value}); wait for it to finish or cancel it "
+        f"(DELETE /_jobs/{job_id}), or use a new vector_path"
+    )
 
-    def __len__(self) -> int:
-        with self._lock:
-            self._finished.expire()
-            return len(self._active) + len(self._finished)
+
+def store_full(active: int) -> StoreFullError:
+    return StoreFullError(
+        f"the job store holds {active} queued or running jobs, its limit "
+        "(REQUEST_STORE_MAX_SIZE); retry later"
+    )
+
+
+def not_found(job_id: str) -> JobNotFoundError:
+    return JobNotFoundError(
+        f"no job {job_id!r}: it was never accepted or finished more than "
+        "REQUEST_STORE_TTL_SECONDS ago"
+    )

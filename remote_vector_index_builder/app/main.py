@@ -1,4 +1,9 @@
-"""The app factory. Its lifespan owns every long-lived object; nothing starts at import."""
+"""The app factory. Its lifespan owns every long-lived object; nothing starts at import.
+
+The mode is chosen once (``make_backend``): one process (``local.LocalBackend``) or a
+fleet replica (``fleet.Fleet``); both have the same shape, so the lifespan wires either
+without asking which.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import faiss
 from fastapi import FastAPI
@@ -16,16 +22,13 @@ from fastapi_offline import FastAPIOffline
 
 from remote_vector_index_builder import __version__
 from remote_vector_index_builder.app import routes
-from remote_vector_index_builder.app.jobs import Clock, JobStore
+from remote_vector_index_builder.app.admission import Admission
+from remote_vector_index_builder.app.jobs import Clock, JobLedger, JobService
+from remote_vector_index_builder.app.local import LocalBackend
 from remote_vector_index_builder.app.metrics import HttpMetricsMiddleware, Metrics, Nvml
-from remote_vector_index_builder.app.runner import (
-    LocalJobService,
-    MemoryBudget,
-    Runner,
-    RunnerConfig,
-)
+from remote_vector_index_builder.app.runner import Runner, RunnerConfig
 from remote_vector_index_builder.app.settings import Settings
-from remote_vector_index_builder.core import gpu_probe
+from remote_vector_index_builder.core import gpu_probe, memory
 from remote_vector_index_builder.core.builder import Device, choose_builder
 from remote_vector_index_builder.core.errors import GpuUnavailableError, RvibError
 from remote_vector_index_builder.core.index_builder import IndexBuilder
@@ -65,6 +68,47 @@ def gpu_memory_bytes(probe: gpu_probe.GpuProbe) -> int:
     return probe.memory_total_bytes
 
 
+class Backend(Protocol):
+    """Where jobs live and how they reach this runner: one process or a fleet replica."""
+
+    @property
+    def service(self) -> JobService:
+        """For the endpoints."""
+        ...
+
+    @property
+    def ledger(self) -> JobLedger:
+        """For the runner."""
+        ...
+
+    def start(self, runner: Runner) -> None: ...
+
+    def slot_free(self) -> None:
+        """A build thread is free, or a build got stuck: place queued jobs again."""
+        ...
+
+    def stop(self) -> None:
+        """Take no more jobs (before the runner shuts down)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    def summary(self) -> dict[str, Any]:
+        """The keys this backend adds to ``/_heart_beat``."""
+        ...
+
+
+def make_backend(
+    settings: Settings, admission: Admission, metrics: Metrics, clock: Clock
+) -> Backend:
+    if settings.redis_url is None:
+        return LocalBackend(settings, admission, metrics, clock)
+    # Only here: one process never imports redis.
+    from remote_vector_index_builder.app.fleet import Fleet
+
+    return Fleet(settings, admission, metrics, clock)
+
+
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
     seams = overrides or Overrides()
 
@@ -78,40 +122,39 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         store = seams.object_store or S3ObjectStore(
             make_s3_client(s3_config, concurrent_jobs=workers), s3_config
         )
-        jobs = JobStore(
-            settings.request_store_max_size, settings.request_store_ttl_seconds, seams.clock
-        )
         on_gpu = builder.name == "gpu"
-        budget = MemoryBudget(
+        upload_plan = UploadPlan.of(s3_config)
+        admission = Admission(
             settings.effective_cpu_memory_limit(),
             settings.gpu_memory_limit or (gpu_memory_bytes(probe) if on_gpu else 0),
+            partial(
+                memory.estimate,
+                upload=upload_plan,
+                add_batch_rows=settings.add_batch_rows,
+                gpu=on_gpu,
+            ),
         )
         metrics = Metrics()
-        fleet = None
-        if settings.redis_url is not None:
-            # Only here: one process never imports redis.
-            from remote_vector_index_builder.app.fleet import Fleet
-
-            fleet = Fleet(settings, metrics.registry, seams.clock)
+        backend = make_backend(settings, admission, metrics, seams.clock)
         runner = Runner(
             RunnerConfig(
                 max_workers=workers,
                 mode=settings.index_serialization_mode,
                 tmp_dir=str(settings.tmp_dir) if settings.tmp_dir else None,
-                upload_plan=UploadPlan.of(s3_config),
+                upload_plan=upload_plan,
                 add_batch_rows=settings.add_batch_rows,
                 on_gpu=on_gpu,
                 time_limit_s=settings.job_time_limit_seconds,
                 build_nice=settings.build_nice,
                 omp_threads=settings.effective_omp_threads(),
             ),
-            jobs if fleet is None else fleet.jobs,
+            backend.ledger,
             store,
             builder,
-            budget,
+            admission,
             seams.clock,
             metrics,
-            on_slot_free=None if fleet is None else fleet.wake.set,
+            on_slot_free=backend.slot_free,
         )
         nvml = Nvml() if on_gpu else None
         metrics.watch(runner.state, nvml.sample if nvml is not None else None)
@@ -119,36 +162,32 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         app.state.gpu_probe = probe
         app.state.metrics = metrics
         app.state.settings = settings
-        app.state.jobs = jobs
-        app.state.job_service = LocalJobService(jobs, runner) if fleet is None else fleet.service
+        app.state.admission = admission
+        app.state.backend = backend
         app.state.runner = runner
-        app.state.fleet = fleet  # None in one process
         app.state.credentials = settings.basic_credentials()
         # A replica that cannot sign S3 requests would accept jobs that all fail.
         s3 = S3Access("given", None) if seams.object_store else s3_access(s3_config)
         if s3.problem is not None:
-            runner.refuse_builds(s3.problem)
+            admission.refuse(s3.problem)
         log.info(
             "starting: %s",
             settings.summary(
                 device=builder.name,
                 workers=runner.config.max_workers,
-                host_memory=f"{budget.host_limit / 2**30:.1f}GiB",
-                gpu_memory=f"{budget.gpu_limit / 2**30:.1f}GiB",
+                host_memory=f"{admission.host_limit / 2**30:.1f}GiB",
+                gpu_memory=f"{admission.gpu_limit / 2**30:.1f}GiB",
                 s3_credentials=s3.source or "none",
             ),
         )
-        if fleet is not None:
-            fleet.start(runner)
+        backend.start(runner)
         try:
             yield
         finally:
             log.info("shutting down: %d builds in flight", runner.busy())
-            if fleet is not None:
-                fleet.stop_claiming()
+            backend.stop()
             runner.shutdown(settings.shutdown_grace_seconds)
-            if fleet is not None:
-                await fleet.close()
+            await backend.close()
             if nvml is not None:
                 nvml.close()
 

@@ -16,30 +16,37 @@ from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.models import HTTPBase
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security.base import SecurityBase
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from remote_vector_index_builder.app.jobs import JobService, JobState, TaskStatus
+from remote_vector_index_builder.app.job_responses import JobDetail, JobSummary
+from remote_vector_index_builder.app.jobs import (
+    JobQuery,
+    JobService,
+    JobState,
+    TaskStatus,
+    state_named,
+)
 from remote_vector_index_builder.app.metrics import Metrics
 from remote_vector_index_builder.app.runner import Runner
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core import sizing
 from remote_vector_index_builder.core.errors import (
-    AccessDeniedError,
+    BucketNotAllowed,
     InsufficientMemoryError,
-    InvalidRequestError,
     JobConflictError,
     JobNotFoundError,
     RvibError,
     ServiceUnavailableError,
     StoreFullError,
+    Unauthorized,
     problem_message,
 )
 from remote_vector_index_builder.core.params import BuildRequest
@@ -59,55 +66,6 @@ class StatusResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
-
-
-class JobSummary(BaseModel):
-    """One job in ``GET /_jobs`` (``JobSnapshot.summary``)."""
-
-    task_status: TaskStatus
-    state: JobState
-    attempt: int
-    tenant_id: str
-    bucket: str
-    vector_path: str
-    data_type: str
-    dimension: int
-    doc_count: int
-    vector_bytes: int
-    submitted_at: float
-    started_at: float | None
-    finished_at: float | None
-    file_name: str | None
-    error_message: str | None
-    device: str | None
-    index_bytes: int | None
-    quality: dict[str, Any] | None = None
-    # Fleet mode only (null in one process): the replica holding the job, its lease's end.
-    owner: str | None = None
-    lease_expires_at: float | None = None
-
-
-class StageProgressModel(BaseModel):
-    stage: str | None
-    unit: str | None
-    done: int
-    total: int
-    percent: float | None
-    eta_seconds: float | None
-
-
-class StageSpan(BaseModel):
-    started_at: float
-    seconds: float | None
-
-
-class JobDetail(JobSummary):
-    """``GET /_jobs/{job_id}`` and ``DELETE /_jobs/{job_id}`` (``JobSnapshot.detail``)."""
-
-    job_id: str
-    cancel_requested: bool
-    progress: StageProgressModel
-    stages: dict[str, StageSpan]
 
 
 class MemoryState(BaseModel):
@@ -152,14 +110,6 @@ class ValidationErrorResponse(BaseModel):
     """The 422 body of ``main.validation_error`` (not FastAPI's default shape)."""
 
     detail: list[FieldProblem]
-
-
-class Unauthorized(RvibError):
-    pass
-
-
-class BucketNotAllowed(RvibError):
-    pass
 
 
 class BasicAuthHeader(SecurityBase):
@@ -210,7 +160,7 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_jobs(request: Request) -> JobService:
-    jobs: JobService = request.app.state.job_service
+    jobs: JobService = request.app.state.backend.service
     return jobs
 
 
@@ -271,9 +221,7 @@ router = APIRouter()
     # 400: a body that is not JSON at all (main.validation_error, before field checks).
     responses={**_ERRORS, 400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
 )
-async def build(
-    body: BuildRequest, request: Request, settings: SettingsDep, jobs: JobsDep, runner: RunnerDep
-) -> Any:
+async def build(body: BuildRequest, request: Request, settings: SettingsDep, jobs: JobsDep) -> Any:
     """Accept a build; the same tenant + vector path returns the existing job."""
     request.state.tenant_id = body.tenant_id  # for the log line of a refusal (``refused``)
     if settings.allowed_buckets and body.container_name not in settings.allowed_buckets:
@@ -281,7 +229,6 @@ async def build(
             f"bucket {body.container_name!r} is not in this service's allow-list "
             "(RVIB_ALLOWED_BUCKETS)"
         )
-    runner.admit(body)
     return {"job_id": await jobs.submit(body)}
 
 
@@ -301,9 +248,22 @@ async def status(job_id: str, jobs: JobsDep) -> Any:
     dependencies=[Authenticated],
     responses=_ERRORS,
 )
-async def list_jobs(jobs: JobsDep) -> Any:
-    """Every job the store holds, by id (a JSON object, encoded once)."""
-    return {snap.id: snap.summary() for snap in await jobs.snapshots()}
+async def list_jobs(
+    jobs: JobsDep,
+    state: Annotated[
+        JobState | TaskStatus | None,
+        BeforeValidator(state_named),
+        Query(description="only jobs in this state, or with this task_status"),
+    ] = None,
+    limit: Annotated[int | None, Query(ge=1, description="at most this many jobs")] = None,
+    after: Annotated[
+        str | None,
+        Query(description="only jobs whose id sorts after this one: the last id of a page"),
+    ] = None,
+) -> Any:
+    """The jobs the store holds, by id in id order (a JSON object, encoded once)."""
+    query = JobQuery(state, limit, after)
+    return {snap.id: JobSummary.of(snap) for snap in await jobs.snapshots(query)}
 
 
 @router.get(
@@ -311,7 +271,7 @@ async def list_jobs(jobs: JobsDep) -> Any:
 )
 async def job_detail(job_id: str, jobs: JobsDep) -> Any:
     """One job: its summary, the current stage's percent and ETA, and per-stage timings."""
-    return (await jobs.snapshot(job_id)).detail(jobs.now())
+    return JobDetail.at(await jobs.snapshot(job_id), jobs.now())
 
 
 @router.delete(
@@ -319,14 +279,17 @@ async def job_detail(job_id: str, jobs: JobsDep) -> Any:
     status_code=202,
     response_model=JobDetail,
     dependencies=[Authenticated],
-    responses=_ERRORS,
+    responses={**_ERRORS, 200: {"model": JobDetail, "description": "Forgotten"}},
 )
-async def cancel_job(job_id: str, jobs: JobsDep) -> Any:
-    """Cancel: a queued job leaves the queue, a running one stops at its next batch or stage.
-
-    Either way it ends as ``FAILED_INDEX_BUILD`` "cancelled by operator" on ``/_status``.
+async def delete_job(job_id: str, jobs: JobsDep, response: Response) -> Any:
+    """Cancel an active job (202): a queued one leaves the queue, a running one stops at its
+    next batch or stage; either way it ends as ``FAILED_INDEX_BUILD`` "cancelled by
+    operator" on ``/_status``. Forget an ended one (200): its id is free for a new request.
     """
-    return (await jobs.cancel(job_id)).detail(jobs.now())
+    deleted = await jobs.delete(job_id)
+    if deleted.forgotten:
+        response.status_code = 200
+    return JobDetail.at(deleted.snapshot, jobs.now())
 
 
 @router.get(
@@ -372,9 +335,7 @@ async def heart_beat(runner: RunnerDep, request: Request) -> Any:
         },
         "gpu": request.app.state.gpu_probe.summary(),  # the start-up probe, core/gpu_probe.py
     }
-    fleet = request.app.state.fleet  # app/fleet.py; not imported here (redis is optional)
-    if fleet is not None:
-        body["fleet"] = fleet.summary()
+    body.update(request.app.state.backend.summary())  # the fleet block in fleet mode
     return body
 
 
@@ -391,11 +352,9 @@ async def ready(runner: RunnerDep) -> Any:
 _STATUS_CODES: list[tuple[type[RvibError], int]] = [
     (Unauthorized, 401),
     (BucketNotAllowed, 403),
-    (AccessDeniedError, 403),
     (JobNotFoundError, 404),
     (JobConflictError, 409),
     (StoreFullError, 429),
-    (InvalidRequestError, 422),
     (ServiceUnavailableError, 503),
     (InsufficientMemoryError, 507),
 ]

@@ -15,6 +15,8 @@
     │   └── GpuUnavailableError   a GPU build was asked for where none can run
     ├── CancelledError            an operator cancelled the job
     └── ServiceError              raised by the HTTP service only
+        ├── Unauthorized          credentials missing or wrong (401)
+        ├── BucketNotAllowed      the bucket is not in the allow-list (403)
         ├── JobConflictError      same job id, different parameters (409)
         ├── JobNotFoundError      unknown or long expired job (404)
         ├── StoreFullError        job store full of active jobs (429)
@@ -86,6 +88,14 @@ class CancelledError(RvibError):
 
 
 class ServiceError(RvibError):
+    pass
+
+
+class Unauthorized(ServiceError):
+    pass
+
+
+class BucketNotAllowed(ServiceError):
     pass
 
 

@@ -232,7 +232,7 @@ def estimate(
 GPU_DEVICE_OVERHEAD = 1024 * MIB
 GPU_HOST_OVERHEAD = 512 * MIB
 # gpu_builder.cagra_params's IVF-PQ choices (not imported: that module loads Faiss);
-# test_gpu_memory checks they agree.
+# test_gpu_replay checks the train-set fraction agrees.
 _KMEANS_TRAINSET_FRACTION = 0.1
 _NN_DESCENT_ROUND = 32  # cuVS NN-descent pads node degrees to a multiple of 32
 
