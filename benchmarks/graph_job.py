@@ -153,11 +153,12 @@ def measure_search(
 def cmd_graph(args: argparse.Namespace) -> None:
     from benchmarks.job import _baseline, _cpu_seconds, _emit, _measured, _threads
     from remote_vector_index_builder.core import blocked_knn, memory
-    from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMode
+    from remote_vector_index_builder.core.cpu_builder import CpuBuilder
     from remote_vector_index_builder.core.dataset import parse
     from remote_vector_index_builder.core.gpu_builder import assemble_from_graph
     from remote_vector_index_builder.core.knn_graph import KnnGraph
     from remote_vector_index_builder.core.multipart import UploadPlan
+    from remote_vector_index_builder.core.options import CpuBuildMode
     from remote_vector_index_builder.core.quality import BuildNotes
     from remote_vector_index_builder.core.s3_calls import S3Config
 

@@ -263,8 +263,9 @@ def cmd_mode(args: argparse.Namespace) -> None:
     import mmap
 
     from remote_vector_index_builder.core import quality
-    from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMode
+    from remote_vector_index_builder.core.cpu_builder import CpuBuilder
     from remote_vector_index_builder.core.dataset import parse
+    from remote_vector_index_builder.core.options import CpuBuildMode
     from remote_vector_index_builder.core.params import parse_request
 
     threads = _threads(args.threads)

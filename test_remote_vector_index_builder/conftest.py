@@ -20,7 +20,8 @@ from moto.server import ThreadedMotoServer
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core.index_builder import IndexBuilder
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
-from remote_vector_index_builder.core.s3_calls import MIB, S3Config, make_s3_client
+from remote_vector_index_builder.core.options import MIB
+from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
 from remote_vector_index_builder.local_s3 import free_port
 from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import FLEET_SETTINGS, Clock, make_settings

@@ -39,8 +39,9 @@ from remote_vector_index_builder.core.dataset import Dataset
 from remote_vector_index_builder.core.index_builder import FaissIndex, Progress
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import S3ObjectStore, Upload
+from remote_vector_index_builder.core.options import MIN_PART_SIZE
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE, ObjectInfo, S3Config
+from remote_vector_index_builder.core.s3_calls import ObjectInfo, S3Config
 from test_remote_vector_index_builder.data import doc_id_blob, vector_blob
 
 T = TypeVar("T")

@@ -19,6 +19,8 @@ from fastapi.testclient import TestClient
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core import index_io
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
+from remote_vector_index_builder.core.gpu_builder import GpuBuilder
+from remote_vector_index_builder.core.index_builder import gpu_available
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
 from remote_vector_index_builder.core.s3_calls import S3Config
 from test_remote_vector_index_builder.data import (
@@ -270,6 +272,31 @@ def test_heart_beat_reports_readiness(service: Callable[..., TestClient]) -> Non
     assert beat["status"] == "alive" and beat["ready"] is True and beat["device"] == "cpu"
     assert beat["memory"]["host_limit_bytes"] == 8 * 1024**3
     assert client.get("/_ready").json() == {"ready": True}
+
+
+def test_admission_and_the_heart_beat_count_the_configured_cpu_build(
+    service: Callable[..., TestClient],
+) -> None:
+    """The fast build's 8-bit codes are in the estimate: fewer rows fit in the same memory."""
+    limit = 8 * 1024**3
+    standard = service(cpu_memory_limit=limit).get("/_heart_beat").json()
+    fast = service(cpu_memory_limit=limit, cpu_build="fast").get("/_heart_beat").json()
+    rows = [beat["largest_segment"]["float"]["768"]["doc_count"] for beat in (standard, fast)]
+    assert 0 < rows[1] < rows[0]
+
+
+@both_modes
+@pytest.mark.skipif(gpu_available(), reason="this host's GPU build would not fall back")
+def test_a_gpu_build_that_fell_back_shows_the_cpu_as_its_device(
+    service: Callable[..., TestClient], s3_client: Any, bucket: str
+) -> None:
+    """Faiss here has no GPU: the GPU builder's attempt really fails and the CPU builds."""
+    client = service(builder=GpuBuilder(fallback=CpuBuilder()), gpu_memory_limit=16 * 1024**3)
+    upload(s3_client, bucket, "idx/fb", clustered(300, 16))
+    job_id = client.post("/_build", json=build_body(bucket, "idx/fb", 16, 300)).json()["job_id"]
+    assert wait_terminal(client, job_id)["task_status"] == "COMPLETED_INDEX_BUILD"
+    job = client.get(f"/_jobs/{job_id}").json()
+    assert job["device"] == "cpu" and job["quality"]["fallback"] is True
 
 
 def test_build_over_the_time_limit_fails_and_service_takes_no_builds_until_its_thread_ends(

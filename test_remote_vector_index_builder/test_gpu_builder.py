@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from remote_vector_index_builder.core import dataset, index_io, workflow
-from remote_vector_index_builder.core.builder import BuilderOptions, Device, choose_builder
+from remote_vector_index_builder.core.builder import BuilderOptions, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.errors import BuildError, CancelledError, GpuUnavailableError
@@ -32,6 +32,7 @@ from remote_vector_index_builder.core.gpu_builder import (
     cagra_params,
 )
 from remote_vector_index_builder.core.index_builder import gpu_available
+from remote_vector_index_builder.core.options import Device
 from remote_vector_index_builder.core.params import BuildRequest
 from test_remote_vector_index_builder.data import (
     BINARY_ID_MAP_HEADER,

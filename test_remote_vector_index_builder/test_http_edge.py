@@ -27,6 +27,7 @@ from remote_vector_index_builder.core.s3_calls import S3Config
 from remote_vector_index_builder.local_s3 import free_port
 from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import (
+    both_modes,
     build_body,
     fast_body,
     make_settings,
@@ -232,6 +233,7 @@ def test_heart_beat_says_the_largest_segment_admitted(
 # --- readiness without S3 credentials (issue 16, item 16) --------------------------------
 
 
+@both_modes
 def test_without_s3_credentials_the_service_is_unready_and_refuses_builds(
     service: Callable[..., TestClient],
     bucket: str,

@@ -20,8 +20,9 @@ from remote_vector_index_builder.core import memory, multipart
 from remote_vector_index_builder.core.data_types import DataType
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import S3ObjectStore
+from remote_vector_index_builder.core.options import MIB
 from remote_vector_index_builder.core.params import BuildRequest
-from remote_vector_index_builder.core.s3_calls import MIB, S3Config, make_s3_client
+from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
 from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
 
 if TYPE_CHECKING:

@@ -29,7 +29,8 @@ from remote_vector_index_builder.core.errors import (
     TransientStoreError,
 )
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
-from remote_vector_index_builder.core.s3_calls import GIB, MIB, S3Config, make_s3_client
+from remote_vector_index_builder.core.options import GIB, MIB
+from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
 from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
 
 if TYPE_CHECKING:

@@ -66,9 +66,14 @@ class Fleet:
     """Everything fleet mode adds to one replica; built and closed by the app's lifespan."""
 
     def __init__(
-        self, settings: Settings, admission: Admission, metrics: Metrics, clock: Clock
+        self,
+        settings: Settings,
+        redis_url: str,
+        admission: Admission,
+        metrics: Metrics,
+        clock: Clock,
     ) -> None:
-        self.config = FleetConfig.from_settings(settings)
+        self.config = FleetConfig.from_settings(settings, redis_url)
         options = client_options(self.config)
         sync_client = redis.Redis.from_url(
             self.config.url, retry=redis.retry.Retry(NoBackoff(), 0), **options

@@ -80,15 +80,10 @@ class FleetConfig:
     max_active: int
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> FleetConfig:
-        assert settings.redis_url is not None
-        if settings.heartbeat_seconds >= settings.lease_seconds:
-            raise ValueError(
-                f"RVIB_HEARTBEAT_SECONDS ({settings.heartbeat_seconds}) must be well below "
-                f"RVIB_LEASE_SECONDS ({settings.lease_seconds}), or leases expire between renewals"
-            )
+    def from_settings(cls, settings: Settings, url: str) -> FleetConfig:
+        """``url``: ``RVIB_REDIS_URL``'s secret (settings checked the heartbeat and lease)."""
         return cls(
-            url=settings.redis_url.get_secret_value(),
+            url=url,
             replica_id=settings.replica_id,
             lease_s=settings.lease_seconds,
             heartbeat_s=settings.heartbeat_seconds,

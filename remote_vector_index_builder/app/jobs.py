@@ -136,7 +136,8 @@ class Outcome:
     """How a job ended, recorded whole by either store (``JobLedger.record``).
 
     ``error`` is what ``/_status`` reports for a failed or cancelled job; ``file_name``,
-    ``index_bytes`` and ``quality`` belong to a completed one.
+    ``index_bytes``, ``quality`` and ``device`` belong to a completed one (``device``:
+    where it was built, ``cpu`` for a GPU build that fell back to the CPU).
     """
 
     state: JobState
@@ -144,6 +145,7 @@ class Outcome:
     file_name: str | None = None
     index_bytes: int | None = None
     quality: dict[str, Any] | None = None
+    device: str | None = None
 
 
 @dataclass
@@ -250,6 +252,8 @@ class Job:
                 self.index_bytes = outcome.index_bytes
             if outcome.quality is not None:
                 self.quality = dict(outcome.quality)
+            if outcome.device is not None:
+                self.device = outcome.device
             return True
 
     def claimed(self) -> int:

@@ -29,11 +29,12 @@ from remote_vector_index_builder.app.metrics import HttpMetricsMiddleware, Metri
 from remote_vector_index_builder.app.runner import Runner, RunnerConfig
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core import gpu_probe, memory
-from remote_vector_index_builder.core.builder import Device, choose_builder
+from remote_vector_index_builder.core.builder import choose_builder
 from remote_vector_index_builder.core.errors import GpuUnavailableError, RvibError
 from remote_vector_index_builder.core.index_builder import IndexBuilder
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
+from remote_vector_index_builder.core.options import Device
 from remote_vector_index_builder.core.s3_calls import S3Access, make_s3_client, s3_access
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def make_backend(
     # Only here: one process never imports redis.
     from remote_vector_index_builder.app.fleet import Fleet
 
-    return Fleet(settings, admission, metrics, clock)
+    return Fleet(settings, settings.redis_url.get_secret_value(), admission, metrics, clock)
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
@@ -132,6 +133,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 upload=upload_plan,
                 add_batch_rows=settings.add_batch_rows,
                 gpu=on_gpu,
+                cpu_build=settings.cpu_build.value,
+                gpu_layout=settings.gpu_index_layout.value,
             ),
         )
         metrics = Metrics()
@@ -144,6 +147,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 upload_plan=upload_plan,
                 add_batch_rows=settings.add_batch_rows,
                 on_gpu=on_gpu,
+                cpu_build=settings.cpu_build.value,
+                gpu_layout=settings.gpu_index_layout.value,
                 time_limit_s=settings.job_time_limit_seconds,
                 build_nice=settings.build_nice,
                 omp_threads=settings.effective_omp_threads(),

@@ -314,6 +314,8 @@ async def heart_beat(runner: RunnerDep, request: Request) -> Any:
         upload=runner.config.upload_plan,
         add_batch_rows=runner.config.add_batch_rows,
         gpu=runner.config.on_gpu,
+        cpu_build=runner.config.cpu_build,
+        gpu_layout=runner.config.gpu_layout,
     )
     # Cached per limits; the first call bisects the estimate (~0.1 s): off the event loop.
     largest = await anyio.to_thread.run_sync(sizing.largest_segments, limits)

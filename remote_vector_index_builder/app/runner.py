@@ -162,6 +162,10 @@ class RunnerConfig:
     upload_plan: UploadPlan
     add_batch_rows: int
     on_gpu: bool
+    # RVIB_CPU_BUILD and RVIB_GPU_INDEX_LAYOUT: admission's estimate reads them, and so
+    # does /_heart_beat's largest segment.
+    cpu_build: str = "standard"
+    gpu_layout: str = "hnsw"
     time_limit_s: float | None = None
     # Added to the niceness of the build threads (Linux: per thread, inherited by
     # the threads they start).
@@ -318,6 +322,7 @@ class Runner:
             file_name=result.file_name,
             index_bytes=result.index_bytes,
             quality=quality,
+            device=result.builder,
         )
         if not self._finish(job, completed):
             return

@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from remote_vector_index_builder.core.cpu_builder import CpuBuilder, CpuBuildMode
+from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.errors import GpuUnavailableError
 from remote_vector_index_builder.core.gpu_builder import GpuBuilder
 from remote_vector_index_builder.core.gpu_probe import GpuProbe, ProbeState, probe_gpu
 from remote_vector_index_builder.core.index_builder import IndexBuilder
-from remote_vector_index_builder.core.options import Device as Device
-from remote_vector_index_builder.core.options import GpuLayout
+from remote_vector_index_builder.core.options import CpuBuildMode, Device, GpuLayout
 
 log = logging.getLogger(__name__)
 

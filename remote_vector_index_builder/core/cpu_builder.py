@@ -38,7 +38,7 @@ from remote_vector_index_builder.core.index_builder import (
     fill_storage,
     new_inner_index,
 )
-from remote_vector_index_builder.core.options import CpuBuildMode as CpuBuildMode
+from remote_vector_index_builder.core.options import CpuBuildMode
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.quality import BuildNotes, BuildPath
 

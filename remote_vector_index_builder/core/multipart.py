@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from remote_vector_index_builder.core.checksums import crc32_b64
 from remote_vector_index_builder.core.errors import ObjectStoreError
+from remote_vector_index_builder.core.options import MIN_PART_SIZE
 from remote_vector_index_builder.core.s3_calls import (
     MAX_CONCURRENCY,
-    MIN_PART_SIZE,
     Progress,
     S3Calls,
     S3Config,

@@ -39,8 +39,8 @@ from remote_vector_index_builder.core.multipart import (
     UploadPlan,
     abort_incomplete,
 )
+from remote_vector_index_builder.core.options import MIB
 from remote_vector_index_builder.core.s3_calls import (
-    MIB,
     ObjectInfo,
     Progress,
     S3Calls,

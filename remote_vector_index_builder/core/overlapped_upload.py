@@ -35,7 +35,7 @@ from remote_vector_index_builder.core.multipart import (
     UploadPlan,
 )
 from remote_vector_index_builder.core.object_store import NumberedUploads
-from remote_vector_index_builder.core.s3_calls import MIN_PART_SIZE
+from remote_vector_index_builder.core.options import MIN_PART_SIZE
 
 # Parts of the storage section in flight during the build, and the part numbers it
 # may use (the highest ones; the rest are the head's).

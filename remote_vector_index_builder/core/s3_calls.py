@@ -26,10 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from urllib3.exceptions import ProtocolError
 
 from remote_vector_index_builder.core import errors
-from remote_vector_index_builder.core.options import GIB as GIB
-from remote_vector_index_builder.core.options import MAX_PART_SIZE as MAX_PART_SIZE
-from remote_vector_index_builder.core.options import MIB as MIB
-from remote_vector_index_builder.core.options import MIN_PART_SIZE as MIN_PART_SIZE
+from remote_vector_index_builder.core.options import MAX_PART_SIZE, MIB, MIN_PART_SIZE
 from remote_vector_index_builder.core.s3_errors import (
     Corrupt,
     bucket_missing,

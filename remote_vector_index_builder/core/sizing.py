@@ -44,6 +44,8 @@ class Limits:
     upload: UploadPlan
     add_batch_rows: int
     gpu: bool
+    cpu_build: str = "standard"
+    gpu_layout: str = "hnsw"
 
 
 def _request(data_type: DataType, dimension: int, doc_count: int, m: int) -> BuildRequest:
@@ -63,7 +65,12 @@ def _request(data_type: DataType, dimension: int, doc_count: int, m: int) -> Bui
 
 def _fits(limits: Limits, request: BuildRequest) -> bool:
     need = memory.estimate(
-        request, upload=limits.upload, add_batch_rows=limits.add_batch_rows, gpu=limits.gpu
+        request,
+        upload=limits.upload,
+        add_batch_rows=limits.add_batch_rows,
+        gpu=limits.gpu,
+        cpu_build=limits.cpu_build,
+        gpu_layout=limits.gpu_layout,
     )
     return need.host_bytes <= limits.host_bytes and need.gpu_bytes <= limits.gpu_bytes
 

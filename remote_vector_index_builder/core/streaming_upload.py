@@ -20,7 +20,8 @@ from remote_vector_index_builder.core.multipart import (
     abort_quietly,
     create_arguments,
 )
-from remote_vector_index_builder.core.s3_calls import MAX_PART_SIZE, Progress, S3Calls
+from remote_vector_index_builder.core.options import MAX_PART_SIZE
+from remote_vector_index_builder.core.s3_calls import Progress, S3Calls
 
 # A streamed upload does not know its size: the part size doubles every
 # _PARTS_PER_SIZE_STEP parts, so 16 MiB parts reach ~960 GiB, not 156 GiB, within

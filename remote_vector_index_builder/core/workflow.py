@@ -362,8 +362,8 @@ def run(
         result.quality = check_quality(
             request, index, sample, builder, prepared, lambda: tracker.advance(0)
         )
-        if result.quality is not None:
-            result.builder = result.quality.device  # a GPU build that fell back ran on the CPU
+        if prepared is not None:
+            result.builder = prepared.notes.device  # a GPU build that fell back ran on the CPU
         # The index owns a copy of the vectors: release the downloaded buffer now,
         # before serialization needs memory of its own.
         del data, prepared  # the index holds the prepared inner index now
