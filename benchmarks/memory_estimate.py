@@ -26,7 +26,7 @@ TARGET_RATIO = 1.15
 def estimate_bytes(body: dict[str, Any], batch_rows: int = 0) -> int:
     """What admission control reserves for this request with the service's defaults."""
     from remote_vector_index_builder.core import memory
-    from remote_vector_index_builder.core.builder import BuilderOptions
+    from remote_vector_index_builder.core.builder_choice import BuilderOptions
     from remote_vector_index_builder.core.multipart import UploadPlan
     from remote_vector_index_builder.core.params import parse_request
     from remote_vector_index_builder.core.s3_calls import S3Config

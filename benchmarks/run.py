@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "timings_s": {},
     }
 
-    from remote_vector_index_builder.core.builder import BuilderOptions
+    from remote_vector_index_builder.core.builder_choice import BuilderOptions
     from remote_vector_index_builder.core.object_store import S3ObjectStore
     from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
     from remote_vector_index_builder.local_s3 import LocalS3, free_port

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import faiss
 
     from remote_vector_index_builder.core import workflow
-    from remote_vector_index_builder.core.builder import choose_builder
+    from remote_vector_index_builder.core.builder_choice import choose_builder
     from remote_vector_index_builder.core.object_store import S3ObjectStore
     from remote_vector_index_builder.core.params import parse_request
     from remote_vector_index_builder.core.s3_calls import make_s3_client

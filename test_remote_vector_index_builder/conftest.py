@@ -23,8 +23,8 @@ from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectS
 from remote_vector_index_builder.core.options import MIB
 from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
 from remote_vector_index_builder.local_s3 import free_port
-from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import FLEET_SETTINGS, Clock, make_settings
+from testbed.fleet_harness import RedisServer
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

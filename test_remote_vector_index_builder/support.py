@@ -42,7 +42,7 @@ from remote_vector_index_builder.core.object_store import S3ObjectStore, Upload
 from remote_vector_index_builder.core.options import MIN_PART_SIZE
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import ObjectInfo, S3Config
-from test_remote_vector_index_builder.data import doc_id_blob, vector_blob
+from testbed.data import doc_id_blob, vector_blob
 
 T = TypeVar("T")
 STATUS_KEYS = {"task_status", "file_name", "error_message"}

@@ -15,7 +15,6 @@ from remote_vector_index_builder.app.local import LocalBackend
 from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import S3Config
-from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import (
     estimate,
     fleet_submit,
@@ -23,6 +22,7 @@ from test_remote_vector_index_builder.support import (
     request_for,
     sync_store,
 )
+from testbed.fleet_harness import RedisServer
 
 
 def build_request(path: str, **kw: Any) -> BuildRequest:

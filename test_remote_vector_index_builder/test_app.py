@@ -23,13 +23,6 @@ from remote_vector_index_builder.core.gpu_builder import GpuBuilder
 from remote_vector_index_builder.core.index_builder import gpu_available
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
 from remote_vector_index_builder.core.s3_calls import S3Config
-from test_remote_vector_index_builder.data import (
-    clustered,
-    normalized,
-    recall_at_k,
-    to_binary,
-    to_int8,
-)
 from test_remote_vector_index_builder.support import (
     Clock,
     GatedStore,
@@ -40,6 +33,13 @@ from test_remote_vector_index_builder.support import (
     upload,
     wait_idle,
     wait_terminal,
+)
+from testbed.data import (
+    clustered,
+    normalized,
+    recall_at_k,
+    to_binary,
+    to_int8,
 )
 
 CASES = [("float", "l2"), ("half_float", "innerproduct"), ("byte", "l2"), ("binary", "hamming")]

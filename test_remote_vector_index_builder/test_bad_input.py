@@ -24,9 +24,9 @@ from fastapi.testclient import TestClient
 from remote_vector_index_builder.core import index_io
 from remote_vector_index_builder.core.object_store import S3ObjectStore
 from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
-from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
-from test_remote_vector_index_builder.faultproxy import FaultProxy
 from test_remote_vector_index_builder.support import build_body, wait_idle, wait_terminal
+from testbed.data import clustered, doc_id_blob, vector_blob
+from testbed.faultproxy import FaultProxy
 
 FAST = {"space_type": "l2", "algorithm_parameters": {"m": 8, "ef_construction": 32}}
 N, DIM = 200, 8

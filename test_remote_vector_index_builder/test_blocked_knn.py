@@ -16,7 +16,7 @@ from remote_vector_index_builder.core.index_builder import fill_storage, new_inn
 from remote_vector_index_builder.core.knn_graph import StoredRows
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.quality import BuildPath
-from test_remote_vector_index_builder.data import (
+from testbed.data import (
     clustered,
     make_dataset,
     make_request,

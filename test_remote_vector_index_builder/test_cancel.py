@@ -12,7 +12,6 @@ from fastapi.testclient import TestClient
 from remote_vector_index_builder.core.cpu_builder import insertion_share
 from remote_vector_index_builder.core.object_store import S3ObjectStore, Upload
 from remote_vector_index_builder.core.params import BuildRequest
-from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import (
     GatedBuilder,
     GatedStore,
@@ -22,6 +21,7 @@ from test_remote_vector_index_builder.support import (
     wait_idle,
     wait_terminal,
 )
+from testbed.data import clustered
 
 CANCELLED = {
     "task_status": "FAILED_INDEX_BUILD",

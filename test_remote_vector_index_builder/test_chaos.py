@@ -25,7 +25,7 @@ from benchmarks.chaos_fleet import ChaosConfig, Incarnation, Timeline
 from remote_vector_index_builder.core import quality
 from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
 from remote_vector_index_builder.local_s3 import LocalS3
-from test_remote_vector_index_builder.data import clustered
+from testbed.data import clustered
 
 SEED = 16
 CHAOS_S = 60.0

@@ -19,7 +19,7 @@ from remote_vector_index_builder.core.errors import CancelledError
 from remote_vector_index_builder.core.knn_graph import of_one_length
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.quality import BuildPath
-from test_remote_vector_index_builder.data import (
+from testbed.data import (
     BINARY_ID_MAP_HEADER,
     FLOAT_FAMILY_LAYOUTS,
     ID_MAP_HEADER,
@@ -290,7 +290,7 @@ def test_a_build_with_m_1_fails_with_a_typed_error_instead_of_crashing() -> None
         import numpy as np
         from remote_vector_index_builder.core.cpu_builder import CpuBuilder
         from remote_vector_index_builder.core.errors import InvalidRequestError
-        from test_remote_vector_index_builder.data import clustered, make_dataset, make_request
+        from testbed.data import clustered, make_dataset, make_request
 
         request = make_request("float", "l2", 16, 3000)
         request.index_parameters.algorithm_parameters.m = 1

@@ -6,8 +6,8 @@ import pytest
 from remote_vector_index_builder.core import dataset
 from remote_vector_index_builder.core.errors import DatasetError
 from remote_vector_index_builder.core.params import BuildRequest
-from test_remote_vector_index_builder.data import clustered, doc_id_blob, to_binary, vector_blob
 from test_remote_vector_index_builder.support import required_body
+from testbed.data import clustered, doc_id_blob, to_binary, vector_blob
 
 
 def request(**kw: object) -> BuildRequest:

@@ -19,8 +19,8 @@ import pytest
 
 from remote_vector_index_builder import __version__, cli, demo
 from remote_vector_index_builder.local_s3 import free_port
-from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import upload
+from testbed.data import clustered
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,12 +11,12 @@ import pytest
 
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core import dataset, index_io, projected_graph, quality
-from remote_vector_index_builder.core.builder import BuilderOptions, choose_builder
+from remote_vector_index_builder.core.builder_choice import BuilderOptions, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.errors import CancelledError
 from remote_vector_index_builder.core.options import CpuBuildMode
 from remote_vector_index_builder.core.params import SpaceType
-from test_remote_vector_index_builder.data import (
+from testbed.data import (
     FLOAT_FAMILY_LAYOUTS,
     ID_MAP_HEADER,
     clustered,

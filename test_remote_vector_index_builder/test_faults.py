@@ -35,8 +35,6 @@ from remote_vector_index_builder.core.index_builder import FaissIndex
 from remote_vector_index_builder.core.object_store import S3ObjectStore
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
-from test_remote_vector_index_builder.data import clustered
-from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
 from test_remote_vector_index_builder.support import (
     FAST,
     build_body,
@@ -44,6 +42,8 @@ from test_remote_vector_index_builder.support import (
     wait_idle,
     wait_terminal,
 )
+from testbed.data import clustered
+from testbed.faultproxy import Fault, FaultProxy
 
 ATTEMPTS = 3
 READ_TIMEOUT_S = 1.0

@@ -24,8 +24,8 @@ import redis
 from remote_vector_index_builder.app.fleet_store import AUDIT, job_key
 from remote_vector_index_builder.core import index_io
 from remote_vector_index_builder.core.s3_calls import S3Config
-from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
-from test_remote_vector_index_builder.fleet_harness import (
+from testbed.data import clustered, doc_id_blob, vector_blob
+from testbed.fleet_harness import (
     RedisServer,
     Replica,
     RoundRobinProxy,

@@ -42,8 +42,6 @@ from remote_vector_index_builder.core.errors import (
 )
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import S3Config
-from test_remote_vector_index_builder.data import clustered
-from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import (
     GatedBuilder,
     admission,
@@ -61,6 +59,8 @@ from test_remote_vector_index_builder.support import (
     wait_terminal,
     with_service,
 )
+from testbed.data import clustered
+from testbed.fleet_harness import RedisServer
 
 TICK = threading.Event()  # never set: ``TICK.wait(s)`` paces a wait on a condition
 

@@ -38,8 +38,6 @@ from remote_vector_index_builder.core.errors import (
 )
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import S3Config
-from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
-from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import (
     fleet_status,
     fleet_submit,
@@ -49,6 +47,8 @@ from test_remote_vector_index_builder.support import (
     sync_store,
     with_service,
 )
+from testbed.data import clustered, doc_id_blob, vector_blob
+from testbed.fleet_harness import RedisServer
 
 T = TypeVar("T")
 

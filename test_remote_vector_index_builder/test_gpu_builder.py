@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from remote_vector_index_builder.core import dataset, index_io, workflow
-from remote_vector_index_builder.core.builder import BuilderOptions, choose_builder
+from remote_vector_index_builder.core.builder_choice import BuilderOptions, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.errors import BuildError, CancelledError, GpuUnavailableError
@@ -34,7 +34,8 @@ from remote_vector_index_builder.core.gpu_builder import (
 from remote_vector_index_builder.core.index_builder import gpu_available
 from remote_vector_index_builder.core.options import Device
 from remote_vector_index_builder.core.params import BuildRequest
-from test_remote_vector_index_builder.data import (
+from test_remote_vector_index_builder.support import request_for
+from testbed.data import (
     BINARY_ID_MAP_HEADER,
     ID_MAP_HEADER,
     clustered,
@@ -48,7 +49,6 @@ from test_remote_vector_index_builder.data import (
     to_int8,
     vector_blob,
 )
-from test_remote_vector_index_builder.support import request_for
 
 # Faiss's bundled stubs (1.15) lack IndexHNSWCagra and IndexBinaryHNSWCagra's fields.
 untyped_faiss: Any = faiss

@@ -34,7 +34,7 @@ from remote_vector_index_builder.core.index_builder import fill_storage
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.quality import BuildNotes, hits
 from remote_vector_index_builder.core.s3_calls import S3Config
-from test_remote_vector_index_builder.data import (
+from testbed.data import (
     BINARY_ID_MAP_HEADER,
     ID_MAP_HEADER,
     cohere_sample,

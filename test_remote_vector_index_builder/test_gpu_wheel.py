@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from remote_vector_index_builder.core import gpu_builder
-from remote_vector_index_builder.core.builder import BuilderOptions, choose_builder
+from remote_vector_index_builder.core.builder_choice import BuilderOptions, choose_builder
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.data_types import NumericType
 from remote_vector_index_builder.core.errors import BuildError, GpuUnavailableError
@@ -30,7 +30,7 @@ from remote_vector_index_builder.core.gpu_builder import (
 )
 from remote_vector_index_builder.core.gpu_probe import ProbeState, probe_gpu
 from remote_vector_index_builder.core.options import Device
-from test_remote_vector_index_builder.data import (
+from testbed.data import (
     doc_ids,
     make_dataset,
     make_request,

@@ -25,7 +25,6 @@ from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core.options import DEFAULT_KEEP_ALIVE_SECONDS
 from remote_vector_index_builder.core.s3_calls import S3Config
 from remote_vector_index_builder.local_s3 import free_port
-from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import (
     both_modes,
     build_body,
@@ -36,6 +35,7 @@ from test_remote_vector_index_builder.support import (
     upload,
     wait_terminal,
 )
+from testbed.data import clustered
 
 JSON = {"Content-Type": "application/json"}
 

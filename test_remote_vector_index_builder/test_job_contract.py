@@ -16,8 +16,6 @@ from fastapi.testclient import TestClient
 from remote_vector_index_builder.app.jobs import Job
 from remote_vector_index_builder.app.main import Overrides, create_app
 from remote_vector_index_builder.core.s3_calls import S3Config
-from test_remote_vector_index_builder.data import clustered
-from test_remote_vector_index_builder.fleet_harness import RedisServer
 from test_remote_vector_index_builder.support import (
     FLEET_SETTINGS,
     GatedBuilder,
@@ -28,6 +26,8 @@ from test_remote_vector_index_builder.support import (
     upload,
     wait_terminal,
 )
+from testbed.data import clustered
+from testbed.fleet_harness import RedisServer
 
 CANCELLED = {
     "task_status": "FAILED_INDEX_BUILD",

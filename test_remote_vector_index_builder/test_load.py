@@ -37,8 +37,8 @@ from remote_vector_index_builder.core.index_builder import FaissIndex
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import S3Config
 from remote_vector_index_builder.local_s3 import free_port
-from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import build_body, make_settings, upload, wait_idle
+from testbed.data import clustered
 
 STEMS = 50  # segments in S3: doc_count 5..54, dimension 4..11
 TENANTS = 10  # distinct jobs = STEMS x TENANTS (the job id hashes tenant + vector path)

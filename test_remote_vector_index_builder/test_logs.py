@@ -21,8 +21,8 @@ from remote_vector_index_builder.app.logs import (
     JsonFormatter,
     TextFormatter,
 )
-from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import Clock, fast_body, upload, wait_terminal
+from testbed.data import clustered
 
 PACKAGE = "remote_vector_index_builder"
 

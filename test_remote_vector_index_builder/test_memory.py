@@ -23,7 +23,7 @@ from remote_vector_index_builder.core.object_store import S3ObjectStore
 from remote_vector_index_builder.core.options import MIB
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
-from test_remote_vector_index_builder.data import clustered, doc_id_blob, vector_blob
+from testbed.data import clustered, doc_id_blob, vector_blob
 
 if TYPE_CHECKING:
     pass
@@ -285,7 +285,7 @@ _ASSEMBLY_CHILD = textwrap.dedent("""
     from remote_vector_index_builder.core.index_builder import fill_storage, new_inner_index
     from remote_vector_index_builder.core.knn_graph import StoredRows, exact_knn
     from remote_vector_index_builder.core.quality import BuildNotes
-    from test_remote_vector_index_builder.data import clustered, make_dataset, make_request
+    from testbed.data import clustered, make_dataset, make_request
 
     def status(field):
         for line in open("/proc/self/status"):

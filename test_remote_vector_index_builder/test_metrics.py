@@ -9,7 +9,6 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from remote_vector_index_builder.app.metrics import GpuSample, Metrics, Nvml
-from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import (
     GatedStore,
     both_modes,
@@ -20,6 +19,7 @@ from test_remote_vector_index_builder.support import (
 from test_remote_vector_index_builder.support import MetricSamples as Samples
 from test_remote_vector_index_builder.support import metric_value as value
 from test_remote_vector_index_builder.support import parse_metrics as parse
+from testbed.data import clustered
 
 
 def scrape(client: TestClient) -> Samples:

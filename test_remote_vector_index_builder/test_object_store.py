@@ -31,7 +31,7 @@ from remote_vector_index_builder.core.errors import (
 from remote_vector_index_builder.core.object_store import ObjectStore, S3ObjectStore
 from remote_vector_index_builder.core.options import GIB, MIB
 from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
-from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
+from testbed.faultproxy import Fault, FaultProxy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

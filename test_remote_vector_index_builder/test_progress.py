@@ -16,7 +16,6 @@ from remote_vector_index_builder.core import workflow
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder, insertion_share
 from remote_vector_index_builder.core.options import SerializationMode
 from remote_vector_index_builder.core.params import BuildRequest
-from test_remote_vector_index_builder.data import clustered
 from test_remote_vector_index_builder.support import (
     Clock,
     GatedBuilder,
@@ -26,6 +25,7 @@ from test_remote_vector_index_builder.support import (
     upload,
     wait_terminal,
 )
+from testbed.data import clustered
 
 STAGE_ORDER = ["download", "parse", "build", "serialize", "upload"]
 

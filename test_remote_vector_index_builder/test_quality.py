@@ -21,7 +21,8 @@ from remote_vector_index_builder import build_command
 from remote_vector_index_builder.core import dataset, quality, workflow
 from remote_vector_index_builder.core.cpu_builder import CpuBuilder
 from remote_vector_index_builder.core.errors import CancelledError
-from test_remote_vector_index_builder.data import (
+from test_remote_vector_index_builder.support import request_for
+from testbed.data import (
     clustered,
     doc_id_blob,
     make_request,
@@ -31,7 +32,6 @@ from test_remote_vector_index_builder.data import (
     to_int8,
     vector_blob,
 )
-from test_remote_vector_index_builder.support import request_for
 
 
 def parsed(request: Any, rows: np.ndarray, ids: np.ndarray) -> dataset.Dataset:
@@ -195,7 +195,7 @@ def test_a_huge_ef_search_is_searched_at_ntotal_with_identical_recall() -> None:
         import numpy as np
         from remote_vector_index_builder.core import dataset, quality
         from remote_vector_index_builder.core.cpu_builder import CpuBuilder
-        from test_remote_vector_index_builder.data import clustered, make_dataset, make_request
+        from testbed.data import clustered, make_dataset, make_request
 
         rows = clustered(1500, 16, seed=4)
         huge = make_request("float", "l2", 16, 1500, ef_construction=16, ef_search=2**31 - 1)

@@ -24,15 +24,15 @@ from remote_vector_index_builder.core.object_store import S3ObjectStore
 from remote_vector_index_builder.core.options import SerializationMode
 from remote_vector_index_builder.core.params import BuildRequest
 from remote_vector_index_builder.core.s3_calls import make_s3_client
-from test_remote_vector_index_builder.data import (
+from test_remote_vector_index_builder.support import request_for
+from testbed.data import (
     clustered,
     cohere_sample,
     doc_id_blob,
     recall_at_k,
     vector_blob,
 )
-from test_remote_vector_index_builder.faultproxy import Fault, FaultProxy
-from test_remote_vector_index_builder.support import request_for
+from testbed.faultproxy import Fault, FaultProxy
 
 
 def keys(s3_client: Any, bucket: str) -> set[str]:

@@ -29,7 +29,7 @@ from remote_vector_index_builder.app.metrics import HttpMetricsMiddleware, Metri
 from remote_vector_index_builder.app.runner import Runner, RunnerConfig
 from remote_vector_index_builder.app.settings import Settings
 from remote_vector_index_builder.core import gpu_probe, memory
-from remote_vector_index_builder.core.builder import choose_builder
+from remote_vector_index_builder.core.builder_choice import choose_builder
 from remote_vector_index_builder.core.errors import GpuUnavailableError, RvibError
 from remote_vector_index_builder.core.index_builder import IndexBuilder
 from remote_vector_index_builder.core.multipart import UploadPlan

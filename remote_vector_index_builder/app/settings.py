@@ -56,7 +56,7 @@ from remote_vector_index_builder.core.options import (
 )
 
 if TYPE_CHECKING:  # their modules load boto3 and Faiss; Settings must not (test_settings)
-    from remote_vector_index_builder.core.builder import BuilderOptions
+    from remote_vector_index_builder.core.builder_choice import BuilderOptions
     from remote_vector_index_builder.core.s3_calls import S3Config
 
 # cgroup v2: "<quota> <period>" in microseconds, or "max <period>" for no limit.
@@ -380,7 +380,7 @@ class Settings(BaseSettings):
         )
 
     def builder_options(self) -> BuilderOptions:
-        from remote_vector_index_builder.core.builder import BuilderOptions
+        from remote_vector_index_builder.core.builder_choice import BuilderOptions
 
         return BuilderOptions(
             device=self.device,

