@@ -151,7 +151,7 @@ def measure_search(
 
 
 def cmd_graph(args: argparse.Namespace) -> None:
-    from benchmarks.job import _baseline, _cpu_seconds, _emit, _measured, _threads
+    from benchmarks.measurement import cpu_seconds, emit, measured, omp_threads, reset_peak
     from remote_vector_index_builder.core import blocked_knn, memory
     from remote_vector_index_builder.core.cpu_builder import CpuBuilder
     from remote_vector_index_builder.core.dataset import parse
@@ -162,7 +162,7 @@ def cmd_graph(args: argparse.Namespace) -> None:
     from remote_vector_index_builder.core.quality import BuildNotes
     from remote_vector_index_builder.core.s3_calls import S3Config
 
-    threads = _threads(args.threads)
+    threads = omp_threads(args.threads)
     source = np.load(args.rows, mmap_mode="r")
     n, width = int(source.shape[0]), int(source.shape[1])
     request = _request(n, width, args.data_type, args.space)
@@ -190,9 +190,9 @@ def cmd_graph(args: argparse.Namespace) -> None:
         builder = CpuBuilder(mode=mode, **kwargs)
     prepared = builder.prepare(request) if builder is not None else None
     notes = prepared.notes if prepared is not None else BuildNotes()
-    baseline = _baseline()
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    with _measured():
+    baseline = reset_peak()
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    with measured():
         if method == "faiss":
             index = _faiss_index(request, rows_view)
         elif method == "gpu-replay":
@@ -201,7 +201,7 @@ def cmd_graph(args: argparse.Namespace) -> None:
         else:
             index = builder.build(request, data, prepared=prepared)
     wall = time.perf_counter() - start
-    cpu = _cpu_seconds() - cpu0
+    cpu = cpu_seconds() - cpu0
     peak = _peak()
     plan = UploadPlan.of(S3Config())
     cpu_build = "fast" if method == "fast" else "standard"
@@ -225,7 +225,7 @@ def cmd_graph(args: argparse.Namespace) -> None:
             inner, queries, truth, truth_distances, similarity=args.space == "innerproduct"
         ),
     }
-    _emit(result)
+    emit(result)
 
 
 def _peak() -> int:

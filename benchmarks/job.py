@@ -4,7 +4,7 @@ A fresh process per measurement gives each its own peak RSS (``VmHWM``) and
 CPU time. ``baseline_rss`` is the resident memory after every import and after
 the S3 client exists, just before the measured work starts: the part of the
 peak that does not depend on the data. The peak is reset to it at that moment
-(``_baseline``), so ``peak_rss`` is the high-water mark of the measured work.
+(``baseline``), so ``peak_rss`` is the high-water mark of the measured work.
 
 Commands:
   workflow   a full job through ``core.workflow.run`` (download .. upload)
@@ -23,54 +23,16 @@ import argparse
 import io
 import json
 import os
-import resource
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-from benchmarks.common import BUCKET, GIB, MIB, REGION, vm_hwm_bytes, vm_rss_bytes
-
-
-def _baseline() -> int:
-    """Resident memory now, with the peak reset to it: the peak then covers only what follows.
-
-    Writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM`` (Linux 4.0+), so
-    transients of imports and set-up (generating test data, warming caches)
-    stay out of the measured peak.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
-            refs.write("5")
-    except OSError:
-        pass  # the peak then includes the set-up; still an upper bound
-    return vm_rss_bytes()
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-@contextmanager
-def _measured() -> Iterator[None]:
-    """The measured work: a profiler started paused (``BENCH_PERF_CONTROL``) samples only it."""
-    control = os.environ.get("BENCH_PERF_CONTROL")
-    if not control:
-        yield
-        return
-    with open(control, "w", encoding="ascii") as fifo:
-        fifo.write("enable\n")
-        fifo.flush()
-        try:
-            yield
-        finally:
-            fifo.write("disable\n")
-            fifo.flush()
+from benchmarks.common import BUCKET, GIB, MIB, REGION, vm_hwm_bytes
+from benchmarks.measurement import cpu_seconds, emit, measured, omp_threads, reset_peak
 
 
 def _server_cpu_seconds(pid: int | None) -> float:
@@ -83,11 +45,6 @@ def _server_cpu_seconds(pid: int | None) -> float:
         return 0.0
     # utime and stime are fields 14 and 15 of stat; index 0 here is field 3.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _emit(result: dict[str, Any]) -> None:
-    result.setdefault("peak_rss", vm_hwm_bytes())
-    print(json.dumps(result), flush=True)
 
 
 def _s3(endpoint: str) -> tuple[Any, Any]:
@@ -110,14 +67,6 @@ def _reference_client(endpoint: str) -> Any:
     return session.client("s3", endpoint_url=endpoint, config=config)
 
 
-def _threads(count: int) -> int:
-    import faiss
-
-    threads = count or os.cpu_count() or 1
-    faiss.omp_set_num_threads(threads)
-    return threads
-
-
 # --------------------------------------------------------------------------------------
 # Builds
 # --------------------------------------------------------------------------------------
@@ -129,14 +78,14 @@ def cmd_workflow(args: argparse.Namespace) -> None:
     from remote_vector_index_builder.core.options import SerializationMode
     from remote_vector_index_builder.core.params import parse_request
 
-    threads = _threads(args.threads)
+    threads = omp_threads(args.threads)
     store, _ = _s3(args.endpoint)
     request = parse_request(json.loads(args.request))
     builder = CpuBuilder(add_batch_rows=args.batch_rows) if args.batch_rows else CpuBuilder()
     store.head(BUCKET, request.vector_path)  # the connection pool is warm in a service
-    baseline = _baseline()
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    with _measured():
+    baseline = reset_peak()
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    with measured():
         result = workflow.run(
             request,
             store,
@@ -145,10 +94,10 @@ def cmd_workflow(args: argparse.Namespace) -> None:
             overlap_upload=not args.no_overlap,
         )
     wall = time.perf_counter() - start
-    _emit(
+    emit(
         {
             "wall_s": wall,
-            "cpu_s": _cpu_seconds() - cpu0,
+            "cpu_s": cpu_seconds() - cpu0,
             "threads": threads,
             "stages": {s.stage: s.seconds for s in result.stages},
             "stage_peak_rss": {s.stage: s.peak_rss_bytes for s in result.stages},
@@ -178,12 +127,12 @@ def _index_for(storage: str, d: int, m: int, ef_construction: int) -> Any:
 def cmd_raw(args: argparse.Namespace) -> None:
     """The yardstick: plain Faiss on the in-memory array, in one ``add_with_ids`` call or
     in ``--batch-rows`` calls with the storage grown to its final size first."""
-    threads = _threads(args.threads)
+    threads = omp_threads(args.threads)
     rows = np.fromfile(args.vectors, dtype=np.float32).reshape(-1, args.dim)
     ids = np.fromfile(args.doc_ids, dtype="<i4").astype(np.int64)
-    baseline = _baseline()
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    with _measured():
+    baseline = reset_peak()
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    with measured():
         index = _index_for("flat", args.dim, 16, 100)
         if not args.batch_rows:
             index.add_with_ids(rows, ids)
@@ -199,10 +148,10 @@ def cmd_raw(args: argparse.Namespace) -> None:
                 last = first + args.batch_rows
                 index.add_with_ids(rows[first:last], ids[first:last])
     wall = time.perf_counter() - start
-    _emit(
+    emit(
         {
             "wall_s": wall,
-            "cpu_s": _cpu_seconds() - cpu0,
+            "cpu_s": cpu_seconds() - cpu0,
             "threads": threads,
             "ntotal": int(index.ntotal),
             "baseline_rss": baseline,
@@ -217,7 +166,7 @@ def cmd_variant(args: argparse.Namespace) -> None:
     from remote_vector_index_builder.core.params import parse_request
     from remote_vector_index_builder.core.quality import recall_at_k
 
-    threads = _threads(args.threads)
+    threads = omp_threads(args.threads)
     request = parse_request(json.loads(args.request))
     rows = np.fromfile(args.vectors, dtype=request.data_type.spec.blob_dtype).reshape(
         request.doc_count, -1
@@ -226,12 +175,12 @@ def cmd_variant(args: argparse.Namespace) -> None:
     queries = np.load(args.queries)
     batch = args.batch_rows or request.doc_count
     builder = CpuBuilder(add_batch_rows=batch)
-    baseline = _baseline()
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    with _measured():
+    baseline = reset_peak()
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    with measured():
         index = builder.build(request, Dataset(rows, ids, request.data_type))
     wall = time.perf_counter() - start
-    cpu = _cpu_seconds() - cpu0
+    cpu = cpu_seconds() - cpu0
     peak = vm_hwm_bytes()
     recall = recall_at_k(index, rows, ids, queries, "l2")
     result: dict[str, Any] = {
@@ -255,7 +204,7 @@ def cmd_variant(args: argparse.Namespace) -> None:
             len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True)
         )
         result["recall_vs_float"] = hits / truth.size
-    _emit(result)
+    emit(result)
 
 
 def cmd_mode(args: argparse.Namespace) -> None:
@@ -268,7 +217,7 @@ def cmd_mode(args: argparse.Namespace) -> None:
     from remote_vector_index_builder.core.options import CpuBuildMode
     from remote_vector_index_builder.core.params import parse_request
 
-    threads = _threads(args.threads)
+    threads = omp_threads(args.threads)
     request = parse_request(json.loads(args.request))
     source = np.load(args.rows, mmap_mode="r")
     # Anonymous memory, as ``S3ObjectStore.download`` fills: the builder's
@@ -284,18 +233,18 @@ def cmd_mode(args: argparse.Namespace) -> None:
     sample = quality.QuerySample.take(data.vectors)
     # Recall per ef_search on its own, larger seeded sample (not the report's rows).
     probe = quality.QuerySample.take(data.vectors, args.probe_queries, seed=99)
-    baseline = _baseline()
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    with _measured():
+    baseline = reset_peak()
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    with measured():
         index = builder.build(request, data, prepared=prepared)
     wall = time.perf_counter() - start
-    cpu = _cpu_seconds() - cpu0
+    cpu = cpu_seconds() - cpu0
     report = quality.check(request, index, sample, prepared.notes)
     peak = vm_hwm_bytes()
     metric = quality.metric_of(request.space_type)
     efs = [int(e) for e in args.ef.split(",")]
     curve = {ef: quality.sample_recall(index, probe, 10, ef, metric) for ef in efs}
-    _emit(
+    emit(
         {
             "wall_s": wall,
             "cpu_s": cpu,
@@ -366,17 +315,17 @@ def cmd_download(args: argparse.Namespace) -> None:
         extra = {"concurrency": config.max_concurrency, "part_bytes": 50 * MIB}
     if args.warm:
         transfer()
-    baseline = _baseline()
+    baseline = reset_peak()
     server0 = _server_cpu_seconds(args.server_pid)
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    with _measured():
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    with measured():
         size = transfer()
     wall = time.perf_counter() - start
-    _emit(
+    emit(
         {
             "wall_s": wall,
             "server_cpu_s": _server_cpu_seconds(args.server_pid) - server0,
-            "cpu_s": _cpu_seconds() - cpu0,
+            "cpu_s": cpu_seconds() - cpu0,
             "bytes": size,
             "baseline_rss": baseline,
             **extra,
@@ -441,17 +390,17 @@ def cmd_upload(args: argparse.Namespace) -> None:
 
     if args.warm:
         transfer(args.key + ".warm-up", min(size, 64 * MIB))
-    baseline = _baseline()
+    baseline = reset_peak()
     server0 = _server_cpu_seconds(args.server_pid)
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    with _measured():
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    with measured():
         transfer(args.key, size)
     wall = time.perf_counter() - start
-    _emit(
+    emit(
         {
             "wall_s": wall,
             "server_cpu_s": _server_cpu_seconds(args.server_pid) - server0,
-            "cpu_s": _cpu_seconds() - cpu0,
+            "cpu_s": cpu_seconds() - cpu0,
             "bytes": size,
             "baseline_rss": baseline,
             **extra,
@@ -481,11 +430,11 @@ def cmd_get_flood(args: argparse.Namespace) -> None:
                 got += n
         return got
 
-    cpu0, start = _cpu_seconds(), time.perf_counter()
-    with _measured(), ThreadPoolExecutor(args.concurrency) as pool:
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    with measured(), ThreadPoolExecutor(args.concurrency) as pool:
         total = sum(pool.map(get, range(0, size, part)))
     wall = time.perf_counter() - start
-    _emit({"wall_s": wall, "cpu_s": _cpu_seconds() - cpu0, "bytes": total})
+    emit({"wall_s": wall, "cpu_s": cpu_seconds() - cpu0, "bytes": total})
 
 
 def main(argv: list[str] | None = None) -> int:
