@@ -70,16 +70,6 @@ def _faiss_index(request: Any, rows: np.ndarray) -> Any:
     return inner
 
 
-def _inner(index: Any) -> Any:
-    import faiss
-
-    if isinstance(index, faiss.IndexBinaryIDMap):
-        return faiss.downcast_IndexBinary(index.index)
-    if isinstance(index, faiss.IndexIDMap):
-        return faiss.downcast_index(index.index)
-    return index
-
-
 def _search(inner: Any, queries: np.ndarray, ef: int) -> np.ndarray:
     import faiss
 
@@ -152,7 +142,7 @@ def measure_search(
 
 def cmd_graph(args: argparse.Namespace) -> None:
     from benchmarks.measurement import cpu_seconds, emit, measured, omp_threads, reset_peak
-    from remote_vector_index_builder.core import blocked_knn, memory
+    from remote_vector_index_builder.core import blocked_knn, memory, quality
     from remote_vector_index_builder.core.cpu_builder import CpuBuilder
     from remote_vector_index_builder.core.dataset import parse
     from remote_vector_index_builder.core.gpu_builder import assemble_from_graph
@@ -208,7 +198,7 @@ def cmd_graph(args: argparse.Namespace) -> None:
     estimate = memory.estimate(request, upload=plan, add_batch_rows=32768, cpu_build=cpu_build)
     if method == "gpu-replay":
         estimate = memory.gpu_estimate(request, upload=plan)
-    inner = _inner(index)
+    inner = quality.inner_of(index)
     result = {
         "method": method,
         "n": n,

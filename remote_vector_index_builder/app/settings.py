@@ -45,14 +45,13 @@ from pydantic_settings import (
 from remote_vector_index_builder.core.errors import problem_message
 from remote_vector_index_builder.core.options import (
     DEFAULT_KEEP_ALIVE_SECONDS,
-    MAX_PART_SIZE,
     MEMORY_LIMIT_FLOOR,
     MIB,
-    MIN_PART_SIZE,
     CpuBuildMode,
     Device,
     GpuLayout,
     SerializationMode,
+    check_part_size,
 )
 
 if TYPE_CHECKING:  # their modules load boto3 and Faiss; Settings must not (test_settings)
@@ -302,12 +301,7 @@ class Settings(BaseSettings):
     @field_validator("s3_part_size")
     @classmethod
     def _part_size(cls, value: int) -> int:
-        if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
-            raise ValueError(
-                f"RVIB_S3_PART_SIZE must be between 5 MiB ({MIN_PART_SIZE} bytes) and 5 GiB "
-                f"({MAX_PART_SIZE} bytes), S3's multipart limits; got {value}"
-            )
-        return value
+        return check_part_size("RVIB_S3_PART_SIZE", value)
 
     @field_validator("log_level")
     @classmethod

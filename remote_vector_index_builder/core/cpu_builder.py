@@ -166,11 +166,11 @@ class CpuBuilder:
             elif binary and mode is not CpuBuildMode.STANDARD:
                 notes.reason = "binary vectors are always built the standard way"
             if dataset.count <= self.knn_graph_max_rows:
-                self._assemble_exact(request, inner, dataset, progress, notes)
+                self._assemble(request, inner, dataset, progress, notes, BuildPath.EXACT_KNN)
                 _attach_ids(index, ids)
                 return index
             if mode is CpuBuildMode.STANDARD and self.blocked.admits(request, dataset):
-                self._assemble_blocked(request, inner, dataset, progress, notes)
+                self._assemble(request, inner, dataset, progress, notes, BuildPath.BLOCKED_KNN)
                 _attach_ids(index, ids)
                 return index
             notes.path = BuildPath.INSERTION
@@ -185,58 +185,41 @@ class CpuBuilder:
             ) from exc
         return index
 
-    def _assemble_exact(
+    def _assemble(
         self,
         request: BuildRequest,
         inner: FaissIndex,
         dataset: Dataset,
         progress: Progress | None,
         notes: BuildNotes,
+        path: str,
     ) -> None:
-        """A small segment: exact kNN graph by GEMM, then ``core.graph_assembly``."""
+        """Storage first, then a kNN graph (exact by GEMM for a small segment, blocked for a
+        larger one the rule admits), then ``core.graph_assembly``."""
         share = ShareProgress(progress, dataset.count)
+        low, high = _EXACT_SHARES if path is BuildPath.EXACT_KNN else _BLOCKED_SHARES
         fill_storage(inner, dataset, self.add_batch_rows)
-        share.to(_EXACT_SHARES[0])
+        share.to(low)
         rows = knn_graph.StoredRows(inner)
-        k = knn_graph.EXACT_KNN_CANDIDATES_PER_M * request.m
-        low, high = _EXACT_SHARES
-        knn = knn_graph.exact_knn(
-            rows, k, progress=lambda done: share.to(low + (high - low) * done)
-        )
-        stats = graph_assembly.assemble(
-            inner, knn, request.m, progress=lambda done: share.to(high + (1 - high) * done)
-        )
-        share.finish()
-        notes.path = BuildPath.EXACT_KNN
-        notes.assembly = stats.as_dict()
 
-    def _assemble_blocked(
-        self,
-        request: BuildRequest,
-        inner: FaissIndex,
-        dataset: Dataset,
-        progress: Progress | None,
-        notes: BuildNotes,
-    ) -> None:
-        """A larger segment the rule admits: blocked kNN graph, then ``core.graph_assembly``."""
-        share = ShareProgress(progress, dataset.count)
-        fill_storage(inner, dataset, self.add_batch_rows)
-        share.to(_BLOCKED_SHARES[0])
-        rows = knn_graph.StoredRows(inner)
-        low, high = _BLOCKED_SHARES
-        stats = blocked_knn.BlockedStats()
-        knn = blocked_knn.blocked_knn(
-            rows,
-            self.blocked.params(request.m),
-            progress=lambda done: share.to(low + (high - low) * done),
-            stats=stats,
-        )
+        def knn_progress(done: float) -> None:
+            share.to(low + (high - low) * done)
+
+        counts: dict[str, float] = {}
+        if path is BuildPath.EXACT_KNN:
+            k = knn_graph.EXACT_KNN_CANDIDATES_PER_M * request.m
+            knn = knn_graph.exact_knn(rows, k, progress=knn_progress)
+        else:
+            stats = blocked_knn.BlockedStats()
+            params = self.blocked.params(request.m)
+            knn = blocked_knn.blocked_knn(rows, params, progress=knn_progress, stats=stats)
+            counts = stats.as_dict()
         assembled = graph_assembly.assemble(
             inner, knn, request.m, progress=lambda done: share.to(high + (1 - high) * done)
         )
         share.finish()
-        notes.path = BuildPath.BLOCKED_KNN
-        notes.assembly = {**assembled.as_dict(), **stats.as_dict()}
+        notes.path = path
+        notes.assembly = {**assembled.as_dict(), **counts}
 
     def _add_all(
         self,

@@ -18,6 +18,17 @@ GIB = 1024**3
 MIN_PART_SIZE = 5 * MIB
 MAX_PART_SIZE = 5 * GIB
 
+
+def check_part_size(name: str, value: int) -> int:
+    """``value`` if S3's multipart limits allow it as a part size; ``name`` goes in the error."""
+    if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
+        raise ValueError(
+            f"{name} must be between 5 MiB ({MIN_PART_SIZE} bytes) and 5 GiB "
+            f"({MAX_PART_SIZE} bytes), S3's multipart limits; got {value}"
+        )
+    return value
+
+
 # The smallest CPU_MEMORY_LIMIT / GPU_MEMORY_LIMIT taken: below it no build fits
 # (each reserves a 64 MiB fixed allowance besides its data, core/memory.py), so a
 # smaller value is a unit mistake, such as the reference service's "32.0" (GB).

@@ -141,7 +141,7 @@ def _float_metric(metric: str) -> int:
     return int(faiss.METRIC_INNER_PRODUCT if metric == "innerproduct" else faiss.METRIC_L2)
 
 
-def _inner(index: Any) -> Any:
+def inner_of(index: Any) -> Any:
     """The HNSW under an ID map (search it to get row positions, not doc ids)."""
     if isinstance(index, faiss.IndexBinaryIDMap):
         return faiss.downcast_IndexBinary(index.index)
@@ -253,7 +253,7 @@ def sample_recall(
     heaps Faiss would allocate per query (16 GiB a thread at ef 2**31 - 1).
     ``checkpoint`` is called between batches and may raise to stop the check.
     """
-    inner = _inner(index)
+    inner = inner_of(index)
     n = int(inner.ntotal)
     k = min(k, n - 1)
     if k <= 0 or len(sample.positions) == 0:

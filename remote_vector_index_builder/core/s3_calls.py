@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from urllib3.exceptions import ProtocolError
 
 from remote_vector_index_builder.core import errors
-from remote_vector_index_builder.core.options import MAX_PART_SIZE, MIB, MIN_PART_SIZE
+from remote_vector_index_builder.core.options import MIB, check_part_size
 from remote_vector_index_builder.core.s3_errors import (
     Corrupt,
     bucket_missing,
@@ -74,12 +74,7 @@ class S3Config(BaseModel):
     @field_validator("part_size")
     @classmethod
     def _check_part_size(cls, value: int) -> int:
-        if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
-            raise ValueError(
-                f"part_size must be between 5 MiB ({MIN_PART_SIZE} bytes) and 5 GiB "
-                f"({MAX_PART_SIZE} bytes), S3's multipart limits; got {value}"
-            )
-        return value
+        return check_part_size("part_size", value)
 
     @property
     def concurrency(self) -> int:
