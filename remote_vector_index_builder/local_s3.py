@@ -176,6 +176,8 @@ def serve(port: int | None, data_dir: str | None, buckets: list[str]) -> int:
         raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does, not orphaning it
 
     signal.signal(signal.SIGTERM, interrupt)
+    # Also SIGINT: started in the background (nohup, `&`), Python inherits it ignored.
+    signal.signal(signal.SIGINT, interrupt)
     server = LocalS3(data_dir=data_dir, port=port)
     with server:
         for bucket in buckets:

@@ -155,7 +155,11 @@ def test_local_s3_serves_until_interrupted(tmp_path: Path) -> None:
                 assert answer.read() == data
         finally:
             process.send_signal(signal.SIGINT)
-            assert process.wait(timeout=60) == 0
+            try:
+                code = process.wait(timeout=60)
+            finally:
+                process.kill()  # no-op once it has exited; never leaves the test waiting
+        assert code == 0
 
 
 def test_the_sample_is_package_data() -> None:
