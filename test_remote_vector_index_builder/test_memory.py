@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from remote_vector_index_builder.core import memory, multipart
+from remote_vector_index_builder.core import memory, streaming_upload
 from remote_vector_index_builder.core.data_types import DataType
 from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import S3ObjectStore
@@ -115,10 +115,10 @@ class Source:
 def test_an_upload_holds_no_more_part_buffers_than_the_estimate_counts(
     s3_config: S3Config, bucket: str
 ) -> None:
-    """Measured, not restated: the bytes ``core/multipart.py`` has allocated (tracemalloc)
-    while every part the upload may have in flight is held at S3's door and the writer has
-    filled the next one, the most it ever holds. (This compared the plan with the upload's
-    own copy of the plan, which cannot differ.)"""
+    """Measured, not restated: the bytes ``core/streaming_upload.py`` (``open_upload``'s
+    writer) has allocated (tracemalloc) while every part the upload may have in flight is
+    held at S3's door and the writer has filled the next one, the most it ever holds. (This
+    compared the plan with the upload's own copy of the plan, which cannot differ.)"""
     plan = UploadPlan.of(s3_config)
     size = 8 * s3_config.part_size  # 40 MiB: 5 MiB parts, two in flight
     part, slots = plan.first_part(size), plan.in_flight(size)
@@ -147,7 +147,7 @@ def test_an_upload_holds_no_more_part_buffers_than_the_estimate_counts(
                     assert entered.acquire(timeout=60)
                 assert source.reached.wait(timeout=60)
                 traces = tracemalloc.take_snapshot().filter_traces(
-                    [tracemalloc.Filter(True, multipart.__file__)]
+                    [tracemalloc.Filter(True, streaming_upload.__file__)]
                 )
             finally:
                 release.set()
