@@ -161,6 +161,27 @@ def test_an_attempt_first_aborts_the_uploads_an_earlier_attempt_left(
     assert request.index_key in keys(s3_client, bucket)
 
 
+def test_an_attempt_ends_by_aborting_an_upload_a_stale_attempt_opened_meanwhile(
+    s3_client: Any, bucket: str, object_store: Any
+) -> None:
+    """A paused replica resumed after this attempt's first clean-up opens its own upload,
+    and is killed before its commit check fences it: nothing else would abort that one."""
+    vectors = clustered(200, 8)
+    s3_client.put_object(Bucket=bucket, Key="stale/seg.knnvec", Body=vector_blob(vectors))
+    s3_client.put_object(Bucket=bucket, Key="stale/seg.knndid", Body=doc_id_blob(np.arange(200)))
+    request = request_for(bucket, "stale/seg", 8, 200)
+
+    class StaleUploadMeanwhile(CpuBuilder):
+        def build(self, *args: Any, **kwargs: Any) -> Any:
+            s3_client.create_multipart_upload(Bucket=bucket, Key=request.index_key)
+            return super().build(*args, **kwargs)
+
+    workflow.run(request, object_store, StaleUploadMeanwhile())
+
+    assert not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert request.index_key in keys(s3_client, bucket)
+
+
 def test_build_cli_against_local_s3(
     s3_client: Any,
     bucket: str,

@@ -194,8 +194,10 @@ def _abort_earlier_uploads(store: ObjectStore, bucket: str, key: str) -> None:
 
     Every attempt starts with it, before its own upload opens, so it works the
     same in one process and in a fleet (where another replica may have run the
-    attempt before). A clean-up: a failure is logged, the build goes on, and the
-    bucket's lifecycle rule (README) is the backstop.
+    attempt before); and ends with it once its index is in place: a stale attempt
+    (a paused replica resumed, fenced at its commit check) may have opened one
+    since, and be killed before it aborts it. A clean-up: a failure is logged, the
+    build goes on, and the bucket's lifecycle rule (README) is the backstop.
     """
     try:
         aborted = store.abort_incomplete_uploads(bucket, key)
@@ -406,4 +408,5 @@ def run(
                         commit_check=tracker.commit_check,
                     )
     result.index_bytes = span.nbytes
+    _abort_earlier_uploads(store, bucket, request.index_key)
     return result
