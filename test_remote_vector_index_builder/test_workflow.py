@@ -467,12 +467,15 @@ def test_commit_check_runs_right_before_the_index_becomes_visible(
     assert any("partNumber=" in s.target for s in before) == multipart
     if path == "memory-overlapped":
         assert any("partNumber=10000" in s.target for s in before)
-    # ...and what follows it is the one request that makes the index visible, or,
-    # when the check raises, the abort of the upload (nothing for a single PUT).
+    # ...and what follows it is the one request that makes the index visible (then the
+    # listing of other attempts' uploads under its key), or, when the check raises, the
+    # abort of the upload (nothing for a single PUT).
     if not refuse:
         assert [(s.method, "uploadId=" in s.target) for s in after] == [
-            ("POST" if multipart else "PUT", multipart)
+            ("POST" if multipart else "PUT", multipart),
+            ("GET", False),
         ]
+        assert "?uploads" in after[-1].target
         assert request.index_key in keys(s3_client, bucket)
     else:
         assert [s.method for s in after] == (["DELETE"] if multipart else [])
