@@ -1,8 +1,8 @@
 """A bounded load test on loopback: the real app under uvicorn, real builds, real S3.
 
-Thousands of ``POST /_build`` submissions (distinct small jobs, duplicates of
-them, and bursts of the same request) from a thread pool, and tens of
-thousands of ``GET /_status`` polls while the builds run. The job store is
+About 1,500 ``POST /_build`` submissions (distinct small jobs, duplicates of
+them, and bursts of the same request) from a thread pool, and 12,000 ``GET
+/_status`` polls while the builds run. The job store is
 kept small, so it fills up (429s) and evicts finished jobs while the load runs.
 
 Asserted: no 5xx; every job the store created is built exactly once and
@@ -41,11 +41,11 @@ from test_remote_vector_index_builder.support import build_body, make_settings, 
 from testbed.data import clustered
 
 STEMS = 50  # segments in S3: doc_count 5..54, dimension 4..11
-TENANTS = 10  # distinct jobs = STEMS x TENANTS (the job id hashes tenant + vector path)
-DUPLICATES = 1100  # extra submissions of distinct jobs, most soon after the first
+TENANTS = 6  # distinct jobs = STEMS x TENANTS (the job id hashes tenant + vector path)
+DUPLICATES = 700  # extra submissions of distinct jobs, most soon after the first
 WINDOW = 150  # submissions are shuffled within windows of this many
 HOT_JOBS, HOT_REPEATS = 40, 12  # bursts of the very same request
-POLLS = 20_000
+POLLS = 12_000
 STORE_SIZE = 160  # far fewer than the jobs: the store fills up and evicts
 SUBMITTERS, POLLERS = 12, 4
 DEADLINE_S = 240.0
