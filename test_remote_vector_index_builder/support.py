@@ -7,10 +7,12 @@ fault proxy), never from each other or conftest.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -349,3 +351,20 @@ def run_out_lease(url: str, job_id: str) -> None:
     """The owner stopped renewing: its lease's expiry (Redis's clock, ms) lies in the past."""
     r: Any = redis.Redis.from_url(url, decode_responses=True)
     assert r.zadd(LEASES, {job_id: 0}, xx=True, ch=True) == 1
+
+
+@contextmanager
+def root_logging() -> Iterator[logging.Logger]:
+    """The root logger, its handlers and level put back afterwards (``configure_logging``
+    replaces them); handlers added meanwhile are closed."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield root
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)

@@ -21,7 +21,13 @@ from remote_vector_index_builder.app.logs import (
     JsonFormatter,
     TextFormatter,
 )
-from test_remote_vector_index_builder.support import Clock, fast_body, upload, wait_terminal
+from test_remote_vector_index_builder.support import (
+    Clock,
+    fast_body,
+    root_logging,
+    upload,
+    wait_terminal,
+)
 from testbed.data import clustered
 
 PACKAGE = "remote_vector_index_builder"
@@ -194,8 +200,6 @@ def test_answered_polls_log_their_access_lines_at_debug(tmp_path: Path) -> None:
     from remote_vector_index_builder.app.logs import configure_logging
     from remote_vector_index_builder.app.settings import Settings
 
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
     access = logging.getLogger("uvicorn.access")
     # A uvicorn started with its own logging config (test_load's) unhooks both loggers
     # from the root; the service runs uvicorn with log_config=None, which leaves them be.
@@ -206,41 +210,37 @@ def test_answered_polls_log_their_access_lines_at_debug(tmp_path: Path) -> None:
         lg.propagate = True
         lg.handlers = []
     try:
-        for debug_logs in (None, "info,uvicorn.access=debug"):
-            configure_logging(
-                Settings(_env_file=None, logs_dir_path=tmp_path, debug_logs=debug_logs)
-            )
-            lines = Lines(TextFormatter("%(levelname)s %(message)s"))
-            lines.setLevel(logging.DEBUG)
-            root.addHandler(lines)
-            # As uvicorn's access logger writes them.
-            for path, status in (
-                ("/_status/0123abcd", 200),
-                ("/_heart_beat", 200),
-                ("/_ready", 503),
-                ("/_status/unknown", 404),
-                ("/_build", 200),
-            ):
-                access.info('%s - "%s %s HTTP/%s" %d', "10.0.0.7:5500", "GET", path, "1.1", status)
-            root.removeHandler(lines)
-            if debug_logs is None:
-                assert [line.split('"')[1] for line in lines.lines] == [
-                    "GET /_ready HTTP/1.1",
-                    "GET /_status/unknown HTTP/1.1",
-                    "GET /_build HTTP/1.1",
-                ]
-            else:
-                assert (
-                    lines.lines[0] == 'DEBUG 10.0.0.7:5500 - "GET /_status/0123abcd HTTP/1.1" 200'
+        with root_logging() as root:
+            for debug_logs in (None, "info,uvicorn.access=debug"):
+                configure_logging(
+                    Settings(_env_file=None, logs_dir_path=tmp_path, debug_logs=debug_logs)
                 )
-                assert len(lines.lines) == 5
+                lines = Lines(TextFormatter("%(levelname)s %(message)s"))
+                lines.setLevel(logging.DEBUG)
+                root.addHandler(lines)
+                # As uvicorn's access logger writes them.
+                for path, status in (
+                    ("/_status/0123abcd", 200),
+                    ("/_heart_beat", 200),
+                    ("/_ready", 503),
+                    ("/_status/unknown", 404),
+                    ("/_build", 200),
+                ):
+                    access.info(
+                        '%s - "%s %s HTTP/%s" %d', "10.0.0.7:5500", "GET", path, "1.1", status
+                    )
+                root.removeHandler(lines)
+                if debug_logs is None:
+                    assert [line.split('"')[1] for line in lines.lines] == [
+                        "GET /_ready HTTP/1.1",
+                        "GET /_status/unknown HTTP/1.1",
+                        "GET /_build HTTP/1.1",
+                    ]
+                else:
+                    first = 'DEBUG 10.0.0.7:5500 - "GET /_status/0123abcd HTTP/1.1" 200'
+                    assert lines.lines[0] == first
+                    assert len(lines.lines) == 5
     finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-            handler.close()
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
         for lg, (level, propagate, handlers) in zip(unhooked, saved_uvicorn, strict=True):
             lg.setLevel(level)
             lg.propagate = propagate

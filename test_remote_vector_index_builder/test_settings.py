@@ -20,7 +20,7 @@ from remote_vector_index_builder.app.settings import (
     usable_cpus,
 )
 from remote_vector_index_builder.core.options import Device, SerializationMode
-from test_remote_vector_index_builder.support import readme_variables
+from test_remote_vector_index_builder.support import readme_variables, root_logging
 
 
 def test_reference_service_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,9 +185,7 @@ def test_debug_log_filter_sets_per_logger_levels() -> None:
 
 
 def test_logs_go_to_an_hourly_file_with_the_job_id(tmp_path: Path) -> None:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    try:
+    with root_logging() as root:
         configure_logging(
             Settings(
                 _env_file=None,
@@ -208,13 +206,6 @@ def test_logs_go_to_an_hourly_file_with_the_job_id(tmp_path: Path) -> None:
         text = files[0].read_text()
         assert "stage done" in text and "[job job-42]" in text
         assert any(isinstance(h, HourlyFileHandler) for h in root.handlers)
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-            handler.close()
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
 
 
 # --- exactly the README's variables configure the service ------------------------------
