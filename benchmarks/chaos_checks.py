@@ -32,9 +32,12 @@ import faiss
 import numpy as np
 
 from benchmarks.chaos_fleet import Timeline
+from remote_vector_index_builder.app.fleet_store import INTERRUPTED_MESSAGE
 from remote_vector_index_builder.core import quality
 
 COMPLETED = "COMPLETED_INDEX_BUILD"
+# The fleet's failure once every attempt's replica was killed or paused past its lease.
+INTERRUPTED = INTERRUPTED_MESSAGE.split("%d", 1)[0]
 FAILED = "FAILED_INDEX_BUILD"
 # Recall recomputed here against the report's: the same index, sample and ef_search
 # give the same figure; the margin is for the few ties of float distances.
@@ -301,17 +304,24 @@ def bad_request_outcomes(jobs: list[Tracked], answers: Answers) -> tuple[int, in
     accepted = {(j.kind, j.body.get("vector_path")): j for j in jobs if j.kind in EXPECTED}
     for kind, code, path in answers.posts:
         sent += 1
+        error = ""
         if code.startswith("4"):
             outcome = "rejected"
         elif code == "200":
             job = accepted.get((kind, path))
             status = None if job is None else job.status
             outcome = {COMPLETED: "completed", FAILED: "failed"}.get(status or "", "never ended")
+            error = str(((job and job.detail) or {}).get("error_message") or "")
+            if outcome == "failed" and error.startswith(INTERRUPTED):
+                # The kills and pauses ended it, as they may end a good job: not the request.
+                outcome = "interrupted by the faults"
         else:
             outcome = f"answered {code}"
-        if outcome in EXPECTED[kind]:
+        if outcome in EXPECTED[kind] or outcome == "interrupted by the faults":
             handled += 1
         else:
+            if error:
+                outcome = f"{outcome} ({error})"
             problems.append(f"{kind}: {outcome}, expected {' or '.join(sorted(EXPECTED[kind]))}")
     return handled, sent, problems
 

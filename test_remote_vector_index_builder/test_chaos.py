@@ -20,7 +20,16 @@ import numpy as np
 import pytest
 
 from benchmarks.chaos import run_chaos
-from benchmarks.chaos_checks import Tracked, builds_of, overlaps, table, verify_file
+from benchmarks.chaos_checks import (
+    FAILED,
+    Answers,
+    Tracked,
+    bad_request_outcomes,
+    builds_of,
+    overlaps,
+    table,
+    verify_file,
+)
 from benchmarks.chaos_fleet import ChaosConfig, Incarnation, Timeline
 from remote_vector_index_builder.core import quality
 from remote_vector_index_builder.core.s3_calls import S3Config, make_s3_client
@@ -150,3 +159,22 @@ def test_a_file_is_checked_against_its_ids_and_its_reported_recall(space: str) -
     problems = verify_file(job, bytes(faiss.serialize_index(index)), vectors)
     assert len(problems) == 2
     assert "not the job's doc ids" in problems[0] and "the report says" in problems[1]
+
+
+def test_a_bad_request_the_faults_interrupted_is_handled_and_a_wrong_end_names_its_error() -> None:
+    """An accepted huge-ef request whose replicas were killed three times failed for the
+    faults, as a good job may; one that failed for itself is a problem, shown with why."""
+
+    def job(path: str, error: str) -> Tracked:
+        body = {"vector_path": path}
+        detail = {"error_message": error}
+        return Tracked(path, "huge_ef", body, None, None, 0.0, FAILED, 1.0, detail)
+
+    interrupted = "the build was interrupted 3 times (the replica running it was lost or killed)"
+    jobs = [job("a.knnvec", interrupted), job("b.knnvec", "unexpected error (MemoryError)")]
+    answers = Answers(posts=[("huge_ef", "200", "a.knnvec"), ("huge_ef", "200", "b.knnvec")])
+    handled, sent, problems = bad_request_outcomes(jobs, answers)
+    assert (handled, sent) == (1, 2)
+    assert problems == [
+        "huge_ef: failed (unexpected error (MemoryError)), expected completed or rejected"
+    ]
