@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from remote_vector_index_builder.app.settings import Settings
-from remote_vector_index_builder.core import sizing
+from remote_vector_index_builder.core import memory, sizing
 from remote_vector_index_builder.core.data_types import DataType
 from remote_vector_index_builder.core.multipart import UploadPlan
 
@@ -116,7 +116,7 @@ def test_readme_sizing_table_is_what_admission_admits() -> None:
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
         limit = int(cells[0].split()[0]) * 2**30
-        limits = sizing.Limits(limit, 0, upload, settings.add_batch_rows, gpu=False)
+        limits = sizing.Limits(limit, 0, memory.EstimateOptions(upload, settings.add_batch_rows))
         for dimension, cell in zip(dimensions, cells[1:], strict=True):
             segment = sizing.largest_segment(limits, DataType.FLOAT, dimension)
             assert cell == f"{segment.doc_count:,} / {segment.vector_bytes // 2**20}mb", cell

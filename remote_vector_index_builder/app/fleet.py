@@ -106,6 +106,9 @@ class Fleet:
     def start(self, runner: Runner) -> None:
         self._runner = runner
         self._claiming.set()
+        # The first heartbeat before the app serves: the replica is in the registry (and
+        # /_heart_beat lists it) before its first claim, not one heartbeat later.
+        self._beat()
         for name, target in (
             ("fleet-claim", self._claim_loop),
             ("fleet-heartbeat", self._heartbeat_loop),
@@ -208,16 +211,16 @@ class Fleet:
     # -- leases: renew what this replica owns ----------------------------------------------
 
     def _heartbeat_loop(self) -> None:
-        # The first one at start-up: the replica is in the registry before its first build.
-        while True:
-            try:
-                self.heartbeat()
-            except JobStoreUnavailableError:
-                pass  # logged once per outage by Health
-            except Exception:
-                log.exception("fleet heartbeat failed; retrying")
-            if self._closed.wait(self.config.heartbeat_s):
-                return
+        while not self._closed.wait(self.config.heartbeat_s):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            self.heartbeat()
+        except JobStoreUnavailableError:
+            pass  # logged once per outage by Health
+        except Exception:
+            log.exception("fleet heartbeat failed; retrying")
 
     def heartbeat(self) -> None:
         owned = [entry for entry in self.leases.owned() if not entry.lost]

@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import faiss
@@ -124,18 +123,17 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             make_s3_client(s3_config, concurrent_jobs=workers), s3_config
         )
         on_gpu = builder.name == "gpu"
-        upload_plan = UploadPlan.of(s3_config)
+        estimate = memory.EstimateOptions(
+            upload=UploadPlan.of(s3_config),
+            add_batch_rows=settings.add_batch_rows,
+            gpu=on_gpu,
+            cpu_build=settings.cpu_build.value,
+            gpu_layout=settings.gpu_index_layout.value,
+        )
         admission = Admission(
             settings.effective_cpu_memory_limit(),
             settings.gpu_memory_limit or (gpu_memory_bytes(probe) if on_gpu else 0),
-            partial(
-                memory.estimate,
-                upload=upload_plan,
-                add_batch_rows=settings.add_batch_rows,
-                gpu=on_gpu,
-                cpu_build=settings.cpu_build.value,
-                gpu_layout=settings.gpu_index_layout.value,
-            ),
+            estimate.estimate,
         )
         metrics = Metrics()
         backend = make_backend(settings, admission, metrics, seams.clock)
@@ -144,11 +142,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 max_workers=workers,
                 mode=settings.index_serialization_mode,
                 tmp_dir=str(settings.tmp_dir) if settings.tmp_dir else None,
-                upload_plan=upload_plan,
-                add_batch_rows=settings.add_batch_rows,
-                on_gpu=on_gpu,
-                cpu_build=settings.cpu_build.value,
-                gpu_layout=settings.gpu_index_layout.value,
+                estimate=estimate,
                 time_limit_s=settings.job_time_limit_seconds,
                 build_nice=settings.build_nice,
                 omp_threads=settings.effective_omp_threads(),

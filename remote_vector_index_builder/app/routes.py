@@ -308,15 +308,7 @@ def metrics(request: Request, metrics: MetricsDep) -> Response:
 async def heart_beat(runner: RunnerDep, request: Request) -> Any:
     """Liveness (always 200 while the process serves) plus readiness facts."""
     state = runner.state()
-    limits = sizing.Limits(
-        host_bytes=state.host_limit,
-        gpu_bytes=state.gpu_limit,
-        upload=runner.config.upload_plan,
-        add_batch_rows=runner.config.add_batch_rows,
-        gpu=runner.config.on_gpu,
-        cpu_build=runner.config.cpu_build,
-        gpu_layout=runner.config.gpu_layout,
-    )
+    limits = sizing.Limits(state.host_limit, state.gpu_limit, runner.config.estimate)
     # Cached per limits; the first call bisects the estimate (~0.1 s): off the event loop.
     largest = await anyio.to_thread.run_sync(sizing.largest_segments, limits)
     body = {

@@ -35,7 +35,6 @@ from remote_vector_index_builder.app.metrics import Metrics
 from remote_vector_index_builder.core import errors, memory, workflow
 from remote_vector_index_builder.core.errors import RvibError, ServiceUnavailableError
 from remote_vector_index_builder.core.index_builder import IndexBuilder, set_build_threads
-from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.object_store import ObjectStore
 from remote_vector_index_builder.core.options import SerializationMode
 
@@ -159,13 +158,8 @@ class RunnerConfig:
     max_workers: int
     mode: SerializationMode
     tmp_dir: str | None
-    upload_plan: UploadPlan
-    add_batch_rows: int
-    on_gpu: bool
-    # RVIB_CPU_BUILD and RVIB_GPU_INDEX_LAYOUT: admission's estimate reads them, and so
-    # does /_heart_beat's largest segment.
-    cpu_build: str = "standard"
-    gpu_layout: str = "hnsw"
+    # What admission estimates builds with; /_heart_beat's largest segment reads it too.
+    estimate: memory.EstimateOptions
     time_limit_s: float | None = None
     # Added to the niceness of the build threads (Linux: per thread, inherited by
     # the threads they start).

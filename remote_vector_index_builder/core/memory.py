@@ -226,6 +226,28 @@ def estimate(
     return gpu_estimate(request, upload=upload, layout=gpu_layout)
 
 
+@dataclass(frozen=True)
+class EstimateOptions:
+    """How one replica estimates its builds: built once from its settings, read by admission
+    and by ``/_heart_beat``'s sizing (``core.sizing``) alike."""
+
+    upload: UploadPlan
+    add_batch_rows: int
+    gpu: bool = False
+    cpu_build: str = "standard"
+    gpu_layout: str = "hnsw"
+
+    def estimate(self, request: BuildRequest) -> MemoryEstimate:
+        return estimate(
+            request,
+            upload=self.upload,
+            add_batch_rows=self.add_batch_rows,
+            gpu=self.gpu,
+            cpu_build=self.cpu_build,
+            gpu_layout=self.gpu_layout,
+        )
+
+
 # GPU path. cuVS and CUDA allocate outside Faiss's accounting: the CUDA context (about
 # 0.5 GiB on recent GPUs) and cuVS's batch workspaces on the device; the loaded CUDA
 # libraries' pages and handles on the host. Allowances, to be checked by gpu_check.py.

@@ -17,7 +17,6 @@ from functools import lru_cache
 
 from remote_vector_index_builder.core import memory
 from remote_vector_index_builder.core.data_types import DataType
-from remote_vector_index_builder.core.multipart import UploadPlan
 from remote_vector_index_builder.core.params import BuildRequest
 
 # Dimensions reported: the common embedding widths (binary: bits).
@@ -41,11 +40,7 @@ class Limits:
 
     host_bytes: int
     gpu_bytes: int
-    upload: UploadPlan
-    add_batch_rows: int
-    gpu: bool
-    cpu_build: str = "standard"
-    gpu_layout: str = "hnsw"
+    options: memory.EstimateOptions
 
 
 def _request(data_type: DataType, dimension: int, doc_count: int, m: int) -> BuildRequest:
@@ -64,14 +59,7 @@ def _request(data_type: DataType, dimension: int, doc_count: int, m: int) -> Bui
 
 
 def _fits(limits: Limits, request: BuildRequest) -> bool:
-    need = memory.estimate(
-        request,
-        upload=limits.upload,
-        add_batch_rows=limits.add_batch_rows,
-        gpu=limits.gpu,
-        cpu_build=limits.cpu_build,
-        gpu_layout=limits.gpu_layout,
-    )
+    need = limits.options.estimate(request)
     return need.host_bytes <= limits.host_bytes and need.gpu_bytes <= limits.gpu_bytes
 
 
